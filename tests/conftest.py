@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from healthspace.core.db import Database
 
 ROOT = Path(__file__).resolve().parents[1]
 # The conformance material is read in place, beside the project (see ../shared/conformance/README.md).
@@ -25,7 +27,9 @@ def conformance_dir() -> Path:
 # Store suites run on SQLite and on PostgreSQL. Each PostgreSQL test gets a database of its own, created
 # and dropped around it. Where CI=true a missing PostgreSQL fails the run instead of skipping it.
 
-POSTGRES_ADMIN_URL = os.environ.get("HEALTHSPACE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "HEALTHSPACE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def _postgres_unavailable() -> str | None:
@@ -75,3 +79,18 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """Each store test runs twice: on a SQLite file and on its own PostgreSQL database."""
     name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
     return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def make_db(db_url: str) -> Iterator[Callable[..., Database]]:
+    """Open `Database(db_url, branches)`; every database opened is disposed after the test."""
+    opened: list[Database] = []
+
+    def _open(*branches: str) -> Database:
+        db = Database(db_url, branches=branches)
+        opened.append(db)
+        return db
+
+    yield _open
+    for db in opened:
+        db.dispose()

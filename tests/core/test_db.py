@@ -21,9 +21,14 @@ def test_session_rolls_back_when_the_block_raises(db_url: str) -> None:
     try:
         with db.session() as s:
             s.execute(text("CREATE TABLE t (x INTEGER)"))
-        with pytest.raises(RuntimeError), db.session() as s:
-            s.execute(text("INSERT INTO t VALUES (1)"))
-            raise RuntimeError("boom")
+
+        def insert_then_fail() -> None:
+            with db.session() as s:
+                s.execute(text("INSERT INTO t VALUES (1)"))
+                raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError):
+            insert_then_fail()
         with db.session() as s:
             assert s.execute(text("SELECT count(*) FROM t")).scalar_one() == 0
     finally:

@@ -51,8 +51,12 @@ class Figure:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(median=self.median, baseline_median=self.baseline_median, ratio=self.ratio,
-                 meets_target=self.meets_target)
+        d.update(
+            median=self.median,
+            baseline_median=self.baseline_median,
+            ratio=self.ratio,
+            meets_target=self.meets_target,
+        )
         return d
 
 

@@ -121,8 +121,13 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def on_healthspace_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HealthspaceError)
         p = exc.to_problem()
-        return problem_response(p.pop("status"), p.pop("title"), p.pop("detail"), p.pop("code"),
-                                **{k: v for k, v in p.items() if k != "type"})
+        return problem_response(
+            p.pop("status"),
+            p.pop("title"),
+            p.pop("detail"),
+            p.pop("code"),
+            **{k: v for k, v in p.items() if k != "type"},
+        )
 
     async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -130,8 +135,13 @@ def install_problem_handlers(app: FastAPI) -> None:
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
             for e in exc.errors()
         ]
-        return problem_response(422, "The request is not valid", "request body or parameters are invalid",
-                                "validation-failed", errors=errors)
+        return problem_response(
+            422,
+            "The request is not valid",
+            "request body or parameters are invalid",
+            "validation-failed",
+            errors=errors,
+        )
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -140,8 +150,9 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return problem_response(500, "Internal error", "the service failed; the operator has the log",
-                                "internal")
+        return problem_response(
+            500, "Internal error", "the service failed; the operator has the log", "internal"
+        )
 
     app.add_exception_handler(HealthspaceError, on_healthspace_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

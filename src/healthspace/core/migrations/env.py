@@ -13,8 +13,11 @@ if not isinstance(engine, Engine):
     raise RuntimeError("healthspace migrations run through healthspace.core.db.migrate(engine, branches)")
 
 with engine.connect() as connection:
-    context.configure(connection=connection, target_metadata=Base.metadata,
-                      render_as_batch=connection.dialect.name == "sqlite")
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
     with context.begin_transaction():
         context.run_migrations()
     connection.commit()

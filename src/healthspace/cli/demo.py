@@ -1,0 +1,354 @@
+"""`healthspace demo`: a small but real data space on loopback, each service its own process.
+
+The demo drives the same paths an operator would: it initialises each service on disk, starts it,
+onboards participants through the authority's admin API with the public keys the connectors made,
+installs their credentials, seeds scenarios, and (with --once) proves the trust chain between every
+pair of connectors and verifies every audit log offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from healthspace.audit.verify import verify_export
+from healthspace.authority.app import init_authority
+from healthspace.authority.seed import DEMO_SCENARIOS
+from healthspace.client import AuthorityClient, ConnectorClient
+from healthspace.connector.app import init_connector, install_credential, public_key_of
+from healthspace.connector.config import ConnectorConfig
+from healthspace.core.apikeys import Role
+from healthspace.core.settings import Settings
+
+__all__ = ["DEMO_PARTICIPANTS", "run_demo"]
+
+AUTHORITY_ID = "gba-health-data-authority"
+AUTHORITY_NAME = "Greater Bay Area Health Data Space Authority"
+STARTUP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class DemoParticipant:
+    id: str
+    legal_name: str
+    type: str
+    jurisdiction: str
+    roles: tuple[str, ...]
+    site: str | None = None  # synthetic population profile (hospitals only)
+
+
+DEMO_PARTICIPANTS: tuple[DemoParticipant, ...] = (
+    DemoParticipant(
+        "gz-pearl-river-hospital",
+        "Pearl River General Hospital, Guangzhou",
+        "hospital",
+        "CN-GD",
+        ("data-provider",),
+        site="gz",
+    ),
+    DemoParticipant(
+        "sz-bay-medical-centre",
+        "Shenzhen Bay Medical Centre",
+        "hospital",
+        "CN-GD",
+        ("data-provider",),
+        site="sz",
+    ),
+    DemoParticipant(
+        "hk-harbour-hospital",
+        "Victoria Harbour Hospital, Hong Kong",
+        "hospital",
+        "HK",
+        ("data-provider",),
+        site="hk",
+    ),
+    DemoParticipant(
+        "hk-harbour-university",
+        "Harbour University School of Public Health",
+        "university",
+        "HK",
+        ("data-consumer",),
+    ),
+)
+
+
+@dataclass
+class Service:
+    id: str
+    kind: str  # "authority" or "connector"
+    data_dir: Path
+    port: int
+    api_keys: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _free_ports(start: int, count: int) -> list[int]:
+    ports: list[int] = []
+    port = start
+    while len(ports) < count and port < start + 1000:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                ports.append(port)
+            except OSError:
+                pass
+        port += 1
+    if len(ports) < count:
+        raise RuntimeError(f"no {count} free TCP ports from {start}")
+    return ports
+
+
+def _start(svc: Service) -> None:
+    log = (svc.data_dir / "service.log").open("ab")
+    env = {**os.environ, "HEALTHSPACE_DATA_DIR": str(svc.data_dir)}
+    env.pop("HEALTHSPACE_DATABASE_URL", None)  # each demo service keeps its own SQLite database
+    svc.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed arguments
+        [
+            sys.executable,
+            "-m",
+            "healthspace",
+            svc.kind,
+            "serve",
+            "--data-dir",
+            str(svc.data_dir),
+            "--port",
+            str(svc.port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _wait_healthy(svc: Service) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if svc.process is not None and svc.process.poll() is not None:
+            raise RuntimeError(f"{svc.id} exited at start; see {svc.data_dir / 'service.log'}")
+        try:
+            if httpx.get(f"{svc.url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{svc.id} did not answer on {svc.url} within {STARTUP_TIMEOUT_S:.0f} s")
+
+
+def _stop(services: list[Service]) -> None:
+    for svc in services:
+        if svc.process and svc.process.poll() is None:
+            svc.process.send_signal(signal.SIGTERM)
+    for svc in services:
+        if svc.process is None:
+            continue
+        try:
+            svc.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            svc.process.kill()
+            svc.process.wait()
+
+
+def _generate_populations(root: Path, patients: int, console: Console) -> dict[str, dict[str, Any]]:
+    from healthspace.synth.generate import generate
+
+    out: dict[str, dict[str, Any]] = {}
+    for seed, p in enumerate(x for x in DEMO_PARTICIPANTS if x.site):
+        assert p.site is not None
+        console.print(f"generating {patients:,} synthetic patients for {p.legal_name} (site {p.site}) ...")
+        summary = generate(p.site, patients, seed + 1, root / p.id / "synth", progress=console.is_terminal)
+        out[p.id] = {
+            "site": p.site,
+            "patients": patients,
+            "seed": seed + 1,
+            "path": str(root / p.id / "synth"),
+            "rows": summary.total_rows,
+        }
+    return out
+
+
+def _self_check(authority: Service, connectors: list[Service]) -> dict[str, Any]:
+    """Every connector authenticates to every other; every audit log verifies offline."""
+    trust: list[dict[str, Any]] = []
+    for a in connectors:
+        with ConnectorClient(a.url, a.api_keys[Role.ADMIN.value]) as client:
+            for b in connectors:
+                if a is b:
+                    continue
+                r = client.trust_check(b.url)
+                trust.append(
+                    {
+                        "from": a.id,
+                        "to": b.id,
+                        "authenticated": r["authenticated"],
+                        "mutual": r["mutual"],
+                        "detail": r["detail"],
+                    }
+                )
+    audits: dict[str, Any] = {}
+    for svc in [authority, *connectors]:
+        client_type = AuthorityClient if svc.kind == "authority" else ConnectorClient
+        with client_type(svc.url, svc.api_keys[Role.ADMIN.value]) as client:
+            public_key = client.describe()["public_key"]
+            head = client.tree_head()
+            entries: list[dict[str, Any]] = []
+            while len(entries) < head["tree_size"]:
+                entries += client.audit_entries(len(entries), min(head["tree_size"], len(entries) + 1000))
+        report = verify_export(entries, head, public_key)
+        audits[svc.id] = {
+            "entries": head["tree_size"],
+            "root": head["root_hash"],
+            "valid": report.valid,
+            "problem": report.problem,
+        }
+    ok = all(t["mutual"] for t in trust) and all(a["valid"] for a in audits.values())
+    return {"ok": ok, "trust": trust, "audit": audits}
+
+
+def _interrupt(*_: object) -> None:
+    """SIGTERM stops the demo the way Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def _print_space(space: dict[str, Any], console: Console) -> None:
+    table = Table("participant", "type", "jurisdiction", "URL", "admin API key")
+    auth = space["authority"]
+    table.add_row(f"[bold]{auth['id']}[/bold]", "authority", "-", auth["url"], auth["api_keys"]["admin"])
+    for p in space["participants"]:
+        table.add_row(p["id"], p["type"], p["jurisdiction"], p["url"], p["api_keys"]["admin"])
+    console.print(table)
+
+
+def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, console: Console) -> int:
+    root = data_dir / "demo"
+    if root.exists():
+        console.print(f"replacing the previous demo space in {root}")
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    ports = _free_ports(base_port, 1 + len(DEMO_PARTICIPANTS))
+    authority = Service(AUTHORITY_ID, "authority", root / "authority", ports[0])
+    connectors = [
+        Service(p.id, "connector", root / p.id, port)
+        for p, port in zip(DEMO_PARTICIPANTS, ports[1:], strict=True)
+    ]
+    services = [authority, *connectors]
+    try:
+        populations = _generate_populations(root, patients, console)
+
+        keys = init_authority(Settings(data_dir=authority.data_dir), AUTHORITY_ID, AUTHORITY_NAME)
+        authority.api_keys = {r.value: k.secret for r, k in keys.items()}
+        _start(authority)
+        _wait_healthy(authority)
+        admin = AuthorityClient(authority.url, authority.api_keys[Role.ADMIN.value])
+        anchor = admin.describe()
+        for scenario in DEMO_SCENARIOS:
+            admin.register_scenario(scenario.model_dump(mode="json"))
+
+        for p, svc in zip(DEMO_PARTICIPANTS, connectors, strict=True):
+            settings = Settings(data_dir=svc.data_dir)
+            config = ConnectorConfig(
+                participant_id=p.id,
+                legal_name=p.legal_name,
+                participant_type=p.type,
+                jurisdiction=p.jurisdiction,
+                roles=list(p.roles),
+                public_url=svc.url,
+                authority_url=authority.url,
+                authority_id=anchor["id"],
+                authority_public_key=anchor["public_key"],
+            )
+            svc.api_keys = {r.value: k.secret for r, k in init_connector(settings, config).items()}
+            result = admin.onboard(
+                {
+                    "id": p.id,
+                    "legal_name": p.legal_name,
+                    "type": p.type,
+                    "jurisdiction": p.jurisdiction,
+                    "roles": list(p.roles),
+                    "public_key": public_key_of(settings),
+                    "connector_url": svc.url,
+                }
+            )
+            install_credential(settings, result["credential"])
+            _start(svc)
+        for svc in connectors:
+            _wait_healthy(svc)
+        admin.close()
+
+        space = {
+            "authority": {
+                "id": AUTHORITY_ID,
+                "name": AUTHORITY_NAME,
+                "url": authority.url,
+                "public_key": anchor["public_key"],
+                "data_dir": str(authority.data_dir),
+                "api_keys": authority.api_keys,
+            },
+            "participants": [
+                {
+                    "id": p.id,
+                    "name": p.legal_name,
+                    "type": p.type,
+                    "jurisdiction": p.jurisdiction,
+                    "roles": list(p.roles),
+                    "url": svc.url,
+                    "data_dir": str(svc.data_dir),
+                    "identity": {
+                        "key": str(svc.data_dir / "participant.key"),
+                        "credential": str(svc.data_dir / "credential.jwt"),
+                        "kek": str(svc.data_dir / "dev.kek"),
+                    },
+                    "population": populations.get(p.id),
+                    "api_keys": svc.api_keys,
+                }
+                for p, svc in zip(DEMO_PARTICIPANTS, connectors, strict=True)
+            ],
+            "scenarios": [s.id for s in DEMO_SCENARIOS],
+        }
+        space_file = data_dir / "space.json"
+        space_file.write_text(json.dumps(space, indent=2))
+        space_file.chmod(0o600)  # it holds the demo users' API keys
+
+        if once:
+            check = _self_check(authority, connectors)
+            summary = {
+                "ok": check["ok"],
+                "space": str(space_file),
+                "authority": authority.url,
+                "participants": {svc.id: svc.url for svc in connectors},
+                "scenarios": space["scenarios"],
+                "populations": populations,
+                "self_check": check,
+            }
+            console.print_json(json.dumps(summary))
+            return 0 if check["ok"] else 1
+
+        _print_space(space, console)
+        console.print(f"space description: {space_file}   (Ctrl-C stops everything)")
+        signal.signal(signal.SIGTERM, _interrupt)
+        while all(s.process is not None and s.process.poll() is None for s in services):
+            time.sleep(0.5)
+        console.print("[red]a service stopped unexpectedly; shutting the demo down[/red]")
+        return 1
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+        return 0
+    finally:
+        _stop(services)

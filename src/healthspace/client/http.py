@@ -1,0 +1,99 @@
+"""Thin typed clients of the authority's and the connector's management APIs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+__all__ = ["ApiError", "AuthorityClient", "ConnectorClient"]
+
+
+class ApiError(Exception):
+    """A service answered with an error; carries its problem document."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.problem = problem
+        super().__init__(f"HTTP {status}: {problem.get('detail') or problem.get('title') or problem}")
+
+
+class _Client:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 10.0) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> _Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        r = self._http.request(method, path, **kwargs)
+        if r.is_error:
+            try:
+                problem = r.json()
+            except ValueError:
+                problem = {"detail": r.text[:500]}
+            raise ApiError(r.status_code, problem if isinstance(problem, dict) else {"detail": problem})
+        return r.json()
+
+    def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/health")
+        return result
+
+    def tree_head(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/audit/tree-head")
+        return result
+
+    def audit_entries(self, start: int, stop: int) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call(
+            "GET", "/audit/entries", params={"start": start, "stop": stop}
+        )
+        return result
+
+
+class AuthorityClient(_Client):
+    def describe(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/.well-known/healthspace-authority")
+        return result
+
+    def onboard(self, participant: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/admin/participants", json=participant)
+        return result
+
+    def participants(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/admin/participants")
+        return result
+
+    def revoke(self, participant_id: str, reason: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "POST", f"/admin/participants/{participant_id}/revoke", json={"reason": reason}
+        )
+        return result
+
+    def register_scenario(self, scenario: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/admin/scenarios", json=scenario)
+        return result
+
+    def scenarios(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/scenarios")
+        return result
+
+
+class ConnectorClient(_Client):
+    def describe(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/.well-known/healthspace")
+        return result
+
+    def whoami(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/management/whoami")
+        return result
+
+    def trust_check(self, url: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/management/trust-check", json={"url": url})
+        return result

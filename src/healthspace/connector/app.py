@@ -1,0 +1,304 @@
+"""The connector: one per participant. This module holds its runtime, start-up and HTTP surface.
+
+Trust chain: the connector pins the authority's public key (config), holds its own Ed25519 key
+(encrypted at rest) and the membership credential the authority issued for it. It answers peers that
+present a valid request token, and proves itself to peers the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated, Any
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Request
+from pydantic import AnyHttpUrl, BaseModel
+
+from healthspace import __version__
+from healthspace.audit.api import make_router as make_audit_router
+from healthspace.audit.log import AuditLog
+from healthspace.audit.models import AuditEntry, Outcome
+from healthspace.connector.config import CREDENTIAL_FILE, KEY_FILE, ConnectorConfig
+from healthspace.core.apikeys import ApiKeyStore, IssuedKey, Role, StoredKey, role_guard
+from healthspace.core.clock import Clock, SystemClock
+from healthspace.core.db import Database
+from healthspace.core.errors import (
+    ConfigurationError,
+    ConflictError,
+    HealthspaceError,
+    install_problem_handlers,
+)
+from healthspace.core.settings import Settings
+from healthspace.identity.fastapi import PeerAuth, peer_dependency
+from healthspace.identity.keys import SigningKey
+from healthspace.identity.replay import SqlReplayGuard
+from healthspace.identity.revocation import RevocationCache, verify_revocation_list
+from healthspace.identity.tokens import Caller, RequestVerifier, mint_request_token
+
+__all__ = ["ConnectorRuntime", "create_app", "init_connector", "open_runtime"]
+
+BRANCHES = ("apikeys", "audit", "identity")
+STAFF_ROLES = (Role.ADMIN, Role.STEWARD, Role.RESEARCHER, Role.REVIEWER, Role.REGULATOR)
+
+
+@dataclass
+class ConnectorRuntime:
+    settings: Settings
+    config: ConnectorConfig
+    key: SigningKey
+    credential: str
+    db: Database
+    audit: AuditLog
+    api_keys: ApiKeyStore
+    verifier: RequestVerifier
+    clock: Clock
+    http: httpx.Client
+
+    def peer_auth(self, audience: str) -> PeerAuth:
+        return PeerAuth(self.key, self.credential, self.config.participant_id, audience)
+
+    def record(self, actor: str, action: str, subject: str, outcome: Outcome, reason: str = "") -> None:
+        self.audit.append(
+            AuditEntry(
+                time=self.clock.now(),
+                actor=actor,
+                action=action,
+                subject=subject,
+                scenario_id=None,
+                agreement_id=None,
+                outcome=outcome,
+                reason=reason,
+            )
+        )
+
+
+def init_connector(settings: Settings, config: ConnectorConfig) -> dict[Role, IssuedKey]:
+    """Create a connector in `settings.data_dir`: its key pair, config, database and staff API keys.
+
+    The credential is added later by `install_credential`, once the authority has onboarded the
+    participant with the public key made here (the private key never leaves this directory).
+    """
+    d = settings.data_dir
+    if (d / KEY_FILE).exists():
+        raise ConflictError(f"a connector already exists in {d}; use another --data-dir")
+    config.save(d)
+    SigningKey.generate().save(d / KEY_FILE, settings.key_encryption_key())
+    db = Database(settings.database_url_for("connector"), branches=BRANCHES)
+    try:
+        store = ApiKeyStore(db)
+        return {r: store.issue(r, f"{r.value} (initial)") for r in STAFF_ROLES}
+    finally:
+        db.dispose()
+
+
+def public_key_of(settings: Settings) -> str:
+    return SigningKey.load(settings.data_dir / KEY_FILE, settings.key_encryption_key()).public_key_b64
+
+
+def install_credential(settings: Settings, credential: str) -> None:
+    path = settings.data_dir / CREDENTIAL_FILE
+    path.write_text(credential)
+    path.chmod(0o600)
+
+
+def open_runtime(settings: Settings, clock: Clock | None = None) -> ConnectorRuntime:
+    d = settings.data_dir
+    config = ConnectorConfig.load(d)
+    try:
+        credential = (d / CREDENTIAL_FILE).read_text().strip()
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"connector in {d} has no membership credential yet; onboard it at the authority first"
+        ) from None
+    clock = clock or SystemClock()
+    key = SigningKey.load(d / KEY_FILE, settings.key_encryption_key())
+    db = Database(settings.database_url_for("connector"), branches=BRANCHES)
+    http = httpx.Client(timeout=10.0)
+
+    def fetch_revocations() -> Any:
+        r = http.get(f"{config.authority_url}/revocations")
+        r.raise_for_status()
+        return verify_revocation_list(
+            r.json()["revocation_list"], config.authority_public_key, config.authority_id
+        )
+
+    verifier = RequestVerifier(
+        authority_public_key_b64=config.authority_public_key,
+        authority_id=config.authority_id,
+        audience=config.participant_id,
+        revocations=RevocationCache(
+            fetch_revocations, clock=clock, max_age=timedelta(seconds=settings.revocation_max_age_s)
+        ),
+        replay=SqlReplayGuard(db),
+        clock=clock,
+    )
+    return ConnectorRuntime(
+        settings,
+        config,
+        key,
+        credential,
+        db,
+        AuditLog(db, key, clock),
+        ApiKeyStore(db),
+        verifier,
+        clock,
+        http,
+    )
+
+
+# --- HTTP -----------------------------------------------------------------------------------------
+
+
+def _rt(request: Request) -> ConnectorRuntime:
+    rt: ConnectorRuntime = request.app.state.runtime
+    return rt
+
+
+def _record_auth_failure(request: Request, error: HealthspaceError) -> None:
+    _rt(request).record(
+        "unauthenticated",
+        "peer.authenticate",
+        f"{request.method} {request.url.path}",
+        Outcome.DENIED,
+        str(error.extra.get("reason", error.code)),
+    )
+
+
+Runtime = Annotated[ConnectorRuntime, Depends(_rt)]
+Peer = Annotated[Caller, Depends(peer_dependency(lambda r: _rt(r).verifier, _record_auth_failure))]
+AnyStaff = Annotated[StoredKey, Depends(role_guard(lambda r: _rt(r).api_keys, *STAFF_ROLES))]
+Admin = Annotated[StoredKey, Depends(role_guard(lambda r: _rt(r).api_keys, Role.ADMIN))]
+
+
+class Hello(BaseModel):
+    participant_id: str
+    caller: str
+    proof: str  # a request token from us to the caller: the answer authenticates us in turn
+
+
+class TrustCheckRequest(BaseModel):
+    url: AnyHttpUrl
+
+
+class TrustCheckResult(BaseModel):
+    peer_id: str
+    url: str
+    authenticated: bool
+    mutual: bool
+    status_code: int
+    detail: str = ""
+
+
+public = APIRouter(tags=["public"])
+peer = APIRouter(prefix="/peer", tags=["peer"])
+management = APIRouter(prefix="/management", tags=["management"])
+
+
+@public.get("/health")
+def health(rt: Runtime) -> dict[str, Any]:
+    return {"status": "ok", "service": "connector", "id": rt.config.participant_id, "version": __version__}
+
+
+@public.get("/.well-known/healthspace")
+def self_description(rt: Runtime) -> dict[str, Any]:
+    c = rt.config
+    return {
+        "id": c.participant_id,
+        "legal_name": c.legal_name,
+        "type": c.participant_type,
+        "jurisdiction": c.jurisdiction,
+        "roles": c.roles,
+        "public_key": rt.key.public_key_b64,
+        "key_id": rt.key.key_id,
+        "authority": {"id": c.authority_id, "url": c.authority_url},
+        "endpoints": {"peer": "/peer", "management": "/management", "audit": "/audit"},
+        "version": __version__,
+    }
+
+
+@peer.post("/hello")
+def hello(rt: Runtime, caller: Peer) -> Hello:
+    """Proves the trust chain: the caller's token verified here; our proof lets the caller verify us."""
+    me = rt.config.participant_id
+    rt.record(caller.participant_id, "peer.hello", me, Outcome.SUCCESS)
+    proof = mint_request_token(rt.key, rt.credential, me, caller.participant_id, rt.clock.now())
+    return Hello(participant_id=me, caller=caller.participant_id, proof=proof)
+
+
+@management.get("/whoami")
+def whoami(rt: Runtime, key: AnyStaff) -> dict[str, str]:
+    return {"participant_id": rt.config.participant_id, "role": key.role.value, "key_id": key.key_id}
+
+
+@management.post("/trust-check")
+def trust_check(body: TrustCheckRequest, rt: Runtime, key: Admin) -> TrustCheckResult:
+    """Authenticate to the connector at `url` and verify its answer: both directions of the trust chain."""
+    url = str(body.url).rstrip("/")
+    try:
+        desc = rt.http.get(f"{url}/.well-known/healthspace").json()
+        peer_id = str(desc["id"])
+        r = rt.http.post(f"{url}/peer/hello", auth=rt.peer_auth(peer_id))
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        return TrustCheckResult(
+            peer_id="",
+            url=url,
+            authenticated=False,
+            mutual=False,
+            status_code=0,
+            detail=f"peer unreachable or not a connector: {type(exc).__name__}",
+        )
+    if r.status_code != 200:
+        rt.record(
+            f"admin:{key.key_id}", "peer.trust-check", peer_id, Outcome.FAILURE, f"HTTP {r.status_code}"
+        )
+        return TrustCheckResult(
+            peer_id=peer_id,
+            url=url,
+            authenticated=False,
+            mutual=False,
+            status_code=r.status_code,
+            detail=r.text[:500],
+        )
+    try:
+        answer = rt.verifier.verify(f"Bearer {r.json()['proof']}")
+        mutual = answer.participant_id == peer_id
+        detail = "" if mutual else f"proof is from {answer.participant_id}, not {peer_id}"
+    except HealthspaceError as exc:
+        mutual, detail = False, f"peer's proof refused: {exc.detail}"
+    rt.record(
+        f"admin:{key.key_id}",
+        "peer.trust-check",
+        peer_id,
+        Outcome.SUCCESS if mutual else Outcome.FAILURE,
+        detail,
+    )
+    return TrustCheckResult(
+        peer_id=peer_id, url=url, authenticated=True, mutual=mutual, status_code=200, detail=detail
+    )
+
+
+def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+    rt = open_runtime(settings or Settings(), clock)
+    app = FastAPI(
+        title=f"healthspace connector: {rt.config.legal_name}",
+        version=__version__,
+        description="A participant's connector: peer API, management API and audit log.",
+    )
+    app.state.runtime = rt
+    install_problem_handlers(app)
+    app.include_router(public)
+    app.include_router(peer)
+    app.include_router(management)
+    app.include_router(
+        make_audit_router(
+            lambda: rt.audit, Depends(role_guard(lambda r: rt.api_keys, Role.ADMIN, Role.REGULATOR))
+        )
+    )
+
+    def shutdown() -> None:
+        rt.http.close()
+        rt.db.dispose()
+
+    app.add_event_handler("shutdown", shutdown)
+    return app

@@ -1,0 +1,43 @@
+"""Real HTTP servers on loopback for end-to-end tests: uvicorn in a thread, on a port the OS picks."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """Run `app` on 127.0.0.1 until the block ends; yields its base URL once it accepts connections."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    started = threading.Event()
+
+    def run() -> None:
+        server.run(sockets=[sock])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    # uvicorn sets `started` once it listens; wait on it with a bound rather than sleeping blindly.
+    for _ in range(500):
+        if server.started:
+            started.set()
+            break
+        if not thread.is_alive():
+            break
+        threading.Event().wait(0.01)
+    if not started.is_set():
+        raise RuntimeError("test server did not start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
