@@ -11,11 +11,21 @@ import uvicorn
 from fastapi import FastAPI
 
 
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run `app` on 127.0.0.1 until the block ends; yields its base URL once it accepts connections."""
+def bind_loopback() -> socket.socket:
+    """A socket bound to a free loopback port, so a service can know its URL before it starts."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@contextmanager
+def serve(app: FastAPI, sock: socket.socket | None = None) -> Iterator[str]:
+    """Run `app` on 127.0.0.1 until the block ends; yields its base URL once it accepts connections."""
+    sock = sock or bind_loopback()
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     started = threading.Event()

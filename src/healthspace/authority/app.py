@@ -7,6 +7,8 @@ and the control-plane database `authority.db` unless `HEALTHSPACE_DATABASE_URL` 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -59,6 +61,10 @@ class AuthorityRuntime:
     service: AuthorityService
     verifier: RequestVerifier
     clock: Clock
+
+    def close(self) -> None:
+        self.audit.close()
+        self.db.dispose()
 
 
 def init_authority(settings: Settings, authority_id: str, name: str) -> dict[Role, IssuedKey]:
@@ -245,7 +251,14 @@ def set_scenario_status(
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
     rt = open_runtime(settings or Settings(), clock)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        rt.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="healthspace authority",
         version=__version__,
         description="Participant registry, membership credentials, scenario registry and audit log.",
@@ -256,9 +269,6 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.include_router(members)
     app.include_router(admin)
     app.include_router(
-        make_audit_router(
-            lambda: rt.audit, Depends(role_guard(lambda r: rt.api_keys, Role.ADMIN, Role.REGULATOR))
-        )
+        make_audit_router(lambda: rt.audit, role_guard(lambda _: rt.api_keys, Role.ADMIN, Role.REGULATOR))
     )
-    app.add_event_handler("shutdown", rt.db.dispose)
     return app

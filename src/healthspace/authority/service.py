@@ -61,7 +61,7 @@ def _scenario(row: ScenarioRow) -> ScenarioPublic:
         description=row.description,
         purpose_code=row.purpose_code,
         data_classes=list(row.data_classes),
-        output_types=list(row.output_types),  # type: ignore[arg-type]
+        output_types=list(row.output_types),
         approving_body=row.approving_body,
         approval_reference=row.approval_reference,
         valid_from=row.valid_from,

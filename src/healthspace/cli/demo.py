@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 from rich.console import Console
 from rich.table import Table
 
-from healthspace.audit.verify import verify_export
+from healthspace.audit.models import SignedTreeHead
+from healthspace.audit.verify import verify_lines
 from healthspace.authority.app import init_authority
 from healthspace.authority.seed import DEMO_SCENARIOS
 from healthspace.client import AuthorityClient, ConnectorClient
@@ -207,16 +209,16 @@ def _self_check(authority: Service, connectors: list[Service]) -> dict[str, Any]
         client_type = AuthorityClient if svc.kind == "authority" else ConnectorClient
         with client_type(svc.url, svc.api_keys[Role.ADMIN.value]) as client:
             public_key = client.describe()["public_key"]
-            head = client.tree_head()
-            entries: list[dict[str, Any]] = []
-            while len(entries) < head["tree_size"]:
-                entries += client.audit_entries(len(entries), min(head["tree_size"], len(entries) + 1000))
-        report = verify_export(entries, head, public_key)
+            head = SignedTreeHead.from_json(client.tree_head())
+            entries = client.audit_entries(0, head.tree_size)
+        # Offline verification, as an auditor would: recompute every leaf and the root, check the signature.
+        lines = (orjson.dumps(e, option=orjson.OPT_SORT_KEYS) for e in entries)
+        report = verify_lines(lines, head, public_key)
         audits[svc.id] = {
-            "entries": head["tree_size"],
-            "root": head["root_hash"],
-            "valid": report.valid,
-            "problem": report.problem,
+            "entries": head.tree_size,
+            "root": head.root_hash,
+            "valid": report.ok,
+            "problem": report.reason,
         }
     ok = all(t["mutual"] for t in trust) and all(a["valid"] for a in audits.values())
     return {"ok": ok, "trust": trust, "audit": audits}

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from healthspace.core.errors import HealthspaceError
+from healthspace.core.settings import Settings
 
 __all__ = ["app"]
 
@@ -37,9 +38,7 @@ ApiKey = Annotated[
 ]
 
 
-def _settings(data_dir: Path):  # type: ignore[no-untyped-def]
-    from healthspace.core.settings import Settings
-
+def _settings(data_dir: Path) -> Settings:
     return Settings(data_dir=data_dir)
 
 

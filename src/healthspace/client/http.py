@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -26,7 +26,7 @@ class _Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> _Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -51,10 +51,16 @@ class _Client:
         return result
 
     def audit_entries(self, start: int, stop: int) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._call(
-            "GET", "/audit/entries", params={"start": start, "stop": stop}
-        )
-        return result
+        """The canonical audit entries with start <= index < stop (fetched page by page)."""
+        out: list[dict[str, Any]] = []
+        while start < stop:
+            params = {"start": start, "stop": min(stop, start + 1000)}
+            page = self._call("GET", "/audit/entries", params=params)
+            if not page["entries"]:
+                break
+            out += [e["entry"] for e in page["entries"]]
+            start = page["stop"]
+        return out
 
 
 class AuthorityClient(_Client):

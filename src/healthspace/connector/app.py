@@ -7,6 +7,8 @@ present a valid request token, and proves itself to peers the same way.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any
@@ -54,6 +56,11 @@ class ConnectorRuntime:
     verifier: RequestVerifier
     clock: Clock
     http: httpx.Client
+
+    def close(self) -> None:
+        self.http.close()
+        self.audit.close()
+        self.db.dispose()
 
     def peer_auth(self, audience: str) -> PeerAuth:
         return PeerAuth(self.key, self.credential, self.config.participant_id, audience)
@@ -280,7 +287,14 @@ def trust_check(body: TrustCheckRequest, rt: Runtime, key: Admin) -> TrustCheckR
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
     rt = open_runtime(settings or Settings(), clock)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        rt.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title=f"healthspace connector: {rt.config.legal_name}",
         version=__version__,
         description="A participant's connector: peer API, management API and audit log.",
@@ -291,14 +305,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.include_router(peer)
     app.include_router(management)
     app.include_router(
-        make_audit_router(
-            lambda: rt.audit, Depends(role_guard(lambda r: rt.api_keys, Role.ADMIN, Role.REGULATOR))
-        )
+        make_audit_router(lambda: rt.audit, role_guard(lambda _: rt.api_keys, Role.ADMIN, Role.REGULATOR))
     )
 
-    def shutdown() -> None:
-        rt.http.close()
-        rt.db.dispose()
-
-    app.add_event_handler("shutdown", shutdown)
     return app

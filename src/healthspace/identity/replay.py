@@ -1,0 +1,112 @@
+"""Replay guards: remember each accepted request token until it expires, so it is accepted only once.
+
+`MemoryReplayGuard` serves one process (tests, benchmarks, a single-worker service); `SqlReplayGuard`
+shares the memory between all workers of a service through its control-plane database.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, cast
+
+from sqlalchemy import CursorResult, delete
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from healthspace.core.db import Database
+from healthspace.identity.tables import SeenTokenRow
+
+__all__ = ["MemoryReplayGuard", "ReplayGuard", "SqlReplayGuard"]
+
+
+class ReplayGuard(Protocol):
+    """Contract: `first_use` records (issuer, token_id) and returns True the first time it is presented,
+    False on every later presentation until `expires_at`. It MUST be atomic: of any number of concurrent
+    calls with the same pair, exactly one returns True. Entries may be forgotten once `expires_at` is
+    past (the token is refused as expired by then). A guard that cannot decide MUST raise, never
+    return True.
+    """
+
+    def first_use(self, issuer: str, token_id: str, expires_at: datetime, now: datetime) -> bool: ...
+
+
+class MemoryReplayGuard:
+    """A replay guard in this process's memory. Expired entries are pruned every `prune_interval`."""
+
+    def __init__(self, prune_interval: timedelta = timedelta(seconds=30)) -> None:
+        self._seen: dict[tuple[str, str], datetime] = {}
+        self._lock = threading.Lock()
+        self._prune_interval = prune_interval
+        self._next_prune: datetime | None = None
+
+    def first_use(self, issuer: str, token_id: str, expires_at: datetime, now: datetime) -> bool:
+        key = (issuer, token_id)
+        with self._lock:
+            if self._next_prune is None or now >= self._next_prune:
+                self._seen = {k: v for k, v in self._seen.items() if v > now}
+                self._next_prune = now + self._prune_interval
+            seen_until = self._seen.get(key)
+            if seen_until is not None and seen_until > now:
+                return False
+            self._seen[key] = expires_at
+            return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._seen)
+
+
+class SqlReplayGuard:
+    """A replay guard in the `identity_seen_tokens` table (migration branch "identity").
+
+    The primary key does the work: the insert of a pair already present inserts nothing (SQLite and
+    PostgreSQL: `ON CONFLICT DO NOTHING RETURNING`; other databases: the integrity error), and the database
+    serialises concurrent inserts of one key, so exactly one of them wins. Rows whose expiry has passed
+    are deleted at most once per `prune_interval` by whichever request comes along.
+    """
+
+    def __init__(self, db: Database, prune_interval: timedelta = timedelta(seconds=60)) -> None:
+        self._db = db
+        self._prune_interval = prune_interval
+        self._prune_lock = threading.Lock()
+        self._next_prune: datetime | None = None
+
+    def first_use(self, issuer: str, token_id: str, expires_at: datetime, now: datetime) -> bool:
+        self._maybe_prune(now)
+        # SQLite keeps no zone, so every time is stored in UTC to keep comparisons meaningful.
+        values = {"issuer": issuer, "token_id": token_id, "expires_at": expires_at.astimezone(UTC)}
+        dialect = self._db.dialect
+        with self._db.session() as s:
+            if dialect in ("sqlite", "postgresql"):
+                insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+                stmt = insert(SeenTokenRow).values(**values).on_conflict_do_nothing()
+                # A row comes back only if this statement inserted it (rowcount is not reliable here).
+                return s.execute(stmt.returning(SeenTokenRow.token_id)).first() is not None
+            try:
+                with s.begin_nested():
+                    s.add(SeenTokenRow(**values))
+            except IntegrityError:
+                return False
+            return True
+
+    def prune(self, now: datetime) -> int:
+        """Delete entries that expired before `now`; returns how many."""
+        with self._db.session() as s:
+            result = cast(
+                CursorResult[Any],
+                s.execute(delete(SeenTokenRow).where(SeenTokenRow.expires_at < now.astimezone(UTC))),
+            )
+            return result.rowcount
+
+    def _maybe_prune(self, now: datetime) -> None:
+        if self._next_prune is not None and now < self._next_prune:
+            return
+        # One pruning request at a time; the others go straight on with their own check.
+        if not self._prune_lock.acquire(blocking=False):
+            return
+        try:
+            self._next_prune = now + self._prune_interval
+            self.prune(now)
+        finally:
+            self._prune_lock.release()

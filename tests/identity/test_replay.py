@@ -1,0 +1,136 @@
+"""Replay guards: one contract, run on memory, SQLite and PostgreSQL, including concurrent presentation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from healthspace.core.db import Database
+from healthspace.identity.errors import Reason
+from healthspace.identity.replay import MemoryReplayGuard, ReplayGuard, SqlReplayGuard
+from healthspace.identity.tables import SeenTokenRow
+from healthspace.identity.tokens import mint_request_token
+
+from .kit import HOSPITAL_ID, START, UNIVERSITY_ID, Space
+
+THREADS = 8
+NOW = START
+LATER = START + timedelta(seconds=90)
+
+
+@pytest.fixture
+def db(make_db: Callable[..., Database]) -> Database:
+    return make_db("identity")
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def guard(request: pytest.FixtureRequest) -> Iterator[ReplayGuard]:
+    """Each guard in turn: in memory, and the SQL one on SQLite and on PostgreSQL."""
+    if request.param == "memory":
+        yield MemoryReplayGuard()
+        return
+    db = Database(
+        request.getfixturevalue(f"{request.param}_url".replace("postgresql", "postgres")),
+        branches=["identity"],
+    )
+    try:
+        yield SqlReplayGuard(db)
+    finally:
+        db.dispose()
+
+
+def test_first_presentation_passes(guard: ReplayGuard) -> None:
+    assert guard.first_use(HOSPITAL_ID, "t1", LATER, NOW)
+
+
+def test_second_presentation_is_a_replay(guard: ReplayGuard) -> None:
+    guard.first_use(HOSPITAL_ID, "t1", LATER, NOW)
+    assert not guard.first_use(HOSPITAL_ID, "t1", LATER, NOW + timedelta(seconds=10))
+
+
+def test_same_token_id_from_another_issuer_is_not_a_replay(guard: ReplayGuard) -> None:
+    guard.first_use(HOSPITAL_ID, "t1", LATER, NOW)
+    assert guard.first_use(UNIVERSITY_ID, "t1", LATER, NOW)
+
+
+def test_concurrent_presentations_let_exactly_one_through(guard: ReplayGuard) -> None:
+    barrier = threading.Barrier(THREADS)
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def present() -> None:
+        barrier.wait()
+        outcome = guard.first_use(HOSPITAL_ID, "race", LATER, NOW)
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=present) for _ in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(results) == [False] * (THREADS - 1) + [True]
+
+
+def test_sql_guard_prunes_expired_entries(db: Database) -> None:
+    guard = SqlReplayGuard(db, prune_interval=timedelta(seconds=60))
+    guard.first_use(HOSPITAL_ID, "old", NOW + timedelta(seconds=60), NOW)
+    guard.first_use(HOSPITAL_ID, "new", NOW + timedelta(seconds=600), NOW)
+    guard.first_use(HOSPITAL_ID, "trigger", NOW + timedelta(seconds=900), NOW + timedelta(seconds=120))
+    with db.session() as s:
+        ids = set(s.scalars(select(SeenTokenRow.token_id)))
+    assert ids == {"new", "trigger"}
+
+
+def test_sql_guard_does_not_prune_between_intervals(db: Database) -> None:
+    guard = SqlReplayGuard(db, prune_interval=timedelta(seconds=600))
+    guard.first_use(HOSPITAL_ID, "old", NOW + timedelta(seconds=60), NOW)
+    guard.first_use(HOSPITAL_ID, "next", NOW + timedelta(seconds=900), NOW + timedelta(seconds=120))
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(SeenTokenRow)) == 2
+
+
+def test_memory_guard_forgets_expired_entries() -> None:
+    guard = MemoryReplayGuard(prune_interval=timedelta(seconds=30))
+    for i in range(10):
+        guard.first_use(HOSPITAL_ID, f"t{i}", NOW + timedelta(seconds=60), NOW)
+    guard.first_use(HOSPITAL_ID, "late", NOW + timedelta(seconds=200), NOW + timedelta(seconds=61))
+    assert len(guard) == 1
+
+
+def test_concurrent_replay_of_one_token_through_the_verifier(space: Space, db: Database) -> None:
+    verifier = space.verifier(replay=SqlReplayGuard(db))
+    header = "Bearer " + mint_request_token(
+        space.hospital, space.credentials[HOSPITAL_ID], HOSPITAL_ID, UNIVERSITY_ID, space.clock.now()
+    )
+    barrier = threading.Barrier(THREADS)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def present() -> None:
+        barrier.wait()
+        try:
+            verifier.verify(header)
+            outcome = "accepted"
+        except Exception as exc:
+            outcome = str(getattr(exc, "extra", {}).get("reason", repr(exc)))
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=present) for _ in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(outcomes) == ["accepted"] + [Reason.REPLAYED.value] * (THREADS - 1)
+
+
+def test_prune_reports_how_many_entries_it_deleted(db: Database) -> None:
+    guard = SqlReplayGuard(db, prune_interval=timedelta(days=1))
+    for i in range(3):
+        guard.first_use(HOSPITAL_ID, f"t{i}", NOW + timedelta(seconds=10 * (i + 1)), NOW)
+    assert guard.prune(NOW + timedelta(seconds=25)) == 2
