@@ -6,6 +6,7 @@ and the control-plane database `authority.db` unless `HEALTHSPACE_DATABASE_URL` 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from healthspace import __version__
 from healthspace.audit.api import make_router as make_audit_router
+from healthspace.audit.api import sign_heads_periodically
 from healthspace.audit.log import AuditLog
 from healthspace.audit.models import AuditEntry, Outcome
 from healthspace.authority.models import (
@@ -254,7 +256,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        signer = asyncio.create_task(sign_heads_periodically(rt.audit, rt.settings.audit_head_interval_s))
         yield
+        signer.cancel()
+        rt.audit.tree_head()  # the last entries leave covered by a signed head
         rt.close()
 
     app = FastAPI(

@@ -7,6 +7,7 @@ present a valid request token, and proves itself to peers the same way.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pydantic import AnyHttpUrl, BaseModel
 
 from healthspace import __version__
 from healthspace.audit.api import make_router as make_audit_router
+from healthspace.audit.api import sign_heads_periodically
 from healthspace.audit.log import AuditLog
 from healthspace.audit.models import AuditEntry, Outcome
 from healthspace.connector.config import CREDENTIAL_FILE, KEY_FILE, ConnectorConfig
@@ -290,7 +292,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        signer = asyncio.create_task(sign_heads_periodically(rt.audit, rt.settings.audit_head_interval_s))
         yield
+        signer.cancel()
+        rt.audit.tree_head()  # the last entries leave covered by a signed head
         rt.close()
 
     app = FastAPI(

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         description="Key-encryption key protecting private keys at rest (at least 16 characters).",
     )
     log_level: str = Field("INFO", description="Python logging level of the service.")
+    audit_head_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between signed audit tree heads while a service runs."
+    )
     revocation_max_age_s: float = Field(
         5.0, ge=0, description="Seconds a connector trusts a fetched revocation list before fetching anew."
     )

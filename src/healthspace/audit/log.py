@@ -1,0 +1,749 @@
+"""The audit log service: durable group-committed appends, signed tree heads, proofs, verification, export.
+
+One `AuditLog` per database is the only writer of the audit tables. It keeps the tree's frontier (and
+the hashes of every complete subtree of 256 leaves or more) in memory, rebuilt from stored content on
+open, so an append costs O(log n) hashes and a proof reads at most two 256-leaf blocks of leaf hashes.
+Concurrent `append` calls are serialised into batches: whichever caller finds no write in progress
+commits everything queued so far in one transaction (group commit), and every caller returns only
+after the transaction holding its entry has committed.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
+from sqlalchemy import Connection, Table, select, text
+from sqlalchemy.pool import PoolProxiedConnection
+
+from healthspace.audit import merkle
+from healthspace.audit.models import (
+    AuditEntry,
+    Outcome,
+    Receipt,
+    SignedTreeHead,
+    Signer,
+    VerifyReport,
+    format_time,
+    parse_time,
+)
+from healthspace.audit.tables import AuditEntryRow, AuditKeyRow, AuditTreeHeadRow
+from healthspace.core.clock import Clock, SystemClock
+from healthspace.core.db import Database
+from healthspace.core.errors import HealthspaceError, ValidationError
+
+__all__ = [
+    "AuditIntegrityError",
+    "AuditLog",
+    "AuditUnavailableError",
+    "ConsistencyProof",
+    "InclusionProof",
+    "LoggedEntry",
+    "export_database",
+    "verify_database",
+]
+
+_ENTRIES = cast(Table, AuditEntryRow.__table__)
+_HEADS = cast(Table, AuditTreeHeadRow.__table__)
+_KEYS = cast(Table, AuditKeyRow.__table__)
+_CACHE_LEVEL = 8  # keep subtree hashes from 256 leaves up: ~n/128 hashes in memory
+_BLOCK = 1 << _CACHE_LEVEL
+_PAGE = 20_000
+
+
+class AuditUnavailableError(HealthspaceError):
+    """The entry could not be committed (database down or busy); the audited action must not proceed."""
+
+    status = 503
+    code = "audit-unavailable"
+    title = "Audit log unavailable"
+
+
+class AuditIntegrityError(HealthspaceError):
+    """The stored audit log is not what was appended (tampering, a second writer, or lost rows)."""
+
+    status = 500
+    code = "audit-integrity"
+    title = "Audit log integrity failure"
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEntry:
+    """An entry as stored: its leaf index, the entry, and its leaf hash recomputed from content (hex)."""
+
+    index: int
+    entry: AuditEntry
+    leaf_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class InclusionProof:
+    """RFC 6962 audit path (hex hashes, leaf upwards) of entry `index` in the tree of `tree_size`."""
+
+    index: int
+    tree_size: int
+    leaf_hash: str
+    path: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencyProof:
+    """RFC 6962 consistency proof (hex hashes) that tree `first` is a prefix of tree `second`."""
+
+    first: int
+    second: int
+    path: list[str]
+
+
+# --- reading and verifying what is stored ---------------------------------------------------------
+
+
+def _read_heads(conn: Connection) -> list[SignedTreeHead]:
+    rows = conn.execute(select(_HEADS).order_by(_HEADS.c.tree_size)).all()
+    heads = []
+    for r in rows:
+        try:
+            heads.append(
+                SignedTreeHead(
+                    tree_size=r.tree_size,
+                    root_hash=r.root_hash,
+                    timestamp=parse_time(r.timestamp),
+                    key_id=r.key_id,
+                    signature=r.signature,
+                )
+            )
+        except ValidationError as exc:
+            raise AuditIntegrityError(
+                f"stored tree head of size {r.tree_size} is malformed: {exc.detail}", first_bad_index=None
+            ) from exc
+    return heads
+
+
+def _pages(conn: Connection, stop: int | None = None) -> Iterator[list[tuple[int, str, bytes]]]:
+    """Stored rows in index order, in pages, as (seq, data, cached leaf hash) straight from the driver:
+    verification speed is bounded by row fetching, so SQLAlchemy's row layer is skipped."""
+    dbapi = conn.connection.dbapi_connection
+    if dbapi is None:
+        raise AuditUnavailableError("no database connection")
+    ph = "?" if conn.dialect.name == "sqlite" else "%s"
+    limit = f" AND seq < {int(stop)}" if stop is not None else ""
+    sql = (
+        f"SELECT seq, data, leaf_hash FROM audit_entries WHERE seq >= {ph}{limit} "  # noqa: S608
+        f"ORDER BY seq LIMIT {_PAGE}"
+    )
+    cur = dbapi.cursor()
+    try:
+        start = 0
+        while True:
+            cur.execute(sql, (start,))
+            rows = cur.fetchall()
+            if not rows:
+                return
+            yield cast(list[tuple[int, str, bytes]], rows)
+            start = rows[-1][0] + 1
+    finally:
+        cur.close()
+
+
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic collector during a scan: it allocates millions of acyclic tuples, bytes and
+    strings, whose allocation counts trigger collections that cost a third of the scan and free nothing."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _scan(
+    conn: Connection,
+    keys: Mapping[str, str],
+    *,
+    all_signatures: bool,
+    keep_from_level: int | None = None,
+) -> tuple[VerifyReport, merkle.Frontier]:
+    with _cyclic_gc_paused():
+        return _scan_unpaused(conn, keys, all_signatures=all_signatures, keep_from_level=keep_from_level)
+
+
+def _scan_unpaused(
+    conn: Connection,
+    keys: Mapping[str, str],
+    *,
+    all_signatures: bool,
+    keep_from_level: int | None = None,
+) -> tuple[VerifyReport, merkle.Frontier]:
+    """Recompute every leaf from stored content, rebuild the tree, and check it against the stored heads.
+
+    Stops at the first problem. `keys` maps key ids to trusted public keys; with `all_signatures`
+    false only the newest head's signature is checked (the open path: older heads are still checked
+    against the recomputed roots, which the newest signature vouches for).
+    """
+    heads = _read_heads(conn)
+    frontier = merkle.Frontier(keep_from_level)
+    sha = hashlib.sha256
+    hi = 0
+    checked = 0
+    prev_good = 0
+    prev_head: SignedTreeHead | None = None
+    size = 0
+
+    def fail(index: int | None, reason: str) -> tuple[VerifyReport, merkle.Frontier]:
+        return (
+            VerifyReport(
+                ok=False,
+                entries=size,
+                heads=checked,
+                root_hash=frontier.root().hex(),
+                latest_head=heads[-1] if heads else None,
+                first_bad_index=index,
+                reason=reason,
+            ),
+            frontier,
+        )
+
+    def check_head(h: SignedTreeHead) -> str | None:
+        if frontier.root().hex() != h.root_hash:
+            return (
+                f"entries {prev_good}..{h.tree_size - 1} do not match the root signed in the tree "
+                f"head of size {h.tree_size} (an entry in that range was edited, reordered, "
+                f"inserted or removed)"
+            )
+        if prev_head is not None and h.timestamp < prev_head.timestamp:
+            return f"tree head of size {h.tree_size} is dated before the head of size {prev_head.tree_size}"
+        if all_signatures or h is heads[-1]:
+            key = keys.get(h.key_id)
+            if key is None:
+                return f"tree head of size {h.tree_size} is signed by key {h.key_id!r}, which is not trusted"
+            if not h.verify(key):
+                return f"signature of the tree head of size {h.tree_size} does not verify"
+        return None
+
+    while hi < len(heads) and heads[hi].tree_size == 0:
+        if (bad := check_head(heads[hi])) is not None:
+            return fail(0, bad)
+        prev_head, checked, hi = heads[hi], checked + 1, hi + 1
+
+    for page in _pages(conn):
+        first_seq, last_seq = page[0][0], page[-1][0]
+        if first_seq != size or last_seq != size + len(page) - 1:
+            i = next(i for i, row in enumerate(page) if row[0] != size + i)
+            return fail(size + i, f"entry {size + i} is missing (the next stored index is {page[i][0]})")
+        _, datas, cached = zip(*page, strict=True)  # transposed in C: cheaper than three passes
+        leaves = [sha(b"\x00" + d.encode()).digest() for d in datas]
+        i = -1
+        if leaves != list(cached):
+            i = next(j for j, (a, b) in enumerate(zip(leaves, cached, strict=True)) if a != bytes(b))
+        pos = 0
+        n = len(leaves)
+        while hi < len(heads) and heads[hi].tree_size <= size + n:
+            h = heads[hi]
+            cut = h.tree_size - size
+            if 0 <= i < cut:
+                break  # the pinpointed leaf comes before this head: report it below
+            frontier.extend(leaves[pos:cut])
+            pos = cut
+            if (bad := check_head(h)) is not None:
+                return fail(prev_good, bad)
+            prev_good, prev_head, checked, hi = h.tree_size, h, checked + 1, hi + 1
+        if i >= 0:
+            frontier.extend(leaves[pos:i])
+            size += i
+            return fail(
+                size,
+                f"entry {size} does not hash to its stored leaf hash: the entry or its "
+                f"leaf_hash was changed after it was appended",
+            )
+        frontier.extend(leaves[pos:])
+        size += n
+    if hi < len(heads):
+        return fail(
+            size,
+            f"the tree head of size {heads[hi].tree_size} covers entries up to "
+            f"{heads[hi].tree_size - 1} but only {size} are stored: entries from {size} on "
+            f"were deleted",
+        )
+    latest = heads[-1] if heads else None
+    report = VerifyReport(
+        ok=True,
+        entries=size,
+        heads=checked,
+        root_hash=frontier.root().hex(),
+        latest_head=latest,
+        unsigned_entries=size - (latest.tree_size if latest else 0),
+    )
+    return report, frontier
+
+
+def verify_database(db: Database, trusted_keys: Mapping[str, str]) -> VerifyReport:
+    """Verify the audit log stored in `db` without opening it for writing (a regulator's check).
+
+    `trusted_keys` maps key id to public key (URL-safe base64); a head signed by any other key fails.
+    """
+    with db.engine.connect() as conn:
+        report, _ = _scan(conn, trusted_keys, all_signatures=True)
+    return report
+
+
+def _export_lines(conn: Connection, stop: int) -> Iterator[bytes]:
+    for page in _pages(conn, stop):
+        for seq, data, cached in page:
+            # Canonical (sorted keys, no spaces): verification refuses any other spelling of a line.
+            yield f'{{"entry":{data},"index":{seq},"leaf_hash":"{bytes(cached).hex()}"}}\n'.encode()
+
+
+def export_database(
+    db: Database, out: Path, head: SignedTreeHead | None = None, public_key: tuple[str, str] | None = None
+) -> SignedTreeHead:
+    """Write an export directory: `entries.jsonl`, `tree-head.json`, `public-key.json` (see ADR 0003).
+
+    Without `head`, the newest stored signed head is used and entries up to its size are written;
+    without `public_key` (key_id, key) the stored key for the head's key id is written. The exported
+    key is a convenience: verifiers should take the key from a trusted source.
+    """
+    with db.engine.connect() as conn:
+        if head is None:
+            heads = _read_heads(conn)
+            if not heads:
+                raise ValidationError("the audit log has no signed tree head to export")
+            head = heads[-1]
+        if public_key is None:
+            row = conn.execute(select(_KEYS).where(_KEYS.c.key_id == head.key_id)).first()
+            if row is None:
+                raise ValidationError(f"no public key stored for key id {head.key_id!r}")
+            public_key = (row.key_id, row.public_key)
+        out.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with (out / "entries.jsonl").open("wb") as f:
+            for line in _export_lines(conn, head.tree_size):
+                f.write(line)
+                written += 1
+    if written != head.tree_size:
+        raise AuditIntegrityError(
+            f"the tree head covers {head.tree_size} entries but only {written} are stored"
+        )
+    (out / "tree-head.json").write_bytes(orjson.dumps(head.to_json(), option=orjson.OPT_INDENT_2))
+    key_doc = {"algorithm": "Ed25519", "key_id": public_key[0], "public_key": public_key[1]}
+    (out / "public-key.json").write_bytes(orjson.dumps(key_doc, option=orjson.OPT_INDENT_2))
+    return head
+
+
+# --- the service ----------------------------------------------------------------------------------
+
+
+class _Pending:
+    """Entries waiting for a commit. `wake` is a lock held from creation: releasing it wakes the one
+    thread waiting for these entries, either because they are committed or to make it the writer."""
+
+    __slots__ = ("datas", "done", "error", "hashes", "start", "wake")
+
+    def __init__(self, datas: list[bytes], hashes: list[bytes]) -> None:
+        self.datas = datas
+        self.hashes = hashes
+        self.start = -1
+        self.done = False
+        self.error: BaseException | None = None
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+
+class AuditLog:
+    """The append-only audit log of one service, over the `audit` tables of `db`.
+
+    Contract: `append` returns only after its entry is committed (on SQLite with synchronous=FULL);
+    indexes are gap-free and in commit order; a failed commit appends nothing and raises; nothing
+    updates or deletes a stored row. Opening verifies the stored log (content against every stored
+    head, the newest head's signature) and raises `AuditIntegrityError` when it does not verify, so a
+    service never signs on top of a tampered history. Heads signed by earlier keys verify only if
+    their keys are in `trusted_keys`.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        signer: Signer,
+        clock: Clock | None = None,
+        trusted_keys: Mapping[str, str] | None = None,
+    ) -> None:
+        self._db = db
+        self._signer = signer
+        self._clock: Clock = clock or SystemClock()
+        self._keys = {**(trusted_keys or {}), signer.key_id: signer.public_key_b64}
+        self._sqlite = db.dialect == "sqlite"
+        ph = "?" if self._sqlite else "%s"
+        self._insert_sql = f"INSERT INTO audit_entries (seq, data, leaf_hash) VALUES ({ph}, {ph}, {ph})"  # noqa: S608
+        dbapi_module = db.engine.dialect.loaded_dbapi
+        self._driver_errors: tuple[type[BaseException], ...] = (dbapi_module.Error,)
+        self._lock = threading.Lock()
+        self._reserved = 0  # frontier size plus the rows of the batch being written
+        self._head_lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._writing = False
+        self._closed = False
+        with db.engine.connect() as conn:
+            report, self._frontier = _scan(
+                conn, self._keys, all_signatures=False, keep_from_level=_CACHE_LEVEL
+            )
+            if not report.ok:
+                raise AuditIntegrityError(
+                    f"the stored audit log does not verify: {report.summary()}",
+                    first_bad_index=report.first_bad_index,
+                )
+            self._latest_head = report.latest_head
+            self._reserved = self._frontier.size
+            if conn.execute(select(_KEYS.c.key_id).where(_KEYS.c.key_id == signer.key_id)).first() is None:
+                conn.execute(_KEYS.insert().values(key_id=signer.key_id, public_key=signer.public_key_b64))
+            conn.commit()
+        self._wconn: PoolProxiedConnection | None = None
+
+    # -- writing --
+
+    @property
+    def size(self) -> int:
+        """Number of committed entries."""
+        return self._frontier.size
+
+    @property
+    def public_key(self) -> tuple[str, str]:
+        return self._signer.key_id, self._signer.public_key_b64
+
+    def append(self, entry: AuditEntry) -> Receipt:
+        """Append one entry durably; returns its index and leaf hash."""
+        return self.append_many([entry])[0]
+
+    def record(
+        self,
+        actor: str,
+        action: str,
+        subject: str,
+        outcome: Outcome | str,
+        reason: str = "",
+        *,
+        scenario_id: str | None = None,
+        agreement_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> Receipt:
+        """Append an entry stamped with the log's clock (the usual call from a service)."""
+        return self.append(
+            AuditEntry(
+                time=self._clock.now(),
+                actor=actor,
+                action=action,
+                subject=subject,
+                outcome=Outcome(outcome),
+                reason=reason,
+                scenario_id=scenario_id,
+                agreement_id=agreement_id,
+                details=details or {},
+            )
+        )
+
+    def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
+        """Append entries as one contiguous run in one transaction (all or none)."""
+        if not entries:
+            return []
+        for e in entries:
+            if not isinstance(e, AuditEntry):
+                raise ValidationError("only AuditEntry objects can be appended")
+        # Encoding and leaf hashing happen before the queue, in the caller's thread.
+        datas = [e.canonical_bytes() for e in entries]
+        sha = hashlib.sha256
+        pending = _Pending(datas, [sha(b"\x00" + d).digest() for d in datas])
+        with self._lock:
+            if self._closed:
+                raise AuditUnavailableError("the audit log is closed")
+            self._queue.append(pending)
+            leader = not self._writing
+            self._writing = True
+        if not leader:
+            pending.wake.acquire()  # until committed, or until handed the writer's role
+        if not pending.done:
+            self._write_queued()
+        if pending.error is not None:
+            if isinstance(pending.error, HealthspaceError):
+                raise pending.error
+            raise AuditUnavailableError("the audit entry could not be committed") from pending.error
+        return [Receipt(pending.start + i, h.hex()) for i, h in enumerate(pending.hashes)]
+
+    def _write_queued(self) -> None:
+        """Commit everything queued in one transaction, as the one writer (group commit).
+
+        Waiters are woken one by one (no broadcast), and the writer's role passes to the first entry
+        queued meanwhile, so batches grow with the number of concurrent callers.
+        """
+        with self._lock:
+            batch, self._queue = self._queue, []
+            start = self._frontier.size
+            rows: list[tuple[int, str, bytes]] = []
+            for p in batch:
+                p.start = start + len(rows)
+                rows.extend(
+                    (p.start + i, d.decode(), h)
+                    for i, (d, h) in enumerate(zip(p.datas, p.hashes, strict=True))
+                )
+            self._reserved = start + len(rows)
+        error: BaseException | None = None
+        try:
+            self._write(rows)
+        except BaseException as exc:  # every waiter must learn the outcome, whatever it was
+            error = exc
+        with self._lock:
+            if error is None:
+                for p in batch:
+                    self._frontier.extend(p.hashes)
+            self._reserved = self._frontier.size
+            for p in batch:
+                p.error = error
+                p.done = True
+            successor = self._queue[0] if self._queue else None
+            if successor is None:
+                self._writing = False
+        # batch[0] is this writer's own entries: a writer is always the head of the queue it takes.
+        for p in batch[1:]:
+            p.wake.release()
+        if successor is not None:
+            successor.wake.release()
+
+    def _writer(self) -> PoolProxiedConnection:
+        if self._wconn is None:
+            conn = self._db.engine.raw_connection()
+            if self._sqlite:
+                # Durable means committed before append returns, power loss included.
+                cur = conn.cursor()
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.close()
+                conn.commit()
+            self._wconn = conn
+        return self._wconn
+
+    def _write(self, rows: list[tuple[int, str, bytes]]) -> None:
+        # The driver directly, on a connection kept for writing: at one row per transaction,
+        # SQLAlchemy's statement and transaction layers cost as much as the insert itself.
+        conn = self._writer()
+        try:
+            cur = conn.cursor()
+            try:
+                cur.executemany(self._insert_sql, rows)
+            finally:
+                cur.close()
+            conn.commit()
+        except self._driver_errors as exc:
+            try:
+                conn.rollback()
+            finally:
+                conn.invalidate()
+                self._wconn = None
+            # A clash on the primary key means a row this log never wrote sits at the next index.
+            with self._db.engine.connect() as c:
+                taken = c.execute(
+                    text("SELECT count(*) FROM audit_entries WHERE seq >= :s"), {"s": rows[0][0]}
+                ).scalar_one()
+            if taken:
+                raise AuditIntegrityError(
+                    f"entry {rows[0][0]} already exists in the database but was "
+                    f"never appended by this log (a forged row or a second "
+                    f"writer); appends are refused"
+                ) from exc
+            raise
+
+    # -- tree heads --
+
+    def tree_head(self) -> SignedTreeHead:
+        """The signed head of the current tree. A new head is signed and stored only when the tree
+        has grown since the newest stored head; otherwise that head is returned."""
+        with self._head_lock:
+            with self._lock:
+                size, root = self._frontier.size, self._frontier.root()
+            latest = self._latest_head
+            if latest is not None and latest.tree_size == size:
+                return latest  # one head per size; after a key change the new key signs on growth
+            now = self._clock.now()
+            if latest is not None and now < latest.timestamp:
+                now = latest.timestamp  # heads must never go back in time
+            head = SignedTreeHead.sign(self._signer, size, root, now)
+            with self._db.engine.begin() as conn:
+                conn.execute(
+                    _HEADS.insert().values(
+                        tree_size=head.tree_size,
+                        root_hash=head.root_hash,
+                        timestamp=format_time(head.timestamp),
+                        key_id=head.key_id,
+                        signature=head.signature,
+                    )
+                )
+            self._latest_head = head
+            return head
+
+    def tree_heads(self) -> list[SignedTreeHead]:
+        """Every stored signed head, smallest tree first."""
+        with self._db.engine.connect() as conn:
+            return _read_heads(conn)
+
+    # -- reading and proofs --
+
+    def entries(self, start: int, stop: int) -> list[LoggedEntry]:
+        """Entries with start <= index < stop (stop is clipped to the log size)."""
+        if start < 0 or stop < start:
+            raise ValidationError("entries need 0 <= start <= stop")
+        stop = min(stop, self.size)
+        if start >= stop:
+            return []
+        with self._db.engine.connect() as conn:
+            rows = conn.execute(
+                select(_ENTRIES.c.seq, _ENTRIES.c.data)
+                .where(_ENTRIES.c.seq >= start, _ENTRIES.c.seq < stop)
+                .order_by(_ENTRIES.c.seq)
+            ).all()
+        out: list[LoggedEntry] = []
+        for i, (seq, data) in enumerate(rows):
+            if seq != start + i:
+                raise AuditIntegrityError(f"entry {start + i} is missing from the database")
+            raw = data.encode()
+            try:
+                entry = AuditEntry.from_bytes(raw)
+            except ValidationError as exc:
+                raise AuditIntegrityError(f"stored entry {seq} is not a valid entry: {exc.detail}") from exc
+            out.append(LoggedEntry(seq, entry, merkle.leaf_hash(raw).hex()))
+        if len(out) != stop - start:
+            raise AuditIntegrityError(f"entries {start + len(out)}..{stop - 1} are missing from the database")
+        return out
+
+    def _range_hasher(self, conn: Connection) -> merkle.RangeHasher:
+        """MTH of any proof range: complete subtrees of >= 256 leaves from memory, the rest from the
+        stored leaf hashes (a cache: a wrong one yields a proof that fails verification, never a false
+        one)."""
+        nodes = self._frontier.nodes
+        blocks: dict[int, list[bytes]] = {}
+
+        def leaves(a: int, b: int) -> list[bytes]:
+            out: list[bytes] = []
+            for blk in range(a // _BLOCK, (b - 1) // _BLOCK + 1):
+                if blk not in blocks:
+                    lo = blk * _BLOCK
+                    rows = (
+                        conn.execute(
+                            select(_ENTRIES.c.leaf_hash)
+                            .where(_ENTRIES.c.seq >= lo, _ENTRIES.c.seq < lo + _BLOCK)
+                            .order_by(_ENTRIES.c.seq)
+                        )
+                        .scalars()
+                        .all()
+                    )
+                    blocks[blk] = [bytes(h) for h in rows]
+                blk_leaves = blocks[blk]
+                lo = blk * _BLOCK
+                out.extend(blk_leaves[max(a, lo) - lo : min(b, lo + _BLOCK) - lo])
+            if len(out) != b - a:
+                raise AuditIntegrityError(f"leaf hashes {a}..{b - 1} are missing from the database")
+            return out
+
+        def hash_range(a: int, b: int) -> bytes:
+            n = b - a
+            if n & (n - 1) == 0 and a % n == 0 and n >= _BLOCK:
+                level = n.bit_length() - 1
+                node = nodes.get((level, a >> level))
+                if node is not None:
+                    return node
+            if n <= _BLOCK:
+                return merkle.tree_root(leaves(a, b))
+            k = merkle._split(n)
+            return merkle.node_hash(hash_range(a, a + k), hash_range(a + k, b))
+
+        return hash_range
+
+    def inclusion_proof(self, index: int, tree_size: int | None = None) -> InclusionProof:
+        """Audit path of entry `index` in the tree of `tree_size` entries (default: the current tree)."""
+        size = self.size if tree_size is None else tree_size
+        if size > self.size:
+            raise ValidationError(f"tree_size {size} exceeds the log size {self.size}")
+        if not 0 <= index < size:
+            raise ValidationError(f"index {index} is not in a tree of size {size}")
+        with self._db.engine.connect() as conn:
+            hasher = self._range_hasher(conn)
+            path = merkle.inclusion_proof(index, size, hasher)
+            data = conn.execute(select(_ENTRIES.c.data).where(_ENTRIES.c.seq == index)).scalar_one_or_none()
+        if data is None:
+            raise AuditIntegrityError(f"entry {index} is missing from the database")
+        return InclusionProof(index, size, merkle.leaf_hash(data.encode()).hex(), [p.hex() for p in path])
+
+    def consistency_proof(self, first: int, second: int | None = None) -> ConsistencyProof:
+        """Proof that the tree of `first` entries is a prefix of the tree of `second` (default: current)."""
+        second = self.size if second is None else second
+        if second > self.size:
+            raise ValidationError(f"second {second} exceeds the log size {self.size}")
+        if not 0 < first <= second:
+            raise ValidationError(f"consistency needs 0 < first <= second, got {first} and {second}")
+        with self._db.engine.connect() as conn:
+            path = merkle.consistency_proof(first, second, self._range_hasher(conn))
+        return ConsistencyProof(first, second, [p.hex() for p in path])
+
+    def root_at(self, tree_size: int) -> bytes:
+        """MTH of the first `tree_size` entries (from cached hashes; for tests and tools)."""
+        if not 0 <= tree_size <= self.size:
+            raise ValidationError(f"tree_size {tree_size} is outside 0..{self.size}")
+        if tree_size == 0:
+            return merkle.EMPTY_ROOT
+        with self._db.engine.connect() as conn:
+            return self._range_hasher(conn)(0, tree_size)
+
+    # -- verification and export --
+
+    def verify(self) -> VerifyReport:
+        """Recompute every leaf from stored content, rebuild the tree, check every stored head (root,
+        order, signature) and that the database holds exactly the entries this log appended."""
+        with self._lock:
+            before = self._frontier.size
+        with self._db.engine.connect() as conn:
+            report, _ = _scan(conn, self._keys, all_signatures=True)
+        if not report.ok:
+            return report
+        # Rows committed before the scan must all be there; a row at or beyond every index this log
+        # had committed or was committing by the end of the scan was written by someone else.
+        with self._lock:
+            after = self._reserved
+        if report.entries < before:
+            return replace(
+                report,
+                ok=False,
+                first_bad_index=report.entries,
+                reason=f"this log appended {before} entries but only {report.entries} are "
+                f"stored: entries from {report.entries} on were deleted",
+            )
+        if report.entries > after:
+            return replace(
+                report,
+                ok=False,
+                first_bad_index=after,
+                reason=f"entry {after} is in the database but was never appended by this log "
+                f"(a forged row or a second writer)",
+            )
+        return report
+
+    def export(self, out: Path) -> SignedTreeHead:
+        """Sign the current tree head and export every entry it covers to the directory `out`."""
+        head = self.tree_head()
+        return export_database(self._db, out, head, self.public_key)
+
+    def close(self) -> None:
+        """Refuse further appends, let the batch in flight finish, and give the writer connection back."""
+        with self._lock:
+            self._closed = True
+        while True:
+            with self._lock:
+                if not self._writing:
+                    break
+            time.sleep(0.001)
+        if self._wconn is not None:
+            self._wconn.close()
+            self._wconn = None

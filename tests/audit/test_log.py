@@ -1,0 +1,319 @@
+"""The audit log store on SQLite and PostgreSQL: appends, heads, proofs, restart, and tampering by SQL."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from healthspace.audit import merkle
+from healthspace.audit.log import AuditIntegrityError, AuditLog
+from healthspace.audit.models import AuditEntry, Outcome, SignedTreeHead
+from healthspace.core.clock import FixedClock
+from healthspace.core.db import Database
+from healthspace.core.errors import ValidationError
+from tests.audit.conftest import T0, KeySigner, make_entry
+
+
+def _expected_root(entries: list[AuditEntry]) -> bytes:
+    """The root computed independently of the log: RFC 6962 over the entries' canonical bytes."""
+    return merkle.tree_root([merkle.leaf_hash(e.canonical_bytes()) for e in entries])
+
+
+def _sql(db: Database, sql: str, **params: Any) -> list[Any]:
+    with db.engine.begin() as conn:
+        result = conn.execute(text(sql), params)
+        return list(result) if result.returns_rows else []
+
+
+def _filled(log: AuditLog, n: int) -> tuple[list[AuditEntry], SignedTreeHead]:
+    entries = [make_entry(i) for i in range(n)]
+    log.append_many(entries)
+    return entries, log.tree_head()
+
+
+def test_appends_get_consecutive_indexes_and_read_back_unchanged(log: AuditLog) -> None:
+    entries = [make_entry(i) for i in range(5)]
+    receipts = [log.append(e) for e in entries[:2]] + log.append_many(entries[2:])
+    assert [r.index for r in receipts] == [0, 1, 2, 3, 4]
+    assert [r.leaf_hash for r in receipts] == [merkle.leaf_hash(e.canonical_bytes()).hex() for e in entries]
+    assert [x.entry for x in log.entries(0, 10)] == entries
+
+
+def test_record_stamps_the_entry_with_the_log_clock(log: AuditLog) -> None:
+    log.record("steward:1", "dataset.publish", "dataset:7", Outcome.SUCCESS, "published")
+    assert log.entries(0, 1)[0].entry.time == T0
+
+
+def test_tree_head_signs_the_root_of_all_entries(log: AuditLog, signer: KeySigner) -> None:
+    entries, head = _filled(log, 10)
+    assert head.tree_size == 10
+    assert head.root == _expected_root(entries)
+    assert head.verify(signer.public_key_b64)
+
+
+def test_tree_head_is_not_signed_again_while_the_tree_is_unchanged(log: AuditLog, clock: FixedClock) -> None:
+    _, head = _filled(log, 3)
+    clock.advance(__import__("datetime").timedelta(minutes=5))
+    assert log.tree_head() == head
+    assert len(log.tree_heads()) == 1
+
+
+def test_inclusion_proofs_verify_against_signed_heads_across_cached_subtrees(log: AuditLog) -> None:
+    entries, head = _filled(log, 700)
+    for index in (0, 255, 256, 511, 600, 699):
+        p = log.inclusion_proof(index)
+        leaf = merkle.leaf_hash(entries[index].canonical_bytes())
+        assert p.leaf_hash == leaf.hex()
+        assert merkle.verify_inclusion(
+            leaf, index, head.tree_size, [bytes.fromhex(h) for h in p.path], head.root
+        )
+
+
+def test_inclusion_proof_in_an_older_tree_verifies_against_the_older_head(log: AuditLog) -> None:
+    entries, old = _filled(log, 300)
+    log.append_many([make_entry(i) for i in range(300, 650)])
+    p = log.inclusion_proof(299, tree_size=300)
+    leaf = merkle.leaf_hash(entries[299].canonical_bytes())
+    assert merkle.verify_inclusion(leaf, 299, 300, [bytes.fromhex(h) for h in p.path], old.root)
+
+
+def test_consistency_proofs_link_every_pair_of_heads(log: AuditLog) -> None:
+    heads = []
+    for n in (1, 5, 256, 300, 700):
+        log.append_many([make_entry(i) for i in range(log.size, n)])
+        heads.append(log.tree_head())
+    for a in heads:
+        for b in heads:
+            if a.tree_size <= b.tree_size:
+                p = log.consistency_proof(a.tree_size, b.tree_size)
+                path = [bytes.fromhex(h) for h in p.path]
+                assert merkle.verify_consistency(a.tree_size, b.tree_size, a.root, b.root, path)
+
+
+def test_proofs_refuse_sizes_beyond_the_log(log: AuditLog) -> None:
+    _filled(log, 4)
+    with pytest.raises(ValidationError):
+        log.inclusion_proof(4)
+    with pytest.raises(ValidationError):
+        log.inclusion_proof(0, tree_size=5)
+    with pytest.raises(ValidationError):
+        log.consistency_proof(0, 4)
+    with pytest.raises(ValidationError):
+        log.consistency_proof(2, 5)
+
+
+def test_an_untouched_log_verifies(log: AuditLog) -> None:
+    _filled(log, 300)
+    log.append_many([make_entry(i) for i in range(300, 310)])
+    report = log.verify()
+    assert report.ok, report.reason
+    assert (report.entries, report.heads, report.unsigned_entries) == (310, 1, 10)
+
+
+def test_reopening_rebuilds_the_tree_and_appends_continue_consistently(
+    db: Database, signer: KeySigner, clock: FixedClock
+) -> None:
+    first = AuditLog(db, signer, clock)
+    entries, old_head = _filled(first, 270)
+    first.close()
+    second = AuditLog(db, signer, clock)
+    try:
+        assert second.size == 270
+        more = [make_entry(i) for i in range(270, 300)]
+        assert second.append_many(more)[0].index == 270
+        head = second.tree_head()
+        assert head.root == _expected_root(entries + more)
+        p = second.consistency_proof(old_head.tree_size, head.tree_size)
+        assert merkle.verify_consistency(
+            270, 300, old_head.root, head.root, [bytes.fromhex(h) for h in p.path]
+        )
+        assert second.verify().ok
+    finally:
+        second.close()
+
+
+def test_concurrent_appends_produce_a_gap_free_sequence(log: AuditLog) -> None:
+    receipts: list[int] = []
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        for i in range(40):
+            r = log.append(make_entry(t * 1000 + i))
+            with lock:
+                receipts.append(r.index)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(receipts) == list(range(320))
+    assert log.verify().ok
+
+
+# --- tampering, done directly with SQL ------------------------------------------------------------------
+
+
+def test_editing_a_field_of_an_entry_is_detected_at_that_index(log: AuditLog, db: Database) -> None:
+    _filled(log, 20)
+    (data,) = _sql(db, "SELECT data FROM audit_entries WHERE seq = 7")[0]
+    _sql(db, "UPDATE audit_entries SET data = :d WHERE seq = 7", d=data.replace("steward-1", "steward-2"))
+    report = log.verify()
+    assert not report.ok
+    assert report.first_bad_index == 7
+
+
+def test_editing_an_entry_and_its_leaf_hash_is_caught_by_the_signed_root(log: AuditLog, db: Database) -> None:
+    _filled(log, 20)
+    (data,) = _sql(db, "SELECT data FROM audit_entries WHERE seq = 7")[0]
+    forged = data.replace('"allowed"', '"denied"')
+    assert forged != data
+    _sql(
+        db,
+        "UPDATE audit_entries SET data = :d, leaf_hash = :h WHERE seq = 7",
+        d=forged,
+        h=merkle.leaf_hash(forged.encode()),
+    )
+    report = log.verify()
+    assert not report.ok
+    assert "do not match the root signed" in (report.reason or "")
+
+
+def test_deleting_an_entry_in_the_middle_is_detected(log: AuditLog, db: Database) -> None:
+    _filled(log, 20)
+    _sql(db, "DELETE FROM audit_entries WHERE seq = 12")
+    report = log.verify()
+    assert (report.ok, report.first_bad_index) == (False, 12)
+
+
+def test_deleting_the_last_entry_is_detected(log: AuditLog, db: Database) -> None:
+    _filled(log, 20)
+    _sql(db, "DELETE FROM audit_entries WHERE seq = 19")
+    report = log.verify()
+    assert (report.ok, report.first_bad_index) == (False, 19)
+
+
+def test_deleting_the_last_unsigned_entry_is_detected_by_the_running_log(log: AuditLog, db: Database) -> None:
+    _filled(log, 20)
+    log.append(make_entry(20))
+    _sql(db, "DELETE FROM audit_entries WHERE seq = 20")
+    report = log.verify()
+    assert (report.ok, report.first_bad_index) == (False, 20)
+
+
+def test_swapping_two_entries_contents_is_detected(log: AuditLog, db: Database) -> None:
+    _filled(log, 20)
+    rows = dict(_sql(db, "SELECT seq, data FROM audit_entries WHERE seq IN (3, 9)"))
+    _sql(db, "UPDATE audit_entries SET data = :d WHERE seq = 3", d=rows[9])
+    _sql(db, "UPDATE audit_entries SET data = :d WHERE seq = 9", d=rows[3])
+    report = log.verify()
+    assert (report.ok, report.first_bad_index) == (False, 3)
+
+
+def test_swapping_two_whole_rows_including_leaf_hashes_is_caught_by_the_signed_root(
+    log: AuditLog, db: Database
+) -> None:
+    _filled(log, 20)
+    rows = {
+        s: (d, h)
+        for s, d, h in _sql(db, "SELECT seq, data, leaf_hash FROM audit_entries WHERE seq IN (3, 9)")
+    }
+    for seq, other in ((3, 9), (9, 3)):
+        _sql(
+            db,
+            "UPDATE audit_entries SET data = :d, leaf_hash = :h WHERE seq = :s",
+            d=rows[other][0],
+            h=rows[other][1],
+            s=seq,
+        )
+    report = log.verify()
+    assert not report.ok
+    assert "do not match the root signed" in (report.reason or "")
+
+
+def test_inserting_a_forged_entry_in_the_middle_is_detected(log: AuditLog, db: Database) -> None:
+    _filled(log, 20)
+    for seq in range(19, 9, -1):
+        _sql(db, "UPDATE audit_entries SET seq = :n WHERE seq = :s", n=seq + 1, s=seq)
+    forged = make_entry(99).canonical_bytes()
+    _sql(
+        db,
+        "INSERT INTO audit_entries (seq, data, leaf_hash) VALUES (10, :d, :h)",
+        d=forged.decode(),
+        h=merkle.leaf_hash(forged),
+    )
+    report = log.verify()
+    assert not report.ok
+    assert "do not match the root signed" in (report.reason or "")
+
+
+def test_a_forged_entry_after_the_end_is_detected_and_blocks_appends(log: AuditLog, db: Database) -> None:
+    _filled(log, 20)
+    forged = make_entry(99).canonical_bytes()
+    _sql(
+        db,
+        "INSERT INTO audit_entries (seq, data, leaf_hash) VALUES (20, :d, :h)",
+        d=forged.decode(),
+        h=merkle.leaf_hash(forged),
+    )
+    report = log.verify()
+    assert (report.ok, report.first_bad_index) == (False, 20)
+    with pytest.raises(AuditIntegrityError, match="never appended by this log"):
+        log.append(make_entry(20))
+
+
+def test_editing_a_stored_signed_head_is_detected(log: AuditLog, db: Database) -> None:
+    _filled(log, 20)
+    _sql(
+        db, "UPDATE audit_tree_heads SET timestamp = :t WHERE tree_size = 20", t="2030-01-01T00:00:00.000000Z"
+    )
+    report = log.verify()
+    assert not report.ok
+    assert "signature" in (report.reason or "")
+
+
+def test_a_head_whose_root_was_replaced_is_detected(log: AuditLog, db: Database) -> None:
+    _filled(log, 20)
+    _sql(db, "UPDATE audit_tree_heads SET root_hash = :r WHERE tree_size = 20", r="00" * 32)
+    assert not log.verify().ok
+
+
+def test_editing_only_a_stored_leaf_hash_is_reported_at_that_index(log: AuditLog, db: Database) -> None:
+    # The cache is never trusted: verification recomputes, so the edit is harmless to the proofs of the
+    # content, and it is still reported because the database was changed behind the log's back.
+    _filled(log, 20)
+    _sql(db, "UPDATE audit_entries SET leaf_hash = :h WHERE seq = 5", h=b"\x00" * 32)
+    report = log.verify()
+    assert (report.ok, report.first_bad_index) == (False, 5)
+
+
+def test_reopening_a_tampered_log_refuses_to_start(
+    db: Database, signer: KeySigner, clock: FixedClock
+) -> None:
+    first = AuditLog(db, signer, clock)
+    _filled(first, 20)
+    first.close()
+    _sql(db, "DELETE FROM audit_entries WHERE seq = 4")
+    with pytest.raises(AuditIntegrityError, match="index 4"):
+        AuditLog(db, signer, clock)
+
+
+def test_reopening_with_a_different_key_needs_the_old_key_as_trusted(
+    db: Database, signer: KeySigner, clock: FixedClock
+) -> None:
+    first = AuditLog(db, signer, clock)
+    _filled(first, 5)
+    first.close()
+    new_signer = KeySigner("test-key-2")
+    with pytest.raises(AuditIntegrityError, match="not trusted"):
+        AuditLog(db, new_signer, clock)
+    reopened = AuditLog(db, new_signer, clock, trusted_keys={signer.key_id: signer.public_key_b64})
+    try:
+        reopened.append(make_entry(5))
+        assert reopened.tree_head().key_id == "test-key-2"
+        assert reopened.verify().ok
+    finally:
+        reopened.close()
