@@ -8,6 +8,7 @@ reason-giving evaluator costs over that floor; the issue's target is 50,000 deci
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from healthspace.bench.harness import Figure, rate
 from healthspace.policy import Facts, Request, compile_policy, evaluate
@@ -105,9 +106,9 @@ def run(quick: bool) -> list[Figure]:
             Figure(
                 name=f"policy decisions/s, typical agreement, {label}",
                 unit="decisions/s",
-                samples=rate(lambda f=f: ours(f), n, repeat=repeat),
+                samples=rate(partial(ours, f), n, repeat=repeat),
                 baseline_name="same conditions hand-inlined in Python",
-                baseline_samples=rate(lambda f=f: baseline(f), n, repeat=repeat),
+                baseline_samples=rate(partial(baseline, f), n, repeat=repeat),
                 target=TARGET,
                 note="8 constraints + target + assignee + duty; compiled once, evaluate() per decision",
             )
