@@ -139,7 +139,7 @@ def test_every_admin_action_and_refusal_is_audited(admin: AuthorityClient, space
     with pytest.raises(ApiError):
         admin.onboard(_new_participant("mo-clinic-5"))
     head = admin.tree_head()
-    entries = admin.audit_entries(0, head["tree_size"])
+    entries = [item["entry"] for item in admin.audit_entries(0, head["tree_size"])]
     mine = [e for e in entries if e["subject"] == "mo-clinic-5"]
     assert [(e["action"], e["outcome"]) for e in mine] == [
         ("participant.onboard", "success"),

@@ -56,7 +56,7 @@ def _hello(node: Node, token: str | None) -> httpx.Response:
 def _denials(node: Node) -> list[dict[str, object]]:
     with ConnectorClient(node.url, node.keys[Role.REGULATOR]) as c:
         head = c.tree_head()
-        entries = c.audit_entries(0, head["tree_size"])
+        entries = [item["entry"] for item in c.audit_entries(0, head["tree_size"])]
     return [e for e in entries if e["action"] == "peer.authenticate" and e["outcome"] == "denied"]
 
 

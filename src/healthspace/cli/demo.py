@@ -212,7 +212,7 @@ def _self_check(authority: Service, connectors: list[Service]) -> dict[str, Any]
             head = SignedTreeHead.from_json(client.tree_head())
             entries = client.audit_entries(0, head.tree_size)
         # Offline verification, as an auditor would: recompute every leaf and the root, check the signature.
-        lines = (orjson.dumps(e, option=orjson.OPT_SORT_KEYS) for e in entries)
+        lines = (orjson.dumps(item, option=orjson.OPT_SORT_KEYS) for item in entries)
         report = verify_lines(lines, head, public_key)
         audits[svc.id] = {
             "entries": head.tree_size,

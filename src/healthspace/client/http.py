@@ -51,14 +51,17 @@ class _Client:
         return result
 
     def audit_entries(self, start: int, stop: int) -> list[dict[str, Any]]:
-        """The canonical audit entries with start <= index < stop (fetched page by page)."""
+        """Audit log items `{index, leaf_hash, entry}` with start <= index < stop, fetched page by page.
+
+        Each item, encoded with sorted keys, is a line of the offline export format (`audit verify`).
+        """
         out: list[dict[str, Any]] = []
         while start < stop:
             params = {"start": start, "stop": min(stop, start + 1000)}
             page = self._call("GET", "/audit/entries", params=params)
             if not page["entries"]:
                 break
-            out += [e["entry"] for e in page["entries"]]
+            out += page["entries"]
             start = page["stop"]
         return out
 

@@ -1,0 +1,71 @@
+"""The `healthspace` command: help everywhere, clear errors for operator mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from healthspace.cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["authority"],
+        ["connector"],
+        ["audit"],
+        ["synth"],
+        ["demo"],
+        ["bench"],
+        ["authority", "init"],
+        ["authority", "onboard"],
+        ["connector", "init"],
+        ["audit", "verify"],
+    ],
+)
+def test_every_command_has_help(args: list[str]) -> None:
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_authority_init_prints_keys_once_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    args = [
+        "authority",
+        "init",
+        "--data-dir",
+        str(tmp_path),
+        "--id",
+        "cli-authority",
+        "--name",
+        "CLI Authority",
+    ]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "hs_admin_" in first.output
+    second = runner.invoke(app, args)
+    assert second.exit_code == 1
+    assert "already exists" in second.output
+
+
+def test_serving_a_directory_without_an_authority_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["authority", "serve", "--data-dir", str(tmp_path / "empty")])
+    assert result.exit_code == 1
+    assert "authority init" in result.output
+
+
+def test_serving_a_connector_that_was_never_onboarded_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["connector", "serve", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "connector init" in result.output
+
+
+def test_an_unknown_bench_suite_is_refused(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bench", "--suite", "nope", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "unknown suite" in result.output

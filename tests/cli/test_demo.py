@@ -1,0 +1,63 @@
+"""`healthspace demo --once`: the whole space as separate processes on loopback, checked end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_once_starts_the_space_and_its_self_check_passes(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "healthspace",
+            "demo",
+            "--once",
+            "--patients",
+            "300",
+            "--data-dir",
+            str(tmp_path),
+            "--base-port",
+            "18700",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert summary["ok"] is True
+    check = summary["self_check"]
+    # 4 connectors, each to the 3 others, both directions proven.
+    assert len(check["trust"]) == 12
+    assert all(t["mutual"] for t in check["trust"])
+    assert set(check["audit"]) == {
+        "gba-health-data-authority",
+        "gz-pearl-river-hospital",
+        "sz-bay-medical-centre",
+        "hk-harbour-hospital",
+        "hk-harbour-university",
+    }
+    assert all(a["valid"] and a["entries"] > 0 for a in check["audit"].values())
+
+    space = json.loads((tmp_path / "space.json").read_text())
+    hospitals = [p for p in space["participants"] if p["type"] == "hospital"]
+    assert sorted(p["jurisdiction"] for p in hospitals) == ["CN-GD", "CN-GD", "HK"]
+    for p in space["participants"]:
+        assert set(p["api_keys"]) == {"admin", "steward", "researcher", "reviewer", "regulator"}
+        assert Path(p["identity"]["credential"]).is_file()
+    for p in hospitals:
+        assert (Path(p["population"]["path"]) / "manifest.json").is_file()
+    # The demo stopped every service it started: nothing answers on its ports any more.
+    import httpx
+
+    for p in space["participants"]:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{p['url']}/health", timeout=1)
