@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from healthspace.cli.main import app
+from healthspace.core.apikeys import Role
 
 runner = CliRunner()
 
@@ -69,3 +70,49 @@ def test_an_unknown_bench_suite_is_refused(tmp_path: Path) -> None:
     result = runner.invoke(app, ["bench", "--suite", "nope", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "unknown suite" in result.output
+
+
+def test_an_operator_onboards_lists_and_revokes_from_the_command_line(tmp_path: Path) -> None:
+    from healthspace.identity.keys import SigningKey
+    from tests.support.space import running_space
+
+    with running_space(tmp_path, {}) as space:
+        common = ["--url", space.authority.url, "--api-key", space.authority.keys[Role.ADMIN]]
+        credential = tmp_path / "mo.jwt"
+        onboard = runner.invoke(
+            app,
+            [
+                "authority",
+                "onboard",
+                *common,
+                "--id",
+                "mo-cli-clinic",
+                "--name",
+                "Macao CLI Clinic",
+                "--type",
+                "hospital",
+                "--jurisdiction",
+                "MO",
+                "--role",
+                "data-provider",
+                "--public-key",
+                SigningKey.generate().public_key_b64,
+                "--credential-out",
+                str(credential),
+            ],
+        )
+        assert onboard.exit_code == 0, onboard.output
+        assert credential.read_text().count(".") == 2  # a compact JWS
+        listed = runner.invoke(app, ["authority", "list", *common, "--json"])
+        assert '"mo-cli-clinic"' in listed.output
+        revoked = runner.invoke(app, ["authority", "revoke", *common, "mo-cli-clinic", "--reason", "closed"])
+        assert revoked.exit_code == 0
+        assert "REVOKED" in revoked.output
+        again = runner.invoke(app, ["authority", "revoke", *common, "mo-cli-clinic", "--reason", "closed"])
+        assert again.exit_code == 1
+        assert "cannot go from REVOKED" in again.output
+        wrong_key = runner.invoke(
+            app, ["authority", "list", "--url", space.authority.url, "--api-key", "nope"]
+        )
+        assert wrong_key.exit_code == 1
+        assert "401" in wrong_key.output
