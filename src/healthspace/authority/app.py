@@ -20,7 +20,7 @@ from healthspace import __version__
 from healthspace.audit.api import make_router as make_audit_router
 from healthspace.audit.api import sign_heads_periodically
 from healthspace.audit.log import AuditLog
-from healthspace.audit.models import AuditEntry, Outcome
+from healthspace.audit.models import Outcome
 from healthspace.authority.models import (
     ParticipantCreate,
     ParticipantPublic,
@@ -127,18 +127,9 @@ Admin = Annotated[StoredKey, Depends(role_guard(lambda r: _rt(r).api_keys, Role.
 
 
 def _record_auth_failure(request: Request, error: HealthspaceError) -> None:
-    rt = _rt(request)
-    rt.audit.append(
-        AuditEntry(
-            time=rt.clock.now(),
-            actor="unauthenticated",
-            action="peer.authenticate",
-            subject=f"{request.method} {request.url.path}",
-            scenario_id=None,
-            agreement_id=None,
-            outcome=Outcome.DENIED,
-            reason=str(error.extra.get("reason", error.code)),
-        )
+    reason = str(error.extra.get("reason", error.code))
+    _rt(request).audit.record(
+        "unauthenticated", "peer.authenticate", f"{request.method} {request.url.path}", Outcome.DENIED, reason
     )
 
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select
 
 from healthspace.audit.log import AuditLog
-from healthspace.audit.models import AuditEntry, Outcome
+from healthspace.audit.models import Outcome
 from healthspace.authority.models import (
     ParticipantCreate,
     ParticipantPublic,
@@ -94,24 +94,10 @@ class AuthorityService:
         try:
             result = work()
         except HealthspaceError as exc:
-            self._record(actor, action, subject, Outcome.FAILURE, exc.detail)
+            self._audit.record(actor, action, subject, Outcome.FAILURE, exc.detail)
             raise
-        self._record(actor, action, subject, Outcome.SUCCESS, "")
+        self._audit.record(actor, action, subject, Outcome.SUCCESS, "")
         return result
-
-    def _record(self, actor: str, action: str, subject: str, outcome: Outcome, reason: str) -> None:
-        self._audit.append(
-            AuditEntry(
-                time=self._clock.now(),
-                actor=actor,
-                action=action,
-                subject=subject,
-                scenario_id=None,
-                agreement_id=None,
-                outcome=outcome,
-                reason=reason,
-            )
-        )
 
     # --- participants ----------------------------------------------------------------------------
     def onboard(self, req: ParticipantCreate, actor: str) -> tuple[ParticipantPublic, str]:
