@@ -1,0 +1,96 @@
+"""SQLAlchemy tables of the consent registry: append-only decisions and the patients' receipt chains."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Mapped, mapped_column
+
+from healthspace.core.db import Base
+
+__all__ = ["ConsentDecisionRow", "ConsentReceiptRow", "UtcDateTime"]
+
+# SQLite has no INTEGER-sized BIGINT rowid alias: only "INTEGER PRIMARY KEY" autoincrements there.
+_SEQ = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and read back timezone-aware on every backend.
+
+    SQLite keeps no zone, so values are converted to UTC before binding; comparisons in SQL then order
+    correctly because every stored value has the same zone and format.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise ValueError("only timezone-aware datetimes are stored")
+        utc: datetime = value.astimezone(UTC)
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise ValueError("expected a datetime from the database")
+        t: datetime = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return t
+
+
+class ConsentDecisionRow(Base):
+    """One recorded decision. Rows are only ever inserted; the current view is derived by query."""
+
+    __tablename__ = "consent_decisions"
+
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    decision_id: Mapped[str] = mapped_column(String(64), unique=True)
+    fhir_id: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    person_id: Mapped[int] = mapped_column(BigInteger)
+    scenario_id: Mapped[str] = mapped_column(String(200))
+    decision: Mapped[str] = mapped_column(String(8))
+    decided_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    valid_from: Mapped[datetime] = mapped_column(UtcDateTime())
+    valid_until: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    class_mask: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    source: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(256))
+
+    __table_args__ = (
+        Index("ix_consent_decisions_scenario_person", "scenario_id", "person_id"),
+        Index("ix_consent_decisions_person", "person_id"),
+        CheckConstraint("decision IN ('permit', 'deny')", name="decision"),
+    )
+
+
+class ConsentReceiptRow(Base):
+    """A signed receipt, chained per patient by `chain_seq` (the unique pair refuses a forked chain)."""
+
+    __tablename__ = "consent_receipts"
+
+    receipt_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    person_id: Mapped[int] = mapped_column(BigInteger)
+    chain_seq: Mapped[int] = mapped_column(Integer)
+    decision_id: Mapped[str] = mapped_column(String(64))
+    document: Mapped[str] = mapped_column(Text)
+    digest: Mapped[str] = mapped_column(String(64))
+    issued_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (UniqueConstraint("person_id", "chain_seq", name="uq_consent_receipts_person_id"),)
