@@ -1,0 +1,403 @@
+"""The encrypted, OMOP-style clinical store: a directory of encrypted Parquet segments and a signed manifest.
+
+Layout of a store directory::
+
+    manifest.json               dataset id, wrapped data key, committed segments, batches, HMAC over all
+    segments/<batch>/<t>-N.parquet   Parquet with modular encryption (AES-GCM), footer encrypted too
+    .lock                       one writer at a time (flock)
+
+Every Parquet file gets its own data-encryption key, wrapped by the dataset's data key, which is itself
+wrapped by a key-encryption key held in a `KeyStore`. The manifest is the commit point: a batch's segments
+are written first and become visible only when the manifest that lists them replaces the old one
+(`os.replace`), so a batch that dies half-way leaves the store exactly as it was.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pyarrow.parquet.encryption as pqe
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from healthspace.core.clock import utcnow
+from healthspace.core.errors import ConflictError, ValidationError
+from healthspace.data.errors import StoreBusyError, StoreCorruptError, StoreNotFoundError, WrongKeyError
+from healthspace.data.keys import KeyStore, new_data_key
+from healthspace.data.schema import CDM_TABLES, arrow_schema
+
+__all__ = ["QUARANTINE_SCHEMA", "BatchWriter", "ClinicalStore"]
+
+FORMAT = "healthspace-clinical-store/1"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("quarantine_id", pa.string(), nullable=False),
+        pa.field("batch_id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("line", pa.int64()),
+        pa.field("resource_type", pa.string()),
+        pa.field("resource_id", pa.string()),
+        pa.field("rules", pa.list_(pa.string())),
+        pa.field("reason", pa.string()),
+        pa.field("raw", pa.binary()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+class _DataKeyKms(pqe.KmsClient):  # type: ignore[misc]
+    """Wraps each Parquet file's keys with the dataset data key (AES-256-GCM, key id as AAD)."""
+
+    def __init__(self, data_key: bytes) -> None:
+        super().__init__()
+        self._aead = AESGCM(data_key)
+
+    def wrap_key(self, key_bytes: bytes, master_key_identifier: str) -> str:
+        nonce = secrets.token_bytes(12)
+        sealed = self._aead.encrypt(nonce, key_bytes, master_key_identifier.encode())
+        return base64.b64encode(nonce + sealed).decode()
+
+    def unwrap_key(self, wrapped_key: str, master_key_identifier: str) -> bytes:
+        raw = base64.b64decode(wrapped_key)
+        try:
+            return self._aead.decrypt(raw[:12], raw[12:], master_key_identifier.encode())
+        except InvalidTag:
+            raise WrongKeyError("a segment was not encrypted under this dataset's key") from None
+
+
+class _Crypto:
+    def __init__(self, dataset_id: str, data_key: bytes) -> None:
+        self._factory = pqe.CryptoFactory(lambda _cfg: _DataKeyKms(data_key))
+        # The instance id keeps pyarrow's key caches of two open datasets apart.
+        self._kms = pqe.KmsConnectionConfig(kms_instance_id=f"healthspace:{dataset_id}")
+        self._enc = pqe.EncryptionConfiguration(
+            footer_key=f"dataset:{dataset_id}",
+            uniform_encryption=True,
+            plaintext_footer=False,
+            double_wrapping=True,
+            internal_key_material=True,
+        )
+        decryption = pads.ParquetDecryptionConfig(self._factory, self._kms, pqe.DecryptionConfiguration())
+        self.read_format = pads.ParquetFileFormat(
+            default_fragment_scan_options=pads.ParquetFragmentScanOptions(decryption_config=decryption)
+        )
+
+    def write(self, table: pa.Table, path: Path) -> None:
+        props = self._factory.file_encryption_properties(self._kms, self._enc)
+        pq.write_table(table, path, encryption_properties=props, compression="zstd")
+
+
+def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass
+class _Manifest:
+    doc: dict[str, Any]
+
+    @property
+    def tables(self) -> dict[str, list[str]]:
+        return self.doc["tables"]  # type: ignore[no-any-return]
+
+
+class ClinicalStore:
+    """One dataset's clinical data. Create with `create`, open with `open`; close when done.
+
+    Contract: opening MUST fail with `KeyUnavailableError` when the key store lacks the dataset's KEK, with
+    `WrongKeyError` when the KEK does not unwrap the data key, and with `StoreCorruptError` when the manifest
+    was altered. Readers see only committed batches.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], data_key: bytes) -> None:
+        self.path = path
+        self._m = _Manifest(manifest)
+        self._key = data_key
+        self._mac_key = hmac.new(data_key, b"healthspace manifest mac", hashlib.sha256).digest()
+        self._crypto = _Crypto(self.dataset_id, data_key)
+        self._con: duckdb.DuckDBPyConnection | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, path: Path, dataset_id: str, keystore: KeyStore, *, key_id: str | None = None
+    ) -> ClinicalStore:
+        """Create an empty store at `path` (must not hold one yet) with a fresh data key."""
+        if not _ID.match(dataset_id):
+            raise ValidationError(f"invalid dataset id {dataset_id!r}")
+        path = Path(path)
+        if (path / "manifest.json").exists():
+            raise ConflictError(f"a clinical store already exists at {path.name}")
+        path.mkdir(parents=True, exist_ok=True)
+        key_id = key_id or f"hs-data-{dataset_id}"
+        data_key = new_data_key()
+        wrapped = keystore.wrap(key_id, data_key)
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "dataset_id": dataset_id,
+            "key_id": key_id,
+            "wrapped_key": base64.b64encode(wrapped).decode(),
+            "created_at": utcnow().isoformat(),
+            "tables": {t: [] for t in CDM_TABLES},
+            "quarantine": [],
+            "resolved": {},
+            "batches": [],
+            "revision": 0,
+        }
+        store = cls(path, doc, data_key)
+        store._save(doc)
+        return store
+
+    @classmethod
+    def open(cls, path: Path, keystore: KeyStore) -> ClinicalStore:
+        """Open an existing store; see the class contract for the errors."""
+        path = Path(path)
+        mpath = path / "manifest.json"
+        if not mpath.is_file():
+            raise StoreNotFoundError(f"no clinical store at {path.name}")
+        try:
+            doc = orjson.loads(mpath.read_bytes())
+            if doc.get("format") != FORMAT:
+                raise StoreCorruptError(f"unknown store format {doc.get('format')!r}")
+            wrapped = base64.b64decode(doc["wrapped_key"])
+            key_id = str(doc["key_id"])
+            dataset_id = str(doc["dataset_id"])
+        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+            raise StoreCorruptError(f"manifest unreadable: {type(exc).__name__}") from None
+        data_key = keystore.unwrap(key_id, wrapped)
+        store = cls(path, doc, data_key)
+        if not hmac.compare_digest(str(doc.get("mac", "")), store._mac(doc)):
+            raise StoreCorruptError(f"manifest of dataset {dataset_id!r} fails its integrity check")
+        return store
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    def __enter__(self) -> ClinicalStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- properties --------------------------------------------------------------------------------
+
+    @property
+    def dataset_id(self) -> str:
+        return str(self._m.doc["dataset_id"])
+
+    @property
+    def key_id(self) -> str:
+        return str(self._m.doc["key_id"])
+
+    @property
+    def batches(self) -> list[dict[str, Any]]:
+        """Committed batches, oldest first (id, content MAC, time, counts)."""
+        return list(self._m.doc["batches"])
+
+    @property
+    def resolved(self) -> dict[str, dict[str, str]]:
+        """Quarantine ids that were fixed and re-submitted, with the batch that accepted them."""
+        return dict(self._m.doc["resolved"])
+
+    def content_mac(self, digest: bytes) -> str:
+        """Keyed fingerprint of a batch's content, so the manifest does not reveal plain hashes of data."""
+        return hmac.new(self._mac_key, digest, hashlib.sha256).hexdigest()
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def dataset(self, table: str) -> pads.Dataset | pa.Table:
+        """The committed rows of `table` (lazy, decrypted while scanned)."""
+        if table == "quarantine":
+            files, schema = self._m.doc["quarantine"], QUARANTINE_SCHEMA
+        else:
+            files, schema = self._m.tables[table], arrow_schema(table)
+        if not files:
+            return schema.empty_table()
+        return pads.dataset(
+            [str(self.path / f) for f in files], schema=schema, format=self._crypto.read_format
+        )
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection whose views are the committed tables (and `quarantine`). Read-only use."""
+        if self._con is None:
+            con = duckdb.connect(":memory:")
+            # Decrypted data must never be spilled to disk in clear.
+            con.execute("SET temp_directory = ''")
+            self._con = con
+            self._register(con)
+        return self._con
+
+    def _register(self, con: duckdb.DuckDBPyConnection) -> None:
+        for t in [*CDM_TABLES, "quarantine"]:
+            con.register(t, self.dataset(t))
+
+    def row_counts(self) -> dict[str, int]:
+        con = self.connect()
+        return {t: int(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in CDM_TABLES}  # type: ignore[index]  # noqa: S608
+
+    def scan_files(self) -> list[Path]:
+        """Every committed file (for the at-rest check and for lifecycle operations)."""
+        files = [f for fs in self._m.tables.values() for f in fs] + list(self._m.doc["quarantine"])
+        return [self.path / f for f in files]
+
+    # --- writing -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self, batch_id: str) -> Iterator[BatchWriter]:
+        """Write one batch atomically: commit on normal exit of the block, discard on any exception."""
+        lock = (self.path / ".lock").open("a+")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise StoreBusyError("another process is writing to this store") from None
+        writer = BatchWriter(self, batch_id)
+        try:
+            self._reload_locked()
+            self._collect_garbage(keep=batch_id)
+            yield writer
+            if writer.record is None:
+                raise RuntimeError("batch ended without a record; call finish()")
+            writer._commit()
+        except BaseException:
+            shutil.rmtree(writer.dir, ignore_errors=True)
+            raise
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            lock.close()
+
+    def _reload_locked(self) -> None:
+        """Pick up batches another process committed since we opened (we hold the lock now)."""
+        doc = orjson.loads((self.path / "manifest.json").read_bytes())
+        if not hmac.compare_digest(str(doc.get("mac", "")), self._mac(doc)):
+            raise StoreCorruptError("manifest fails its integrity check")
+        if doc["revision"] != self._m.doc["revision"]:
+            self._m = _Manifest(doc)
+            if self._con is not None:
+                self._register(self._con)
+
+    def _mac(self, doc: dict[str, Any]) -> str:
+        body = orjson.dumps({k: v for k, v in doc.items() if k != "mac"}, option=orjson.OPT_SORT_KEYS)
+        return hmac.new(self._mac_key, body, hashlib.sha256).hexdigest()
+
+    def _save(self, doc: dict[str, Any]) -> None:
+        doc["mac"] = self._mac(doc)
+        _write_json_atomic(self.path / "manifest.json", doc)
+        self._m = _Manifest(doc)
+        if self._con is not None:
+            self._register(self._con)
+
+    def _collect_garbage(self, keep: str) -> None:
+        """Remove segments no committed manifest lists (a batch killed between write and commit).
+
+        Runs under the writer lock, so no other batch is half-written at that moment.
+        """
+        seg = self.path / "segments"
+        if not seg.is_dir():
+            return
+        live = set(self.scan_files_relative())
+        for d in seg.iterdir():
+            if not d.is_dir() or d.name == keep:
+                continue
+            for f in d.iterdir():
+                if f"segments/{d.name}/{f.name}" not in live:
+                    f.unlink()
+            if not any(d.iterdir()):
+                d.rmdir()
+
+    def scan_files_relative(self) -> list[str]:
+        return [f for fs in self._m.tables.values() for f in fs] + list(self._m.doc["quarantine"])
+
+
+class BatchWriter:
+    """Collects one batch's segments; `ClinicalStore.batch` commits or discards it."""
+
+    def __init__(self, store: ClinicalStore, batch_id: str) -> None:
+        if not _ID.match(batch_id):
+            raise ValidationError(f"invalid batch id {batch_id!r}")
+        self.store = store
+        self.batch_id = batch_id
+        self.dir = store.path / "segments" / batch_id
+        self.dir.mkdir(parents=True, exist_ok=False)
+        self.new: dict[str, list[str]] = {}
+        self.record: dict[str, Any] | None = None
+        self.resolved: dict[str, dict[str, str]] = {}
+        self._replaced: set[str] = set()
+        self._n = 0
+
+    def write(self, table: str, rows: pa.Table) -> None:
+        """Append `rows` (schema of `table`, or the quarantine schema) as one encrypted segment."""
+        if rows.num_rows == 0:
+            return
+        self._n += 1
+        rel = f"segments/{self.batch_id}/{table}-{self._n:05d}.parquet"
+        self.store._crypto.write(rows, self.store.path / rel)
+        self.new.setdefault(table, []).append(rel)
+
+    def visible(self, table: str) -> pads.Dataset | pa.Table:
+        """Committed rows of `table` plus what this batch wrote so far."""
+        files = self.store._m.tables.get(table, []) + self.new.get(table, [])
+        if not files:
+            return arrow_schema(table).empty_table()
+        return pads.dataset(
+            [str(self.store.path / f) for f in files],
+            schema=arrow_schema(table),
+            format=self.store._crypto.read_format,
+        )
+
+    def replace(self, table: str, rows: pa.Table) -> None:
+        """Make `rows` the whole content of a derived table (observation_period) from this batch on."""
+        self.new[table] = []
+        self.write(table, rows)
+        self._replaced.add(table)
+
+    def finish(self, record: dict[str, Any], resolved: dict[str, dict[str, str]] | None = None) -> None:
+        self.record = record
+        self.resolved = resolved or {}
+
+    def _commit(self) -> None:
+        doc = orjson.loads(orjson.dumps(self.store._m.doc))
+        for table, files in self.new.items():
+            if table == "quarantine":
+                doc["quarantine"].extend(files)
+            elif table in self._replaced:
+                doc["tables"][table] = files
+            else:
+                doc["tables"][table].extend(files)
+        doc["batches"].append(self.record)
+        doc["resolved"].update(self.resolved)
+        doc["revision"] += 1
+        self.store._save(doc)
+        # Segments of a replaced derived table are no longer listed anywhere: remove them now.
+        self.store._collect_garbage(keep="")
