@@ -54,7 +54,12 @@ def test_demo_once_starts_the_space_and_its_self_check_passes(tmp_path: Path) ->
         assert set(p["api_keys"]) == {"admin", "steward", "researcher", "reviewer", "regulator"}
         assert Path(p["identity"]["credential"]).is_file()
     for p in hospitals:
-        assert (Path(p["population"]["path"]) / "manifest.json").is_file()
+        population = p["population"]
+        assert (Path(population["synth"]) / "manifest.json").is_file()
+        # Loaded through validation into the encrypted store: the synthetic data conforms to the standard.
+        assert population["ingest"]["inserted"] > 0
+        assert population["ingest"]["rejected"] == 0
+        assert 0 < population["quality"]["score"] <= 1
     # The demo stopped every service it started: nothing answers on its ports any more.
     import httpx
 

@@ -168,20 +168,47 @@ def _stop(services: list[Service]) -> None:
             svc.process.wait()
 
 
-def _generate_populations(root: Path, patients: int, console: Console) -> dict[str, dict[str, Any]]:
+def _load_hospitals(root: Path, patients: int, console: Console) -> dict[str, dict[str, Any]]:
+    """Generate each hospital's synthetic population, then load it the way a hospital loads real data:
+    FHIR NDJSON through validation against the data standard into its encrypted clinical store, followed
+    by the quality checks."""
+    from healthspace.data.ingest import ingest_ndjson
+    from healthspace.data.keys import LocalKeyStore
+    from healthspace.data.quality import run_quality
+    from healthspace.data.store import ClinicalStore
     from healthspace.synth.generate import generate
 
     out: dict[str, dict[str, Any]] = {}
-    for seed, p in enumerate(x for x in DEMO_PARTICIPANTS if x.site):
+    hospitals = [p for p in DEMO_PARTICIPANTS if p.site is not None]
+    for seed, p in enumerate(hospitals, start=1):
         assert p.site is not None
-        console.print(f"generating {patients:,} synthetic patients for {p.legal_name} (site {p.site}) ...")
-        summary = generate(p.site, patients, seed + 1, root / p.id / "synth", progress=console.is_terminal)
+        home = root / p.id
+        console.print(f"[bold]{p.legal_name}[/bold]: {patients:,} synthetic patients (site {p.site}) ...")
+        synth = generate(p.site, patients, seed, home / "synth", progress=console.is_terminal)
+        fhir = sorted((home / "synth" / "fhir").glob("*.ndjson"))
+        with ClinicalStore.create(home / "clinical", f"{p.id}-ehr", LocalKeyStore(home / "keys")) as store:
+            report = ingest_ndjson(store, fhir, progress=console.is_terminal)
+            quality = run_quality(store)
+        console.print(
+            f"  loaded {sum(report.inserted.values()):,} rows, rejected {report.rejected:,}; "
+            f"quality score {quality.score:.1%} ({quality.passed} of {quality.passed + quality.failed} "
+            "checks passed)"
+        )
         out[p.id] = {
             "site": p.site,
             "patients": patients,
-            "seed": seed + 1,
-            "path": str(root / p.id / "synth"),
-            "rows": summary.total_rows,
+            "seed": seed,
+            "synth": str(home / "synth"),
+            "synth_rows": synth.total_rows,
+            "clinical_store": str(home / "clinical"),
+            "ingest": {
+                "batch": report.batch_id,
+                "read": report.read,
+                "inserted": sum(report.inserted.values()),
+                "rejected": report.rejected,
+                "unmapped": sum(report.unmapped.values()),
+            },
+            "quality": {"score": round(quality.score, 4), "passed": quality.passed, "failed": quality.failed},
         }
     return out
 
@@ -252,7 +279,7 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
     ]
     services = [authority, *connectors]
     try:
-        populations = _generate_populations(root, patients, console)
+        populations = _load_hospitals(root, patients, console)
 
         keys = init_authority(Settings(data_dir=authority.data_dir), AUTHORITY_ID, AUTHORITY_NAME)
         authority.api_keys = {r.value: k.secret for r, k in keys.items()}
