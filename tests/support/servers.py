@@ -13,7 +13,9 @@ from fastapi import FastAPI
 
 def bind_loopback() -> socket.socket:
     """A socket bound to a free loopback port, so a service can know its URL before it starts."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio only turns Nagle off on accepted sockets of a TCP-typed listener,
+    # and with Nagle on every response waits for the delayed ACK (about 40 ms).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     return sock
 

@@ -22,8 +22,11 @@ from healthspace import __version__
 from healthspace.audit.api import make_router as make_audit_router
 from healthspace.audit.api import sign_heads_periodically
 from healthspace.audit.log import AuditLog
-from healthspace.audit.models import AuditEntry, Outcome
+from healthspace.audit.models import Outcome
 from healthspace.connector.config import CREDENTIAL_FILE, KEY_FILE, ConnectorConfig
+from healthspace.connector.dsp.api import DspComponents, make_dsp_routers
+from healthspace.connector.dsp.manager import DspManager, peer_http_client
+from healthspace.connector.dsp.service import DspService
 from healthspace.core.apikeys import ApiKeyStore, IssuedKey, Role, StoredKey, role_guard
 from healthspace.core.clock import Clock, SystemClock
 from healthspace.core.db import Database
@@ -42,7 +45,7 @@ from healthspace.identity.tokens import Caller, RequestVerifier, mint_request_to
 
 __all__ = ["ConnectorRuntime", "create_app", "init_connector", "open_runtime"]
 
-BRANCHES = ("apikeys", "audit", "identity")
+BRANCHES = ("apikeys", "audit", "identity", "dsp")
 STAFF_ROLES = (Role.ADMIN, Role.STEWARD, Role.RESEARCHER, Role.REVIEWER, Role.REGULATOR)
 
 
@@ -58,8 +61,12 @@ class ConnectorRuntime:
     verifier: RequestVerifier
     clock: Clock
     http: httpx.Client
+    dsp: DspComponents | None = None
 
     def close(self) -> None:
+        if self.dsp is not None:
+            self.dsp.manager.stop()
+            self.dsp.http.close()
         self.http.close()
         self.audit.close()
         self.db.dispose()
@@ -68,18 +75,7 @@ class ConnectorRuntime:
         return PeerAuth(self.key, self.credential, self.config.participant_id, audience)
 
     def record(self, actor: str, action: str, subject: str, outcome: Outcome, reason: str = "") -> None:
-        self.audit.append(
-            AuditEntry(
-                time=self.clock.now(),
-                actor=actor,
-                action=action,
-                subject=subject,
-                scenario_id=None,
-                agreement_id=None,
-                outcome=outcome,
-                reason=reason,
-            )
-        )
+        self.audit.record(actor, action, subject, outcome, reason)
 
 
 def init_connector(settings: Settings, config: ConnectorConfig) -> dict[Role, IssuedKey]:
@@ -142,7 +138,7 @@ def open_runtime(settings: Settings, clock: Clock | None = None) -> ConnectorRun
         replay=SqlReplayGuard(db),
         clock=clock,
     )
-    return ConnectorRuntime(
+    rt = ConnectorRuntime(
         settings,
         config,
         key,
@@ -154,6 +150,17 @@ def open_runtime(settings: Settings, clock: Clock | None = None) -> ConnectorRun
         clock,
         http,
     )
+    service = DspService(
+        db,
+        participant_id=config.participant_id,
+        public_url=config.public_url,
+        key=key,
+        clock=clock,
+        record=rt.record,
+    )
+    dsp_http = peer_http_client()
+    rt.dsp = DspComponents(service, DspManager(service, dsp_http, rt.peer_auth), dsp_http, rt.peer_auth)
+    return rt
 
 
 # --- HTTP -----------------------------------------------------------------------------------------
@@ -175,7 +182,8 @@ def _record_auth_failure(request: Request, error: HealthspaceError) -> None:
 
 
 Runtime = Annotated[ConnectorRuntime, Depends(_rt)]
-Peer = Annotated[Caller, Depends(peer_dependency(lambda r: _rt(r).verifier, _record_auth_failure))]
+_authenticate_peer = peer_dependency(lambda r: _rt(r).verifier, _record_auth_failure)
+Peer = Annotated[Caller, Depends(_authenticate_peer)]
 AnyStaff = Annotated[StoredKey, Depends(role_guard(lambda r: _rt(r).api_keys, *STAFF_ROLES))]
 Admin = Annotated[StoredKey, Depends(role_guard(lambda r: _rt(r).api_keys, Role.ADMIN))]
 
@@ -287,12 +295,25 @@ def trust_check(body: TrustCheckRequest, rt: Runtime, key: Admin) -> TrustCheckR
     )
 
 
+def _dsp(request: Request) -> DspComponents:
+    components = _rt(request).dsp
+    if components is None:
+        raise ConfigurationError("DSP is not set up on this connector")
+    return components
+
+
+def _staff(*roles: Role) -> Any:
+    return role_guard(lambda r: _rt(r).api_keys, *roles)
+
+
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
     rt = open_runtime(settings or Settings(), clock)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         signer = asyncio.create_task(sign_heads_periodically(rt.audit, rt.settings.audit_head_interval_s))
+        if rt.dsp is not None:
+            rt.dsp.manager.start()
         yield
         signer.cancel()
         rt.audit.tree_head()  # the last entries leave covered by a signed head
@@ -309,6 +330,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.include_router(public)
     app.include_router(peer)
     app.include_router(management)
+    for router in make_dsp_routers(_dsp, _authenticate_peer, _staff):
+        app.include_router(router)
     app.include_router(
         make_audit_router(lambda: rt.audit, role_guard(lambda _: rt.api_keys, Role.ADMIN, Role.REGULATOR))
     )

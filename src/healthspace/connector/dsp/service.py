@@ -1,0 +1,1206 @@
+"""DSP use cases of one connector, as provider and as consumer. Owns the transactions; does no peer I/O.
+
+Every change of a process happens in one transaction that also writes the messages it owes its peer
+to the outbox (`dsp_outbox`); the manager (`manager.py`) delivers them after commit, so a crash between
+the two loses nothing and a process never waits on a peer while holding a database lock. A side that
+owes a decision (agree, verify, finalise, start) marks the process `pending`; the manager takes it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from functools import partial
+from typing import Any
+
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
+
+from healthspace.audit.models import Outcome
+from healthspace.connector.dsp.dataplane import mint_access_token
+from healthspace.connector.dsp.store import DspStore
+from healthspace.connector.dsp.tables import (
+    AgreementRow,
+    DatasetRow,
+    NegotiationRow,
+    TransferRow,
+)
+from healthspace.core.apikeys import Role as StaffRole
+from healthspace.core.clock import Clock
+from healthspace.core.db import Database
+from healthspace.core.errors import (
+    ConflictError,
+    ForbiddenError,
+    HealthspaceError,
+    InvalidTransitionError,
+    NotFoundError,
+    ValidationError,
+)
+from healthspace.identity.keys import SigningKey
+from healthspace.protocol.messages import (
+    Agreement,
+    CatalogRequestMessage,
+    CatalogResponse,
+    ContractAgreementMessage,
+    ContractAgreementVerificationMessage,
+    ContractNegotiation,
+    ContractNegotiationEventMessage,
+    ContractNegotiationTerminationMessage,
+    ContractOfferMessage,
+    ContractRequestMessage,
+    DataAddress,
+    DataService,
+    DatasetResponse,
+    DspMessage,
+    EndpointProperty,
+    Offer,
+    TransferCompletionMessage,
+    TransferProcess,
+    TransferRequestMessage,
+    TransferStartMessage,
+    TransferSuspensionMessage,
+    TransferTerminationMessage,
+    agreement_timestamp,
+    message_key,
+    to_json,
+)
+from healthspace.protocol.states import (
+    NEGOTIATION,
+    TRANSFER,
+    NegotiationState,
+    Role,
+    TransferState,
+    can_send,
+    negotiation_next_state,
+    transfer_next_state,
+)
+
+__all__ = [
+    "PULL_FORMAT",
+    "AgreementPublic",
+    "Approval",
+    "DatasetCreate",
+    "DatasetPublic",
+    "DspRequestRefusedError",
+    "DspService",
+    "NegotiationPublic",
+    "TransferPublic",
+    "policy_acceptable",
+]
+
+PULL_FORMAT = "HttpData-PULL"
+ENDPOINT_TYPE = "https://w3id.org/idsa/v4.1/HTTP"
+_N, _T = NegotiationState, TransferState
+_P, _C = Role.PROVIDER, Role.CONSUMER
+
+
+class Approval(StrEnum):
+    """How a provider decides requests for a dataset.
+
+    auto: agree when the requested policy is acceptable, else terminate; finalise on verification.
+    manual: a steward approves or rejects each request; the rest of the protocol runs by itself.
+    stepwise: the connector takes no step by itself; a steward sends every message (operators, TCK).
+    """
+
+    AUTO = "auto"
+    MANUAL = "manual"
+    STEPWISE = "stepwise"
+
+
+class DspRequestRefusedError(HealthspaceError):
+    """A well-formed DSP message the provider refuses (unknown target, no valid agreement, ...)."""
+
+    status = 400
+    code = "dsp-request-refused"
+    title = "The DSP request is refused"
+
+
+# --- public models (management API) ----------------------------------------------------------------
+
+
+class DatasetCreate(BaseModel):
+    id: str = Field(min_length=1, max_length=200, description="Dataset id, e.g. a URN")
+    title: str = Field(min_length=1, max_length=300)
+    description: str = ""
+    keywords: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Further DCAT members")
+    offer: dict[str, Any] = Field(description="ODRL offer policy (DSP Offer JSON; `@id` required)")
+    approval: Approval = Approval.AUTO
+
+
+class DatasetPublic(DatasetCreate):
+    created_at: datetime
+
+
+class NegotiationPublic(BaseModel):
+    id: str
+    role: Role
+    state: NegotiationState
+    provider_pid: str | None
+    consumer_pid: str | None
+    counterparty_id: str
+    counterparty_address: str
+    dataset_id: str | None
+    offer: dict[str, Any]
+    agreement_id: str | None
+    auto: bool
+    pending: str | None
+    terminal_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class AgreementPublic(BaseModel):
+    id: str
+    negotiation_id: str
+    role: Role
+    provider_id: str
+    consumer_id: str
+    dataset_id: str
+    policy: dict[str, Any]
+    signed_at: datetime
+    retired_at: datetime | None
+    retired_reason: str | None
+
+
+class TransferPublic(BaseModel):
+    id: str
+    role: Role
+    state: TransferState
+    provider_pid: str | None
+    consumer_pid: str | None
+    counterparty_id: str
+    agreement_id: str
+    format: str
+    data_address: dict[str, Any] | None
+    auto: bool
+    pending: str | None
+    terminal_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+# --- policy ------------------------------------------------------------------------------------------
+
+_RULE_KEYS = ("permission", "prohibition", "obligation", "profile")
+
+
+def _rules(policy: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: policy[k] for k in _RULE_KEYS if policy.get(k) is not None}
+
+
+def policy_acceptable(requested: Mapping[str, Any], offered: Mapping[str, Any]) -> tuple[bool, list[str]]:
+    """Whether a requested policy may be agreed for an offer: the same rules, or at least as restrictive.
+
+    Uses `healthspace.policy.restrict` when importable; any failure there counts as "not acceptable".
+    """
+    if _rules(requested) == _rules(offered):
+        return True, []
+    try:
+        from healthspace.policy.restrict import is_at_least_as_restrictive
+    except ImportError:  # pragma: no cover - the policy package ships with the connector
+        return False, ["policies differ and no restriction checker is installed"]
+    try:
+        decision = is_at_least_as_restrictive(dict(requested), dict(offered))
+    except Exception as exc:  # fail closed: a checker fault never agrees to anything
+        return False, [f"policy check failed: {type(exc).__name__}"]
+    return decision.allowed, list(decision.reasons)
+
+
+# --- the service -------------------------------------------------------------------------------------
+
+
+def new_pid() -> str:
+    return f"urn:uuid:{uuid.uuid4()}"
+
+
+@dataclass
+class _Tx:
+    s: Session
+    audits: list[tuple[str, str, str, Outcome, str]] = field(default_factory=list)
+    owes_work: bool = False  # a message was queued or a step became pending: wake the manager
+
+    def audit(self, actor: str, action: str, subject: str, outcome: Outcome, reason: str = "") -> None:
+        self.audits.append((actor, action, subject, outcome, reason))
+
+
+Recorder = Callable[[str, str, str, Outcome, str], None]
+
+
+class DspService:
+    """Provider handlers (`on_*` with a provider-role process), consumer callbacks, management use cases.
+
+    `record` writes an audit entry; it is called after commit, never inside a transaction.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        participant_id: str,
+        public_url: str,
+        key: SigningKey,
+        clock: Clock,
+        record: Recorder,
+    ) -> None:
+        self.db = db
+        self.store = DspStore(db)
+        self.me = participant_id
+        self.public_url = public_url.rstrip("/")
+        self.key = key
+        self.clock = clock
+        self._record = record
+        self._changed = threading.Condition()
+        self._wake: Callable[[], None] = lambda: None
+
+    def on_work(self, wake: Callable[[], None]) -> None:
+        """Register the manager's wake-up call (invoked after each commit that may owe work)."""
+        self._wake = wake
+
+    @contextmanager
+    def _tx(self) -> Iterator[_Tx]:
+        with self.store.writing() as s:
+            tx = _Tx(s)
+            yield tx
+            if any(getattr(o, "pending", None) for o in s.identity_map.values()):
+                tx.owes_work = True
+        for entry in tx.audits:
+            self._record(*entry)
+        with self._changed:
+            self._changed.notify_all()
+        if tx.owes_work:
+            self._wake()
+
+    # --- catalog (provider) ------------------------------------------------------------------------
+
+    @property
+    def service_id(self) -> str:
+        return f"urn:healthspace:{self.me}:dsp"
+
+    def _dataset_json(self, row: DatasetRow, root: bool) -> dict[str, Any]:
+        offer = {**row.offer, "@type": "Offer"}
+        offer.pop("target", None)
+        doc: dict[str, Any] = {
+            "@id": row.id,
+            "@type": "Dataset",
+            "title": row.title,
+            "description": row.description,
+            "keyword": list(row.keywords),
+            **row.metadata_json,
+            "hasPolicy": [offer],
+            "distribution": [
+                {"@type": "Distribution", "format": PULL_FORMAT, "accessService": self.service_id}
+            ],
+        }
+        if root:
+            doc["@context"] = ["https://w3id.org/dspace/2025/1/context.jsonld"]
+        return doc
+
+    def catalog(
+        self, caller: str, msg: CatalogRequestMessage, offset: int, limit: int
+    ) -> tuple[CatalogResponse, int]:
+        """The catalog page [offset, offset+limit) after the filter, and the total number matching."""
+        if offset < 0 or not 1 <= limit <= 500:
+            raise DspRequestRefusedError("offset must be ≥ 0 and limit within 1..500")
+        matches = _catalog_filter(msg.filter or [])
+        with self.db.session() as s:
+            rows = [r for r in self.store.datasets(s) if matches(r)]
+        page = rows[offset : offset + limit]
+        response = CatalogResponse.model_validate(
+            {
+                "@id": f"urn:healthspace:{self.me}:catalog",
+                "participantId": self.me,
+                "service": [
+                    DataService(id=self.service_id, endpoint_url=self.public_url).model_dump(
+                        mode="json", exclude_none=True
+                    )
+                ],
+                "dataset": [self._dataset_json(r, root=False) for r in page],
+            }
+        )
+        return response, len(rows)
+
+    def dataset(self, caller: str, dataset_id: str) -> DatasetResponse:
+        with self.db.session() as s:
+            row = self.store.dataset(s, dataset_id)
+            return DatasetResponse.model_validate(self._dataset_json(row, root=True))
+
+    # --- visibility ------------------------------------------------------------------------------
+
+    def _own_negotiation(self, s: Session, caller: str, pid: str, *, lock: bool = True) -> NegotiationRow:
+        try:
+            row = self.store.negotiation(s, pid, lock=lock)
+        except NotFoundError:
+            raise NotFoundError(f"no contract negotiation {pid!r}") from None
+        if row.counterparty_id != caller:
+            # DSP: a process the caller is not party to does not exist for it.
+            raise NotFoundError(f"no contract negotiation {pid!r}")
+        return row
+
+    def _own_transfer(self, s: Session, caller: str, pid: str, *, lock: bool = True) -> TransferRow:
+        try:
+            row = self.store.transfer(s, pid, lock=lock)
+        except NotFoundError:
+            raise NotFoundError(f"no transfer process {pid!r}") from None
+        if row.counterparty_id != caller:
+            raise NotFoundError(f"no transfer process {pid!r}")
+        return row
+
+    def get_negotiation(self, caller: str, pid: str) -> ContractNegotiation:
+        with self.db.session() as s:
+            return _ack(self._own_negotiation(s, caller, pid, lock=False))
+
+    def get_transfer(self, caller: str, pid: str) -> TransferProcess:
+        with self.db.session() as s:
+            return _tack(self._own_transfer(s, caller, pid, lock=False))
+
+    # --- negotiation: messages received --------------------------------------------------------------
+
+    def on_contract_request(
+        self, caller: str, msg: ContractRequestMessage, pid: str | None
+    ) -> tuple[ContractNegotiation, bool]:
+        """Initial request (`pid` None; answers the existing process if the consumerPid is known) or a
+        counter-request to our process `pid`. Returns the ACK and whether a process was created."""
+        now = self.clock.now()
+        with self._tx() as tx:
+            if pid is None:
+                if msg.provider_pid is not None or msg.callback_address is None:
+                    raise DspRequestRefusedError(
+                        "an initial request has a callbackAddress and no providerPid"
+                    )
+                existing = self.store.negotiation_by_consumer_pid(tx.s, _P, caller, msg.consumer_pid)
+                if existing is not None:
+                    return _ack(existing), False
+                state = negotiation_next_state(_P, message_key(msg), None)
+                dataset = self._target_dataset(tx.s, msg.offer)
+                approval = Approval(dataset.approval)
+                own = new_pid()
+                row = NegotiationRow(
+                    id=own,
+                    role=_P.value,
+                    provider_pid=own,
+                    consumer_pid=msg.consumer_pid,
+                    state=state.value,
+                    counterparty_id=caller,
+                    counterparty_address=msg.callback_address.rstrip("/"),
+                    dataset_id=dataset.id,
+                    offer=_offer_json(msg.offer),
+                    agreement_id=None,
+                    auto=approval is not Approval.STEPWISE,
+                    pending="decide" if approval is not Approval.STEPWISE else None,
+                    terminal_reason=None,
+                    created_at=now,
+                    updated_at=now,
+                )
+                self.store.create_negotiation(tx.s, row)
+                tx.audit(caller, "dsp.negotiation.requested", own, Outcome.SUCCESS, f"dataset {dataset.id}")
+                return _ack(row), True
+            row = self._own_negotiation(tx.s, caller, pid)
+            self._check_pids(row, msg.provider_pid, msg.consumer_pid)
+            target = negotiation_next_state(Role(row.role), message_key(msg), _N(row.state))
+            dataset = self._target_dataset(tx.s, msg.offer)
+            if dataset.id != row.dataset_id:
+                raise DspRequestRefusedError("a counter-request cannot change the dataset")
+            self.store.move_negotiation(row, target, now)
+            row.offer = _offer_json(msg.offer)
+            row.pending = "decide" if row.auto else None
+            return _ack(row), False
+
+    def on_negotiation_message(self, caller: str, pid: str, msg: DspMessage) -> ContractNegotiation:
+        """Any message to an existing negotiation other than a ContractRequestMessage."""
+        now = self.clock.now()
+        with self._tx() as tx:
+            row = self._own_negotiation(tx.s, caller, pid)
+            self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
+            role = Role(row.role)
+            target = negotiation_next_state(role, message_key(msg), _N(row.state))
+            reason = None
+            previous = row.offer
+            if isinstance(msg, ContractNegotiationTerminationMessage):
+                reason = _reason_text(msg.code, msg.reason) or "terminated by the counterparty"
+            if isinstance(msg, ContractAgreementMessage):
+                self._accept_agreement(tx, row, msg.agreement, caller)
+            if isinstance(msg, ContractOfferMessage):
+                row.offer = _offer_json(msg.offer)
+            self.store.move_negotiation(row, target, now, reason)
+            if not NEGOTIATION.is_final(target):
+                row.pending = None
+                if row.auto:
+                    if target is _N.AGREED and role is _C:
+                        row.pending = "verify"
+                    elif target is _N.VERIFIED and role is _P:
+                        row.pending = "finalize"
+                    elif target is _N.ACCEPTED and role is _P:
+                        row.pending = "agree"
+                    elif target is _N.OFFERED and role is _C and _rules(row.offer) == _rules(previous):
+                        row.pending = "accept"
+            if target in (_N.FINALIZED, _N.TERMINATED):
+                tx.audit(
+                    caller, f"dsp.negotiation.{target.value.lower()}", pid, Outcome.SUCCESS, reason or ""
+                )
+            return _ack(row)
+
+    def on_initial_offer(self, caller: str, msg: ContractOfferMessage) -> ContractNegotiation:
+        """A provider-initiated negotiation (POST /negotiations/offers): a new consumer-side process."""
+        if msg.callback_address is None or msg.consumer_pid is not None:
+            raise DspRequestRefusedError("an initial offer has a callbackAddress and no consumerPid")
+        now = self.clock.now()
+        with self._tx() as tx:
+            state = negotiation_next_state(_C, message_key(msg), None)
+            own = new_pid()
+            row = NegotiationRow(
+                id=own,
+                role=_C.value,
+                provider_pid=msg.provider_pid,
+                consumer_pid=own,
+                state=state.value,
+                counterparty_id=caller,
+                counterparty_address=msg.callback_address.rstrip("/"),
+                dataset_id=msg.offer.target,
+                offer=_offer_json(msg.offer),
+                agreement_id=None,
+                auto=False,  # an unsolicited offer waits for a researcher
+                pending=None,
+                terminal_reason=None,
+                created_at=now,
+                updated_at=now,
+            )
+            self.store.create_negotiation(tx.s, row)
+            tx.audit(caller, "dsp.negotiation.offered", own, Outcome.SUCCESS, "provider-initiated")
+            return _ack(row)
+
+    def _accept_agreement(self, tx: _Tx, row: NegotiationRow, agreement: Agreement, caller: str) -> None:
+        problems = []
+        if agreement.assignee != self.me:
+            problems.append(f"assignee {agreement.assignee!r} is not {self.me!r}")
+        if agreement.assigner != caller:
+            problems.append(f"assigner {agreement.assigner!r} is not the caller {caller!r}")
+        if row.dataset_id is not None and agreement.target != row.dataset_id:
+            problems.append(f"target {agreement.target!r} is not the negotiated dataset")
+        if problems:
+            raise DspRequestRefusedError("agreement refused: " + "; ".join(problems))
+        policy = agreement.model_dump(mode="json", exclude_none=True)
+        self.store.add_agreement(
+            tx.s,
+            AgreementRow(
+                id=agreement.id,
+                negotiation_id=row.id,
+                role=_C.value,
+                provider_id=caller,
+                consumer_id=self.me,
+                dataset_id=agreement.target,
+                policy=policy,
+                signed_at=self.clock.now(),
+                retired_at=None,
+                retired_reason=None,
+            ),
+        )
+        row.agreement_id = agreement.id
+
+    def _target_dataset(self, s: Session, offer: Offer) -> DatasetRow:
+        if offer.target is None:
+            raise DspRequestRefusedError("the offer names no target dataset")
+        try:
+            return self.store.dataset(s, offer.target)
+        except NotFoundError:
+            raise DspRequestRefusedError(f"no dataset {offer.target!r} is offered here") from None
+
+    @staticmethod
+    def _check_pids(
+        row: NegotiationRow | TransferRow, provider_pid: str | None, consumer_pid: str | None
+    ) -> None:
+        if consumer_pid != row.consumer_pid:
+            raise DspRequestRefusedError("consumerPid does not match the process")
+        if provider_pid is None:
+            return
+        if row.provider_pid is None:
+            row.provider_pid = provider_pid  # the ACK carrying it may still be on its way
+        elif provider_pid != row.provider_pid:
+            raise DspRequestRefusedError("providerPid does not match the process")
+
+    # --- transfer: messages received ------------------------------------------------------------------
+
+    def on_transfer_request(self, caller: str, msg: TransferRequestMessage) -> tuple[TransferProcess, bool]:
+        now = self.clock.now()
+        with self._tx() as tx:
+            existing = self.store.transfer_by_consumer_pid(tx.s, _P, caller, msg.consumer_pid)
+            if existing is not None:
+                return _tack(existing), False
+            state = transfer_next_state(_P, message_key(msg), None)
+            if msg.format != PULL_FORMAT:
+                raise DspRequestRefusedError(f"format {msg.format!r} is not offered; use {PULL_FORMAT}")
+            agreement = self._usable_agreement(tx.s, msg.agreement_id, caller)
+            dataset = self.store.dataset(tx.s, agreement.dataset_id)
+            auto = Approval(dataset.approval) is not Approval.STEPWISE
+            own = new_pid()
+            row = TransferRow(
+                id=own,
+                role=_P.value,
+                provider_pid=own,
+                consumer_pid=msg.consumer_pid,
+                state=state.value,
+                counterparty_id=caller,
+                counterparty_address=msg.callback_address.rstrip("/"),
+                agreement_id=agreement.id,
+                format=msg.format,
+                data_address=None,
+                auto=auto,
+                pending="start" if auto else None,
+                terminal_reason=None,
+                created_at=now,
+                updated_at=now,
+            )
+            self.store.create_transfer(tx.s, row)
+            tx.audit(caller, "dsp.transfer.requested", own, Outcome.SUCCESS, f"agreement {agreement.id}")
+            return _tack(row), True
+
+    def _usable_agreement(self, s: Session, agreement_id: str, consumer: str) -> AgreementRow:
+        try:
+            agreement = self.store.agreement(s, agreement_id)
+        except NotFoundError:
+            raise DspRequestRefusedError(f"no agreement {agreement_id!r}") from None
+        if agreement.role != _P.value or agreement.consumer_id != consumer:
+            raise DspRequestRefusedError(f"no agreement {agreement_id!r}")
+        if agreement.retired_at is not None:
+            raise DspRequestRefusedError(f"agreement {agreement_id!r} is retired")
+        negotiation = self.store.negotiation(s, agreement.negotiation_id)
+        if negotiation.state != _N.FINALIZED.value:
+            raise DspRequestRefusedError(f"agreement {agreement_id!r} is not finalized")
+        return agreement
+
+    def on_transfer_message(self, caller: str, pid: str, msg: DspMessage) -> TransferProcess:
+        now = self.clock.now()
+        with self._tx() as tx:
+            row = self._own_transfer(tx.s, caller, pid)
+            self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
+            target = transfer_next_state(Role(row.role), message_key(msg), _T(row.state))
+            reason = None
+            if isinstance(msg, TransferTerminationMessage | TransferSuspensionMessage):
+                reason = _reason_text(msg.code, msg.reason)
+            if isinstance(msg, TransferStartMessage) and msg.data_address is not None:
+                row.data_address = msg.data_address.model_dump(mode="json", exclude_none=True)
+            self.store.move_transfer(row, target, now, reason or None)
+            if target is not _T.STARTED:
+                row.pending = None
+            if target in (_T.COMPLETED, _T.TERMINATED):
+                tx.audit(caller, f"dsp.transfer.{target.value.lower()}", pid, Outcome.SUCCESS, reason or "")
+            return _tack(row)
+
+    # --- management: datasets ------------------------------------------------------------------------
+
+    def publish(self, actor: str, body: DatasetCreate) -> DatasetPublic:
+        offer = dict(body.offer)
+        if not isinstance(offer.get("@id"), str) or not offer["@id"]:
+            raise ValidationError("the offer needs an '@id'")
+        offer.pop("target", None)
+        offer["@type"] = "Offer"
+        Offer.model_validate(offer)
+        now = self.clock.now()
+        row = DatasetRow(
+            id=body.id,
+            title=body.title,
+            description=body.description,
+            keywords=list(body.keywords),
+            metadata_json=dict(body.metadata),
+            offer=offer,
+            approval=body.approval.value,
+            created_at=now,
+        )
+        # The catalog entry must be a valid DSP Dataset before anyone can see it.
+        DatasetResponse.model_validate(self._dataset_json(row, root=True))
+        with self._tx() as tx:
+            self.store.put_dataset(tx.s, row)
+            tx.audit(actor, "dsp.dataset.published", body.id, Outcome.SUCCESS)
+        return _dataset_public(row)
+
+    def list_datasets(self) -> list[DatasetPublic]:
+        with self.db.session() as s:
+            return [_dataset_public(r) for r in self.store.datasets(s)]
+
+    # --- management: negotiations ---------------------------------------------------------------------
+
+    def start_negotiation(
+        self,
+        actor: str,
+        provider_id: str,
+        provider_url: str,
+        offer: Mapping[str, Any],
+        *,
+        auto: bool = True,
+    ) -> NegotiationPublic:
+        """Consumer: send a ContractRequestMessage for `offer` (its `target` names the dataset)."""
+        parsed = Offer.model_validate({**offer, "@type": "Offer"})
+        if parsed.target is None:
+            raise ValidationError("the offer needs a 'target' (the dataset id)")
+        now = self.clock.now()
+        own = new_pid()
+        msg = ContractRequestMessage(consumer_pid=own, offer=parsed, callback_address=self.public_url)
+        body = to_json(msg)
+        with self._tx() as tx:
+            row = NegotiationRow(
+                id=own,
+                role=_C.value,
+                provider_pid=None,
+                consumer_pid=own,
+                state=_N.REQUESTED.value,
+                counterparty_id=provider_id,
+                counterparty_address=provider_url.rstrip("/"),
+                dataset_id=parsed.target,
+                offer=_offer_json(parsed),
+                agreement_id=None,
+                auto=auto,
+                pending=None,
+                terminal_reason=None,
+                created_at=now,
+                updated_at=now,
+            )
+            self.store.create_negotiation(tx.s, row)
+            self._send(tx, row, "negotiation", f"{row.counterparty_address}/negotiations/request", msg, body)
+            tx.audit(actor, "dsp.negotiation.request", own, Outcome.SUCCESS, f"{provider_id} {parsed.target}")
+            return _negotiation_public(row)
+
+    def negotiation_action(
+        self,
+        actor: str,
+        staff_role: StaffRole | None,
+        pid: str,
+        action: str,
+        *,
+        offer: Mapping[str, Any] | None = None,
+        reason: str = "",
+    ) -> NegotiationPublic:
+        """A step by a person (`staff_role` set) or by the manager (`staff_role` None).
+
+        Consumer side (researcher/admin): accept, verify, request (counter-offer), terminate.
+        Provider side (steward/admin): approve (agree), offer (counter-offer), finalize, reject, terminate.
+        """
+        with self._tx() as tx:
+            row = self.store.negotiation(tx.s, pid, lock=True)
+            role = Role(row.role)
+            _authorise(staff_role, role)
+            self._negotiation_step(tx, row, role, action, actor, offer, reason)
+            return _negotiation_public(row)
+
+    def _negotiation_step(
+        self,
+        tx: _Tx,
+        row: NegotiationRow,
+        role: Role,
+        action: str,
+        actor: str,
+        offer: Mapping[str, Any] | None,
+        reason: str,
+    ) -> None:
+        now = self.clock.now()
+        state = _N(row.state)
+        if row.provider_pid is None or row.consumer_pid is None:
+            raise ConflictError("the counterparty has not acknowledged this negotiation yet")
+        ppid, cpid = row.provider_pid, row.consumer_pid
+        base = row.counterparty_address
+        other = cpid if role is _P else ppid
+        msg: DspMessage
+        if action in ("terminate", "reject"):
+            text = reason or ("rejected by the provider" if action == "reject" else "terminated")
+            msg = ContractNegotiationTerminationMessage(
+                provider_pid=ppid, consumer_pid=cpid, code=action, reason=[text]
+            )
+            self._require_send(role, msg, state)
+            self._send(tx, row, "negotiation", f"{base}/negotiations/{other}/termination", msg)
+            self.store.move_negotiation(row, _N.TERMINATED, now, text)
+            tx.audit(actor, "dsp.negotiation.terminated", row.id, Outcome.SUCCESS, text)
+            return
+        if role is _C and action == "accept":
+            msg = ContractNegotiationEventMessage(provider_pid=ppid, consumer_pid=cpid, event_type="ACCEPTED")
+            target, url = _N.ACCEPTED, f"{base}/negotiations/{ppid}/events"
+        elif role is _C and action == "verify":
+            msg = ContractAgreementVerificationMessage(provider_pid=ppid, consumer_pid=cpid)
+            target, url = _N.VERIFIED, f"{base}/negotiations/{ppid}/agreement/verification"
+        elif role is _C and action == "request":
+            new_offer = Offer.model_validate({**(offer or row.offer), "@type": "Offer"})
+            msg = ContractRequestMessage(provider_pid=ppid, consumer_pid=cpid, offer=new_offer)
+            target, url = _N.REQUESTED, f"{base}/negotiations/{ppid}/request"
+            row.offer = _offer_json(new_offer)
+        elif role is _P and action in ("approve", "agree"):
+            msg = ContractAgreementMessage(
+                provider_pid=ppid, consumer_pid=cpid, agreement=self._make_agreement(tx, row)
+            )
+            target, url = _N.AGREED, f"{base}/negotiations/{cpid}/agreement"
+        elif role is _P and action == "offer":
+            new_offer = Offer.model_validate({**(offer or row.offer), "@type": "Offer"})
+            if new_offer.target is None:
+                new_offer = new_offer.model_copy(update={"target": row.dataset_id})
+            msg = ContractOfferMessage(provider_pid=ppid, consumer_pid=cpid, offer=new_offer)
+            target, url = _N.OFFERED, f"{base}/negotiations/{cpid}/offers"
+            row.offer = _offer_json(new_offer)
+        elif role is _P and action == "finalize":
+            msg = ContractNegotiationEventMessage(
+                provider_pid=ppid, consumer_pid=cpid, event_type="FINALIZED"
+            )
+            target, url = _N.FINALIZED, f"{base}/negotiations/{cpid}/events"
+        else:
+            raise ValidationError(f"a {role} cannot {action!r} a negotiation")
+        self._require_send(role, msg, state)
+        self._send(tx, row, "negotiation", url, msg)
+        self.store.move_negotiation(row, target, now)
+        row.pending = None
+        if target in (_N.AGREED, _N.FINALIZED):
+            tx.audit(actor, f"dsp.negotiation.{target.value.lower()}", row.id, Outcome.SUCCESS)
+
+    def _make_agreement(self, tx: _Tx, row: NegotiationRow) -> Agreement:
+        if row.dataset_id is None:
+            raise ConflictError("the negotiation names no dataset")
+        rules = _rules(row.offer)
+        agreement = Agreement.model_validate(
+            {
+                "@id": new_pid(),
+                "@type": "Agreement",
+                "target": row.dataset_id,
+                "assigner": self.me,
+                "assignee": row.counterparty_id,
+                "timestamp": agreement_timestamp(self.clock.now()),
+                **rules,
+            }
+        )
+        self.store.add_agreement(
+            tx.s,
+            AgreementRow(
+                id=agreement.id,
+                negotiation_id=row.id,
+                role=_P.value,
+                provider_id=self.me,
+                consumer_id=row.counterparty_id,
+                dataset_id=row.dataset_id,
+                policy=agreement.model_dump(mode="json", exclude_none=True),
+                signed_at=self.clock.now(),
+                retired_at=None,
+                retired_reason=None,
+            ),
+        )
+        row.agreement_id = agreement.id
+        return agreement
+
+    @staticmethod
+    def _require_send(role: Role, msg: DspMessage, state: NegotiationState | TransferState) -> None:
+        if not can_send(role, message_key(msg), state):
+            raise InvalidTransitionError(
+                f"a {role} cannot send {message_key(msg)} in state {state}", current=str(state)
+            )
+
+    def _send(
+        self,
+        tx: _Tx,
+        row: NegotiationRow | TransferRow,
+        kind: str,
+        url: str,
+        msg: DspMessage,
+        body: bytes | None = None,
+    ) -> None:
+        tx.owes_work = True
+        self.store.enqueue(
+            tx.s,
+            process_id=row.id,
+            kind=kind,
+            peer_id=row.counterparty_id,
+            url=url,
+            message_type=message_key(msg),
+            body=body if body is not None else to_json(msg),
+            now=self.clock.now(),
+        )
+
+    def list_negotiations(self, limit: int = 100, offset: int = 0) -> list[NegotiationPublic]:
+        with self.db.session() as s:
+            return [_negotiation_public(r) for r in self.store.negotiations(s, limit, offset)]
+
+    def negotiation(self, pid: str) -> NegotiationPublic:
+        with self.db.session() as s:
+            return _negotiation_public(self.store.negotiation(s, pid))
+
+    def wait_negotiation(
+        self,
+        pid: str,
+        states: set[NegotiationState],
+        timeout_s: float,
+        *,
+        acknowledged: bool = False,
+    ) -> NegotiationPublic:
+        """The negotiation once it is in one of `states` (or final) and, with `acknowledged`, once the
+        provider's pid is known; or as it is when `timeout_s` ends."""
+
+        def done(n: NegotiationPublic) -> bool:
+            final = NEGOTIATION.is_final(n.state)
+            in_state = not states or n.state in states or final
+            return in_state and (not acknowledged or n.provider_pid is not None or final)
+
+        found: NegotiationPublic = self._wait(lambda: self.negotiation(pid), done, timeout_s)
+        return found
+
+    def wait_transfer(
+        self, pid: str, states: set[TransferState], timeout_s: float, *, acknowledged: bool = False
+    ) -> TransferPublic:
+        def done(t: TransferPublic) -> bool:
+            final = TRANSFER.is_final(t.state)
+            in_state = not states or t.state in states or final
+            return in_state and (not acknowledged or t.provider_pid is not None or final)
+
+        found: TransferPublic = self._wait(lambda: self.transfer(pid), done, timeout_s)
+        return found
+
+    def _wait(self, read: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float) -> Any:
+        deadline = time.monotonic() + max(0.0, min(timeout_s, 60.0))
+        with self._changed:
+            while True:
+                current = read()
+                left = deadline - time.monotonic()
+                if done(current) or left <= 0:
+                    return current
+                self._changed.wait(left)
+
+    # --- management: agreements -----------------------------------------------------------------------
+
+    def list_agreements(self) -> list[AgreementPublic]:
+        with self.db.session() as s:
+            return [_agreement_public(r) for r in self.store.agreements(s)]
+
+    def agreement(self, agreement_id: str) -> AgreementPublic:
+        with self.db.session() as s:
+            return _agreement_public(self.store.agreement(s, agreement_id))
+
+    def retire_agreement(self, actor: str, agreement_id: str, reason: str) -> AgreementPublic:
+        """Provider: retire an agreement; its live transfers are terminated and no new one starts."""
+        if not reason:
+            raise ValidationError("retiring an agreement needs a reason")
+        now = self.clock.now()
+        with self._tx() as tx:
+            agreement = self.store.agreement(tx.s, agreement_id)
+            if agreement.role != _P.value:
+                raise ForbiddenError("only the provider retires an agreement")
+            if agreement.retired_at is not None:
+                raise ConflictError(f"agreement {agreement_id!r} is already retired")
+            agreement.retired_at, agreement.retired_reason = now, reason
+            for t in self.store.transfers(tx.s, limit=10_000):
+                if t.agreement_id == agreement_id and not TRANSFER.is_final(_T(t.state)):
+                    self._transfer_step(tx, t, _P, "terminate", actor, f"agreement retired: {reason}")
+            tx.audit(actor, "dsp.agreement.retired", agreement_id, Outcome.SUCCESS, reason)
+            return _agreement_public(agreement)
+
+    # --- management: transfers ------------------------------------------------------------------------
+
+    def start_transfer(self, actor: str, agreement_id: str, fmt: str = PULL_FORMAT) -> TransferPublic:
+        """Consumer: request a transfer under a finalized agreement we hold as consumer."""
+        now = self.clock.now()
+        own = new_pid()
+        with self._tx() as tx:
+            agreement = self.store.agreement(tx.s, agreement_id)
+            if agreement.role != _C.value:
+                raise ValidationError("only the consumer of an agreement requests transfers under it")
+            negotiation = self.store.negotiation(tx.s, agreement.negotiation_id)
+            if negotiation.state != _N.FINALIZED.value:
+                raise ConflictError(f"agreement {agreement_id!r} is not finalized yet")
+            msg = TransferRequestMessage(
+                consumer_pid=own, agreement_id=agreement_id, format=fmt, callback_address=self.public_url
+            )
+            row = TransferRow(
+                id=own,
+                role=_C.value,
+                provider_pid=None,
+                consumer_pid=own,
+                state=_T.REQUESTED.value,
+                counterparty_id=agreement.provider_id,
+                counterparty_address=negotiation.counterparty_address,
+                agreement_id=agreement_id,
+                format=fmt,
+                data_address=None,
+                auto=True,
+                pending=None,
+                terminal_reason=None,
+                created_at=now,
+                updated_at=now,
+            )
+            self.store.create_transfer(tx.s, row)
+            self._send(tx, row, "transfer", f"{row.counterparty_address}/transfers/request", msg)
+            tx.audit(actor, "dsp.transfer.request", own, Outcome.SUCCESS, f"agreement {agreement_id}")
+            return _transfer_public(row)
+
+    def transfer_action(
+        self, actor: str, staff_role: StaffRole | None, pid: str, action: str, reason: str = ""
+    ) -> TransferPublic:
+        """start (provider; either side resumes), suspend, complete, terminate."""
+        with self._tx() as tx:
+            row = self.store.transfer(tx.s, pid, lock=True)
+            role = Role(row.role)
+            _authorise(staff_role, role)
+            self._transfer_step(tx, row, role, action, actor, reason)
+            return _transfer_public(row)
+
+    def _transfer_step(
+        self, tx: _Tx, row: TransferRow, role: Role, action: str, actor: str, reason: str
+    ) -> None:
+        now = self.clock.now()
+        if row.provider_pid is None or row.consumer_pid is None:
+            raise ConflictError("the counterparty has not acknowledged this transfer yet")
+        ppid, cpid = row.provider_pid, row.consumer_pid
+        other = cpid if role is _P else ppid
+        base = row.counterparty_address
+        state = _T(row.state)
+        msg: DspMessage
+        if action == "start":
+            address = None
+            if role is _P:
+                self._check_agreement_live(tx.s, row.agreement_id)
+                address = self._data_address(row, now)
+                row.data_address = address.model_dump(mode="json", exclude_none=True)
+            msg = TransferStartMessage(provider_pid=ppid, consumer_pid=cpid, data_address=address)
+            target, url = _T.STARTED, f"{base}/transfers/{other}/start"
+        elif action == "suspend":
+            msg = TransferSuspensionMessage(
+                provider_pid=ppid, consumer_pid=cpid, code="suspended", reason=[reason or "suspended"]
+            )
+            target, url = _T.SUSPENDED, f"{base}/transfers/{other}/suspension"
+        elif action == "complete":
+            msg = TransferCompletionMessage(provider_pid=ppid, consumer_pid=cpid)
+            target, url = _T.COMPLETED, f"{base}/transfers/{other}/completion"
+        elif action == "terminate":
+            msg = TransferTerminationMessage(
+                provider_pid=ppid, consumer_pid=cpid, code="terminated", reason=[reason or "terminated"]
+            )
+            target, url = _T.TERMINATED, f"{base}/transfers/{other}/termination"
+        else:
+            raise ValidationError(f"unknown transfer action {action!r}")
+        self._require_send(role, msg, state)
+        self._send(tx, row, "transfer", url, msg)
+        self.store.move_transfer(row, target, now, reason or None)
+        row.pending = None
+        if target in (_T.STARTED, _T.COMPLETED, _T.TERMINATED):
+            tx.audit(actor, f"dsp.transfer.{target.value.lower()}", row.id, Outcome.SUCCESS, reason)
+
+    def _check_agreement_live(self, s: Session, agreement_id: str) -> None:
+        agreement = self.store.agreement(s, agreement_id)
+        if agreement.retired_at is not None:
+            raise ConflictError(f"agreement {agreement_id!r} is retired")
+
+    def _data_address(self, row: TransferRow, now: datetime) -> DataAddress:
+        token = mint_access_token(self.key, self.me, row.counterparty_id, row.agreement_id, row.id, now)
+        return DataAddress(
+            endpoint_type=ENDPOINT_TYPE,
+            endpoint=f"{self.public_url}/dataplane",
+            endpoint_properties=[
+                EndpointProperty(name="authorization", value=token),
+                EndpointProperty(name="authType", value="bearer"),
+                EndpointProperty(name="agreementId", value=row.agreement_id),
+            ],
+        )
+
+    def list_transfers(self, limit: int = 100, offset: int = 0) -> list[TransferPublic]:
+        with self.db.session() as s:
+            return [_transfer_public(r) for r in self.store.transfers(s, limit, offset)]
+
+    def transfer(self, pid: str) -> TransferPublic:
+        with self.db.session() as s:
+            return _transfer_public(self.store.transfer(s, pid))
+
+    # --- work the manager does -----------------------------------------------------------------------
+
+    def run_pending(self, kind: str, pid: str) -> None:
+        """Take the step this side owes on `pid`, if it still owes it (another worker may have)."""
+        actor = f"connector:{self.me}"
+        with self._tx() as tx:
+            row: NegotiationRow | TransferRow
+            if kind == "negotiation":
+                row = self.store.negotiation(tx.s, pid, lock=True)
+            else:
+                row = self.store.transfer(tx.s, pid, lock=True)
+            owed, row.pending = row.pending, None
+            if owed is None:
+                return
+            try:
+                with tx.s.begin_nested():
+                    if isinstance(row, TransferRow):
+                        self._transfer_step(tx, row, Role(row.role), owed, actor, "")
+                    elif owed == "decide":
+                        self._decide(tx, row, actor)
+                    else:
+                        self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
+            except HealthspaceError as exc:
+                tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, exc.detail)
+
+    def _decide(self, tx: _Tx, row: NegotiationRow, actor: str) -> None:
+        dataset = self.store.dataset(tx.s, row.dataset_id or "")
+        approval = Approval(dataset.approval)
+        ok, reasons = policy_acceptable(row.offer, dataset.offer)
+        if ok and approval is Approval.AUTO:
+            self._negotiation_step(tx, row, _P, "approve", actor, None, "")
+        elif not ok and approval is Approval.AUTO:
+            why = "requested policy is not acceptable: " + ("; ".join(reasons) or "it differs from the offer")
+            self._negotiation_step(tx, row, _P, "reject", actor, None, why[:1000])
+        else:
+            tx.audit(actor, "dsp.negotiation.awaiting-approval", row.id, Outcome.SUCCESS, "; ".join(reasons))
+
+    def delivered(self, seq: int, kind: str, pid: str, answer: DspMessage | None) -> None:
+        """The peer accepted outbox message `seq`; an initial request's ACK carries the provider's pid."""
+        if answer is None:
+            self.store.settle_outbox(seq, sent=True, error=None, retry_at=None)
+            return
+        provider_pid = getattr(answer, "provider_pid", None)
+        with self._tx() as tx:
+            self.store.settle_sent(tx.s, seq)
+            row: NegotiationRow | TransferRow
+            if kind == "negotiation":
+                row = self.store.negotiation(tx.s, pid, lock=True)
+            else:
+                row = self.store.transfer(tx.s, pid, lock=True)
+            if row.provider_pid is None:
+                row.provider_pid = provider_pid
+
+    def undeliverable(self, kind: str, pid: str, message_type: str, why: str) -> None:
+        """A message we owed could not be delivered: our side stops (TERMINATED) with the reason."""
+        now = self.clock.now()
+        reason = f"{message_type} undeliverable: {why}"[:1000]
+        with self._tx() as tx:
+            if kind == "negotiation":
+                n = self.store.negotiation(tx.s, pid, lock=True)
+                if not NEGOTIATION.is_final(_N(n.state)):
+                    self.store.move_negotiation(n, _N.TERMINATED, now, reason)
+            else:
+                t = self.store.transfer(tx.s, pid, lock=True)
+                if not TRANSFER.is_final(_T(t.state)):
+                    self.store.move_transfer(t, _T.TERMINATED, now, reason)
+            tx.audit(f"connector:{self.me}", f"dsp.{kind}.undeliverable", pid, Outcome.FAILURE, reason)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _authorise(staff_role: StaffRole | None, role: Role) -> None:
+    if staff_role is None or staff_role is StaffRole.ADMIN:
+        return
+    allowed = StaffRole.STEWARD if role is _P else StaffRole.RESEARCHER
+    if staff_role is not allowed:
+        raise ForbiddenError(f"a {staff_role.value} cannot act on the {role} side; needs {allowed.value}")
+
+
+def _catalog_filter(items: list[Any]) -> Callable[[DatasetRow], bool]:
+    """Every item must match: a string matches id, title, description or a keyword (case-insensitive);
+    `{"id": x}` and `{"keyword": x}` match exactly."""
+    checks: list[Callable[[DatasetRow], bool]] = []
+    for item in items:
+        if isinstance(item, str):
+            needle = item.lower()
+            checks.append(partial(_text_match, needle))
+        elif isinstance(item, dict) and set(item) == {"id"} and isinstance(item["id"], str):
+            checks.append(partial(_id_match, item["id"]))
+        elif isinstance(item, dict) and set(item) == {"keyword"} and isinstance(item["keyword"], str):
+            checks.append(partial(_keyword_match, item["keyword"].lower()))
+        else:
+            raise DspRequestRefusedError(
+                "unsupported filter item; use a string, {'id': ...} or {'keyword': ...}",
+                item=repr(item)[:200],
+            )
+    return lambda r: all(c(r) for c in checks)
+
+
+def _text_match(needle: str, r: DatasetRow) -> bool:
+    fields = (r.id, r.title, r.description, *r.keywords)
+    return any(needle in f.lower() for f in fields)
+
+
+def _id_match(dataset_id: str, r: DatasetRow) -> bool:
+    return r.id == dataset_id
+
+
+def _keyword_match(keyword: str, r: DatasetRow) -> bool:
+    return keyword in (k.lower() for k in r.keywords)
+
+
+def _offer_json(offer: Offer) -> dict[str, Any]:
+    return offer.model_dump(mode="json", exclude_none=True)
+
+
+def _reason_text(code: str | None, reason: list[Any] | None) -> str:
+    parts = [str(code)] if code else []
+    parts += [str(r) for r in reason or []]
+    return ": ".join(parts)[:1000]
+
+
+def _ack(row: NegotiationRow) -> ContractNegotiation:
+    return ContractNegotiation(
+        provider_pid=row.provider_pid or "", consumer_pid=row.consumer_pid or "", state=_N(row.state)
+    )
+
+
+def _tack(row: TransferRow) -> TransferProcess:
+    return TransferProcess(
+        provider_pid=row.provider_pid or "", consumer_pid=row.consumer_pid or "", state=_T(row.state)
+    )
+
+
+def _dataset_public(r: DatasetRow) -> DatasetPublic:
+    return DatasetPublic(
+        id=r.id,
+        title=r.title,
+        description=r.description,
+        keywords=list(r.keywords),
+        metadata=dict(r.metadata_json),
+        offer=dict(r.offer),
+        approval=Approval(r.approval),
+        created_at=r.created_at,
+    )
+
+
+def _negotiation_public(r: NegotiationRow) -> NegotiationPublic:
+    return NegotiationPublic(
+        id=r.id,
+        role=Role(r.role),
+        state=_N(r.state),
+        provider_pid=r.provider_pid,
+        consumer_pid=r.consumer_pid,
+        counterparty_id=r.counterparty_id,
+        counterparty_address=r.counterparty_address,
+        dataset_id=r.dataset_id,
+        offer=dict(r.offer),
+        agreement_id=r.agreement_id,
+        auto=r.auto,
+        pending=r.pending,
+        terminal_reason=r.terminal_reason,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+    )
+
+
+def _agreement_public(r: AgreementRow) -> AgreementPublic:
+    return AgreementPublic(
+        id=r.id,
+        negotiation_id=r.negotiation_id,
+        role=Role(r.role),
+        provider_id=r.provider_id,
+        consumer_id=r.consumer_id,
+        dataset_id=r.dataset_id,
+        policy=dict(r.policy),
+        signed_at=r.signed_at,
+        retired_at=r.retired_at,
+        retired_reason=r.retired_reason,
+    )
+
+
+def _transfer_public(r: TransferRow) -> TransferPublic:
+    return TransferPublic(
+        id=r.id,
+        role=Role(r.role),
+        state=_T(r.state),
+        provider_pid=r.provider_pid,
+        consumer_pid=r.consumer_pid,
+        counterparty_id=r.counterparty_id,
+        agreement_id=r.agreement_id,
+        format=r.format,
+        data_address=r.data_address,
+        auto=r.auto,
+        pending=r.pending,
+        terminal_reason=r.terminal_reason,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+    )

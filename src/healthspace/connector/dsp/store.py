@@ -1,0 +1,301 @@
+"""Persistence of DSP processes: one SQL store whose rows change state only through the DSP machines.
+
+Contract (what MUST fail; `tests/dsp/test_store.py` checks each on SQLite and PostgreSQL):
+
+* creating a negotiation in a state other than REQUESTED or OFFERED, or a transfer in a state other than
+  REQUESTED, raises `InvalidTransitionError`;
+* creating a second process of the same role with the same counterparty and consumerPid raises
+  `ConflictError` (the caller answers the existing one instead: idempotent requests);
+* `move_*` to a state the machine does not allow from the current one raises `InvalidTransitionError`
+  and leaves the row unchanged; a final state is never left;
+* reading an unknown process raises `NotFoundError`;
+* an outbox row is handed to one worker at a time: `claim_outbox` leases rows, and a leased row is not
+  claimed again until its lease runs out.
+
+The store never commits: the service's `Database.session()` is the transaction.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from healthspace.connector.dsp.tables import (
+    AgreementRow,
+    DatasetRow,
+    NegotiationRow,
+    OutboxRow,
+    TransferRow,
+)
+from healthspace.core.db import Database
+from healthspace.core.errors import ConflictError, InvalidTransitionError, NotFoundError
+from healthspace.protocol.states import NEGOTIATION, TRANSFER, NegotiationState, TransferState
+
+__all__ = ["DspStore"]
+
+_NEGOTIATION_INITIAL = frozenset({NegotiationState.REQUESTED, NegotiationState.OFFERED})
+
+
+class DspStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        # SQLite has one writer at a time and makes the others retry with sleeps of 1, 2, 5, ... ms;
+        # queueing this process's DSP writers on a lock hands the write over at once instead.
+        self._write_lock: AbstractContextManager[object] = (
+            threading.Lock() if db.dialect == "sqlite" else nullcontext()
+        )
+
+    @contextmanager
+    def writing(self) -> Iterator[Session]:
+        """A write transaction (see `_write_lock`)."""
+        with self._write_lock, self.db.session() as s:
+            yield s
+
+    # --- datasets ------------------------------------------------------------------------------------
+
+    def put_dataset(self, s: Session, row: DatasetRow) -> None:
+        if s.get(DatasetRow, row.id) is not None:
+            raise ConflictError(f"dataset {row.id!r} already exists")
+        s.add(row)
+        s.flush()
+
+    def dataset(self, s: Session, dataset_id: str) -> DatasetRow:
+        row = s.get(DatasetRow, dataset_id)
+        if row is None:
+            raise NotFoundError(f"no dataset {dataset_id!r}")
+        return row
+
+    def datasets(self, s: Session) -> Sequence[DatasetRow]:
+        return s.scalars(select(DatasetRow).order_by(DatasetRow.created_at, DatasetRow.id)).all()
+
+    # --- negotiations --------------------------------------------------------------------------------
+
+    def create_negotiation(self, s: Session, row: NegotiationRow) -> NegotiationRow:
+        if NegotiationState(row.state) not in _NEGOTIATION_INITIAL:
+            raise InvalidTransitionError(f"a negotiation cannot begin in {row.state}")
+        _insert(s, row, f"negotiation with consumerPid {row.consumer_pid!r}")
+        return row
+
+    def negotiation(self, s: Session, pid: str, *, lock: bool = False) -> NegotiationRow:
+        q = select(NegotiationRow).where(NegotiationRow.id == pid)
+        row = s.scalars(q.with_for_update() if lock else q).one_or_none()
+        if row is None:
+            raise NotFoundError(f"no contract negotiation {pid!r}")
+        return row
+
+    def negotiation_by_consumer_pid(
+        self, s: Session, role: str, counterparty: str, consumer_pid: str
+    ) -> NegotiationRow | None:
+        return s.scalars(
+            select(NegotiationRow).where(
+                NegotiationRow.role == role,
+                NegotiationRow.counterparty_id == counterparty,
+                NegotiationRow.consumer_pid == consumer_pid,
+            )
+        ).one_or_none()
+
+    def negotiations(self, s: Session, limit: int = 100, offset: int = 0) -> Sequence[NegotiationRow]:
+        q = select(NegotiationRow).order_by(NegotiationRow.created_at.desc(), NegotiationRow.id)
+        return s.scalars(q.offset(offset).limit(limit)).all()
+
+    def move_negotiation(
+        self, row: NegotiationRow, target: NegotiationState, now: datetime, reason: str | None = None
+    ) -> None:
+        NEGOTIATION.transition(NegotiationState(row.state), target)
+        row.state = target.value
+        row.updated_at = now
+        if NEGOTIATION.is_final(target):
+            row.pending = None
+            row.terminal_reason = reason
+
+    # --- agreements ----------------------------------------------------------------------------------
+
+    def add_agreement(self, s: Session, row: AgreementRow) -> None:
+        _insert(s, row, f"agreement {row.id!r}")
+
+    def agreement(self, s: Session, agreement_id: str) -> AgreementRow:
+        row = s.get(AgreementRow, agreement_id)
+        if row is None:
+            raise NotFoundError(f"no agreement {agreement_id!r}")
+        return row
+
+    def agreements(self, s: Session) -> Sequence[AgreementRow]:
+        return s.scalars(select(AgreementRow).order_by(AgreementRow.signed_at.desc())).all()
+
+    # --- transfers -----------------------------------------------------------------------------------
+
+    def create_transfer(self, s: Session, row: TransferRow) -> TransferRow:
+        if TransferState(row.state) is not TransferState.REQUESTED:
+            raise InvalidTransitionError(f"a transfer cannot begin in {row.state}")
+        _insert(s, row, f"transfer with consumerPid {row.consumer_pid!r}")
+        return row
+
+    def transfer(self, s: Session, pid: str, *, lock: bool = False) -> TransferRow:
+        q = select(TransferRow).where(TransferRow.id == pid)
+        row = s.scalars(q.with_for_update() if lock else q).one_or_none()
+        if row is None:
+            raise NotFoundError(f"no transfer process {pid!r}")
+        return row
+
+    def transfer_by_consumer_pid(
+        self, s: Session, role: str, counterparty: str, consumer_pid: str
+    ) -> TransferRow | None:
+        return s.scalars(
+            select(TransferRow).where(
+                TransferRow.role == role,
+                TransferRow.counterparty_id == counterparty,
+                TransferRow.consumer_pid == consumer_pid,
+            )
+        ).one_or_none()
+
+    def transfers(self, s: Session, limit: int = 100, offset: int = 0) -> Sequence[TransferRow]:
+        q = select(TransferRow).order_by(TransferRow.created_at.desc(), TransferRow.id)
+        return s.scalars(q.offset(offset).limit(limit)).all()
+
+    def move_transfer(
+        self, row: TransferRow, target: TransferState, now: datetime, reason: str | None = None
+    ) -> None:
+        TRANSFER.transition(TransferState(row.state), target)
+        row.state = target.value
+        row.updated_at = now
+        if TRANSFER.is_final(target):
+            row.pending = None
+            row.terminal_reason = reason
+
+    # --- work owed -----------------------------------------------------------------------------------
+
+    def pending_ids(self, s: Session, limit: int = 50) -> list[tuple[str, str]]:
+        """(kind, id) of processes on which this side owes an action, oldest first."""
+        neg = s.execute(
+            select(NegotiationRow.id)
+            .where(NegotiationRow.pending.is_not(None))
+            .order_by(NegotiationRow.updated_at)
+            .limit(limit)
+        ).scalars()
+        tra = s.execute(
+            select(TransferRow.id)
+            .where(TransferRow.pending.is_not(None))
+            .order_by(TransferRow.updated_at)
+            .limit(limit)
+        ).scalars()
+        return [("negotiation", i) for i in neg] + [("transfer", i) for i in tra]
+
+    def enqueue(
+        self,
+        s: Session,
+        *,
+        process_id: str,
+        kind: str,
+        peer_id: str,
+        url: str,
+        message_type: str,
+        body: bytes,
+        now: datetime,
+    ) -> None:
+        s.add(
+            OutboxRow(
+                process_id=process_id,
+                kind=kind,
+                peer_id=peer_id,
+                url=url,
+                message_type=message_type,
+                body=body.decode(),
+                status="pending",
+                attempts=0,
+                next_at=now,
+                lease_until=None,
+                last_error=None,
+                created_at=now,
+            )
+        )
+
+    def claim_outbox(self, now: datetime, lease: timedelta, limit: int = 20) -> list[OutboxRow]:
+        """Lease due messages, at most one per process (the oldest), so a process's messages stay in order.
+
+        On PostgreSQL rows are selected `FOR UPDATE SKIP LOCKED`, so workers sharing a database never
+        take the same row; SQLite has one writer at a time, which gives the same guarantee.
+        """
+        with self.writing() as s:
+            q = (
+                select(OutboxRow)
+                .where(
+                    OutboxRow.status == "pending",
+                    OutboxRow.next_at <= now,
+                    or_(OutboxRow.lease_until.is_(None), OutboxRow.lease_until < now),
+                )
+                .order_by(OutboxRow.seq)
+                .limit(limit * 4)
+            )
+            if self.db.dialect == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            rows = s.scalars(q).all()
+            taken: list[OutboxRow] = []
+            seen: set[str] = set()
+            for row in rows:
+                if row.process_id in seen or self._has_earlier_pending(s, row):
+                    seen.add(row.process_id)
+                    continue
+                seen.add(row.process_id)
+                row.lease_until = now + lease
+                row.attempts += 1
+                taken.append(row)
+                if len(taken) >= limit:
+                    break
+            return taken
+
+    @staticmethod
+    def _has_earlier_pending(s: Session, row: OutboxRow) -> bool:
+        earlier = s.scalars(
+            select(OutboxRow.seq)
+            .where(
+                OutboxRow.process_id == row.process_id,
+                OutboxRow.status == "pending",
+                OutboxRow.seq < row.seq,
+            )
+            .limit(1)
+        ).first()
+        return earlier is not None
+
+    def settle_outbox(self, seq: int, *, sent: bool, error: str | None, retry_at: datetime | None) -> None:
+        """Mark a leased message sent, schedule a retry (`retry_at`), or give up (no `retry_at`)."""
+        with self.writing() as s:
+            row = s.get(OutboxRow, seq)
+            if row is None:
+                raise NotFoundError(f"no outbox message {seq}")
+            row.lease_until = None
+            row.last_error = error
+            if sent:
+                row.status = "sent"
+            elif retry_at is not None:
+                row.next_at = retry_at
+            else:
+                row.status = "dead"
+
+    def settle_sent(self, s: Session, seq: int) -> None:
+        """Mark a leased message sent inside the caller's transaction."""
+        row = s.get(OutboxRow, seq)
+        if row is None:
+            raise NotFoundError(f"no outbox message {seq}")
+        row.lease_until, row.last_error, row.status = None, None, "sent"
+
+    def outbox(self, s: Session, process_id: str | None = None) -> Sequence[OutboxRow]:
+        q = select(OutboxRow).order_by(OutboxRow.seq)
+        if process_id is not None:
+            q = q.where(OutboxRow.process_id == process_id)
+        return s.scalars(q).all()
+
+
+def _insert(s: Session, row: Any, what: str) -> None:
+    try:
+        with s.begin_nested():
+            s.add(row)
+            s.flush()
+    except IntegrityError as exc:
+        raise ConflictError(f"{what} already exists") from exc

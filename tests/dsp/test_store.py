@@ -1,0 +1,161 @@
+"""The DSP store's contract (see `healthspace.connector.dsp.store`), on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from healthspace.connector.dsp.store import DspStore
+from healthspace.connector.dsp.tables import NegotiationRow, TransferRow
+from healthspace.core.db import Database
+from healthspace.core.errors import ConflictError, InvalidTransitionError, NotFoundError
+from healthspace.protocol.states import NegotiationState, TransferState
+
+T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(make_db: Callable[..., Database]) -> DspStore:
+    return DspStore(make_db("dsp"))
+
+
+def _negotiation(pid: str = "urn:n:1", state: str = "REQUESTED", cpid: str = "urn:c:1") -> NegotiationRow:
+    return NegotiationRow(
+        id=pid,
+        role="provider",
+        provider_pid=pid,
+        consumer_pid=cpid,
+        state=state,
+        counterparty_id="hk-university",
+        counterparty_address="http://127.0.0.1:1",
+        dataset_id="urn:dataset:1",
+        offer={"@id": "urn:offer:1"},
+        agreement_id=None,
+        auto=True,
+        pending=None,
+        terminal_reason=None,
+        created_at=T0,
+        updated_at=T0,
+    )
+
+
+def _transfer(pid: str = "urn:t:1", state: str = "REQUESTED") -> TransferRow:
+    return TransferRow(
+        id=pid,
+        role="provider",
+        provider_pid=pid,
+        consumer_pid="urn:c:t1",
+        state=state,
+        counterparty_id="hk-university",
+        counterparty_address="http://127.0.0.1:1",
+        agreement_id="urn:agreement:1",
+        format="HttpData-PULL",
+        data_address=None,
+        auto=True,
+        pending=None,
+        terminal_reason=None,
+        created_at=T0,
+        updated_at=T0,
+    )
+
+
+def test_a_negotiation_cannot_begin_agreed(store: DspStore) -> None:
+    with pytest.raises(InvalidTransitionError), store.db.session() as s:
+        store.create_negotiation(s, _negotiation(state="AGREED"))
+
+
+def test_a_transfer_cannot_begin_started(store: DspStore) -> None:
+    with pytest.raises(InvalidTransitionError), store.db.session() as s:
+        store.create_transfer(s, _transfer(state="STARTED"))
+
+
+def test_a_second_process_with_the_same_peer_and_consumer_pid_is_a_conflict(store: DspStore) -> None:
+    with store.db.session() as s:
+        store.create_negotiation(s, _negotiation("urn:n:1"))
+    with pytest.raises(ConflictError), store.db.session() as s:
+        store.create_negotiation(s, _negotiation("urn:n:2"))
+
+
+def test_a_move_the_machine_forbids_fails_and_leaves_the_row_unchanged(store: DspStore) -> None:
+    with store.db.session() as s:
+        store.create_negotiation(s, _negotiation())
+    with pytest.raises(InvalidTransitionError), store.db.session() as s:
+        store.move_negotiation(store.negotiation(s, "urn:n:1"), NegotiationState.FINALIZED, T0)
+    with store.db.session() as s:
+        assert store.negotiation(s, "urn:n:1").state == "REQUESTED"
+
+
+def test_a_final_state_is_never_left(store: DspStore) -> None:
+    with store.db.session() as s:
+        store.create_transfer(s, _transfer())
+        row = store.transfer(s, "urn:t:1")
+        store.move_transfer(row, TransferState.TERMINATED, T0, "stopped")
+    with pytest.raises(InvalidTransitionError), store.db.session() as s:
+        store.move_transfer(store.transfer(s, "urn:t:1"), TransferState.STARTED, T0)
+
+
+def test_a_terminal_move_keeps_its_reason(store: DspStore) -> None:
+    with store.db.session() as s:
+        store.create_negotiation(s, _negotiation())
+        store.move_negotiation(store.negotiation(s, "urn:n:1"), NegotiationState.TERMINATED, T0, "no consent")
+    with store.db.session() as s:
+        row = store.negotiation(s, "urn:n:1")
+        assert (row.state, row.terminal_reason) == ("TERMINATED", "no consent")
+
+
+def test_reading_an_unknown_process_is_not_found(store: DspStore) -> None:
+    with pytest.raises(NotFoundError), store.db.session() as s:
+        store.negotiation(s, "urn:n:nope")
+
+
+def test_timestamps_come_back_timezone_aware(store: DspStore) -> None:
+    with store.db.session() as s:
+        store.create_negotiation(s, _negotiation())
+    with store.db.session() as s:
+        assert store.negotiation(s, "urn:n:1").created_at == T0
+
+
+def _enqueue(store: DspStore, process_id: str, n: int) -> None:
+    with store.db.session() as s:
+        for i in range(n):
+            store.enqueue(
+                s,
+                process_id=process_id,
+                kind="negotiation",
+                peer_id="hk-university",
+                url=f"http://127.0.0.1:1/{i}",
+                message_type="X",
+                body=b"{}",
+                now=T0,
+            )
+
+
+def test_a_leased_message_is_not_claimed_again_until_its_lease_ends(store: DspStore) -> None:
+    _enqueue(store, "urn:n:1", 1)
+    first = store.claim_outbox(T0, timedelta(seconds=30))
+    again = store.claim_outbox(T0 + timedelta(seconds=10), timedelta(seconds=30))
+    after = store.claim_outbox(T0 + timedelta(seconds=31), timedelta(seconds=30))
+    assert ([r.seq for r in first], again, [r.seq for r in after]) == ([first[0].seq], [], [first[0].seq])
+
+
+def test_messages_of_one_process_are_handed_out_one_at_a_time_in_order(store: DspStore) -> None:
+    _enqueue(store, "urn:n:1", 2)
+    _enqueue(store, "urn:n:2", 1)
+    first = store.claim_outbox(T0, timedelta(seconds=30))
+    assert sorted((r.process_id, r.url) for r in first) == [
+        ("urn:n:1", "http://127.0.0.1:1/0"),
+        ("urn:n:2", "http://127.0.0.1:1/0"),
+    ]
+    store.settle_outbox(first[0].seq, sent=True, error=None, retry_at=None)
+    store.settle_outbox(first[1].seq, sent=True, error=None, retry_at=None)
+    second = store.claim_outbox(T0, timedelta(seconds=30))
+    assert [(r.process_id, r.url) for r in second] == [("urn:n:1", "http://127.0.0.1:1/1")]
+
+
+def test_a_message_given_up_on_is_never_claimed(store: DspStore) -> None:
+    _enqueue(store, "urn:n:1", 1)
+    (row,) = store.claim_outbox(T0, timedelta(seconds=30))
+    store.settle_outbox(row.seq, sent=False, error="HTTP 400", retry_at=None)
+    assert store.claim_outbox(T0 + timedelta(hours=1), timedelta(seconds=30)) == []
