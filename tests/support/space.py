@@ -48,8 +48,12 @@ def running_space(
     root: Path,
     participants: dict[str, tuple[str, str, str, list[str]]] = PARTICIPANTS,
     revocation_max_age_s: float = 0.0,
+    patient_prefixes: dict[str, str] | None = None,
 ) -> Iterator[Space]:
-    """Start an authority, onboard `participants` through its admin API and start their connectors."""
+    """Start an authority, onboard `participants` through its admin API and start their connectors.
+
+    A participant named in `patient_prefixes` is a hospital with a consent registry.
+    """
     with ExitStack() as stack:
         auth_settings = Settings(data_dir=root / "authority")
         auth_keys = init_authority(auth_settings, AUTHORITY_ID, "Test Authority")
@@ -74,6 +78,7 @@ def running_space(
                 authority_url=auth_url,
                 authority_id=anchor["id"],
                 authority_public_key=anchor["public_key"],
+                patient_id_prefix=(patient_prefixes or {}).get(pid),
             )
             keys = init_connector(settings, config)
             result = admin.onboard(

@@ -8,6 +8,8 @@ present a valid request token, and proves itself to peers the same way.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,6 +29,10 @@ from healthspace.connector.config import CREDENTIAL_FILE, KEY_FILE, ConnectorCon
 from healthspace.connector.dsp.api import DspComponents, make_dsp_routers
 from healthspace.connector.dsp.manager import DspManager, peer_http_client
 from healthspace.connector.dsp.service import DspService
+from healthspace.consent.api import make_patient_router, make_staff_router
+from healthspace.consent.fhir import PatientRefs
+from healthspace.consent.models import ScenarioInfo
+from healthspace.consent.service import ConsentService
 from healthspace.core.apikeys import ApiKeyStore, IssuedKey, Role, StoredKey, role_guard
 from healthspace.core.clock import Clock, SystemClock
 from healthspace.core.db import Database
@@ -45,7 +51,9 @@ from healthspace.identity.tokens import Caller, RequestVerifier, mint_request_to
 
 __all__ = ["ConnectorRuntime", "create_app", "init_connector", "open_runtime"]
 
-BRANCHES = ("apikeys", "audit", "identity", "dsp")
+log = logging.getLogger(__name__)
+
+BRANCHES = ("apikeys", "audit", "identity", "dsp", "consent")
 STAFF_ROLES = (Role.ADMIN, Role.STEWARD, Role.RESEARCHER, Role.REVIEWER, Role.REGULATOR)
 
 
@@ -62,6 +70,7 @@ class ConnectorRuntime:
     clock: Clock
     http: httpx.Client
     dsp: DspComponents | None = None
+    consent: ConsentService | None = None
 
     def close(self) -> None:
         if self.dsp is not None:
@@ -160,7 +169,40 @@ def open_runtime(settings: Settings, clock: Clock | None = None) -> ConnectorRun
     )
     dsp_http = peer_http_client()
     rt.dsp = DspComponents(service, DspManager(service, dsp_http, rt.peer_auth), dsp_http, rt.peer_auth)
+    if config.patient_id_prefix:
+        rt.consent = ConsentService(
+            db, rt.audit, key, config.participant_id, PatientRefs(config.patient_id_prefix), clock=clock
+        )
     return rt
+
+
+class _ScenarioDirectory:
+    """The authority's scenario registry as patients see it, fetched and kept for a minute.
+
+    When the authority cannot be reached and nothing is cached, the list is empty: a patient can then
+    grant nothing, which is the safe failure."""
+
+    TTL_S = 60.0
+
+    def __init__(self, rt: ConnectorRuntime) -> None:
+        self._rt = rt
+        self._cached: list[ScenarioInfo] = []
+        self._fetched_at = -self.TTL_S
+
+    def __call__(self) -> list[ScenarioInfo]:
+        if time.monotonic() - self._fetched_at >= self.TTL_S:
+            try:
+                r = self._rt.http.get(f"{self._rt.config.authority_url}/scenarios")
+                r.raise_for_status()
+                self._cached = [
+                    ScenarioInfo(s["id"], s["title"], s.get("description", ""), tuple(s["data_classes"]))
+                    for s in r.json()
+                    if s.get("status") == "ACTIVE"
+                ]
+                self._fetched_at = time.monotonic()
+            except (httpx.HTTPError, ValueError, KeyError):
+                log.warning("scenario registry unreachable; serving %d cached scenarios", len(self._cached))
+        return self._cached
 
 
 # --- HTTP -----------------------------------------------------------------------------------------
@@ -332,6 +374,12 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.include_router(management)
     for router in make_dsp_routers(_dsp, _authenticate_peer, _staff):
         app.include_router(router)
+    if rt.consent is not None:
+        consent = rt.consent
+        app.include_router(make_patient_router(lambda: consent, _ScenarioDirectory(rt)))
+        app.include_router(
+            make_staff_router(lambda: consent, role_guard(lambda _: rt.api_keys, Role.ADMIN, Role.STEWARD))
+        )
     app.include_router(
         make_audit_router(lambda: rt.audit, role_guard(lambda _: rt.api_keys, Role.ADMIN, Role.REGULATOR))
     )

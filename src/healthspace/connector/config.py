@@ -28,6 +28,10 @@ class ConnectorConfig(BaseModel):
     authority_url: str
     authority_id: str
     authority_public_key: str = Field(description="Pinned at onboarding; the trust anchor of every check")
+    patient_id_prefix: str | None = Field(
+        None,
+        description="Hospitals: prefix of FHIR Patient ids (e.g. 'gz-pat-'); enables the consent registry",
+    )
 
     @classmethod
     def load(cls, data_dir: Path) -> ConnectorConfig:
