@@ -47,6 +47,14 @@ def test_demo_once_starts_the_space_and_its_self_check_passes(tmp_path: Path) ->
     }
     assert all(a["valid"] and a["entries"] > 0 for a in check["audit"].values())
 
+    # The university reached an agreement and a started compute-to-data transfer with every hospital ...
+    agreed = summary["contracts"]["agreed"]
+    assert [(c["negotiation"], c["transfer"]) for c in agreed] == [("FINALIZED", "STARTED")] * 3
+    # ... and a request for more than the offer allows was refused with the reason.
+    refused = summary["contracts"]["refused"]
+    assert refused["negotiation"] == "TERMINATED"
+    assert "output type" in refused["reason"]
+
     space = json.loads((tmp_path / "space.json").read_text())
     hospitals = [p for p in space["participants"] if p["type"] == "hospital"]
     assert sorted(p["jurisdiction"] for p in hospitals) == ["CN-GD", "CN-GD", "HK"]
@@ -60,6 +68,8 @@ def test_demo_once_starts_the_space_and_its_self_check_passes(tmp_path: Path) ->
         assert population["ingest"]["inserted"] > 0
         assert population["ingest"]["rejected"] == 0
         assert 0 < population["quality"]["score"] <= 1
+        # Consent was imported: each scenario may use some patients, never more than exist.
+        assert all(0 < n <= population["patients"] for n in population["consenting"].values())
     # The demo stopped every service it started: nothing answers on its ports any more.
     import httpx
 

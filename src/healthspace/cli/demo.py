@@ -34,6 +34,7 @@ from healthspace.connector.app import init_connector, install_credential, public
 from healthspace.connector.config import ConnectorConfig
 from healthspace.core.apikeys import Role
 from healthspace.core.settings import Settings
+from healthspace.policy.templates import template
 
 __all__ = ["DEMO_PARTICIPANTS", "run_demo"]
 
@@ -251,6 +252,97 @@ def _self_check(authority: Service, connectors: list[Service]) -> dict[str, Any]
     return {"ok": ok, "trust": trust, "audit": audits}
 
 
+def _import_consents(root: Path, hospitals: list[Service]) -> dict[str, dict[str, int]]:
+    """Each hospital's steward loads its patients' consent decisions (FHIR R4 Consent NDJSON) into the
+    connector's consent registry; the result is how many patients each scenario may use."""
+    counts: dict[str, dict[str, int]] = {}
+    for svc in hospitals:
+        with ConnectorClient(svc.url, svc.api_keys[Role.STEWARD.value], timeout=120) as steward:
+            steward.import_consents((root / svc.id / "synth" / "fhir" / "Consent.ndjson").read_bytes())
+            counts[svc.id] = {
+                s.id: steward.consent_cohort(s.id, list(s.data_classes)) for s in DEMO_SCENARIOS
+            }
+    return counts
+
+
+def _contracts(hospitals: list[Service], university: Service) -> dict[str, Any]:
+    """Each hospital publishes its diabetes cohort under an aggregate-research offer; the university
+    finds it in the hospital's catalog, negotiates over DSP and starts a compute-to-data transfer.
+    Then one request that asks for more than the offer allows, refused with the reason."""
+    scenario = "diabetes-outcomes-research"
+    results: list[dict[str, Any]] = []
+    researcher = ConnectorClient(university.url, university.api_keys[Role.RESEARCHER.value], timeout=30)
+    with researcher:
+        for h in hospitals:
+            dataset_id = f"urn:healthspace:{h.id}:t2d-cohort"
+            offer = template(
+                "aggregate-research",
+                scenario=scenario,
+                k=10,
+                epsilon=3.0,
+                valid_for_days=365,
+                uid=f"urn:healthspace:{h.id}:offer:t2d-aggregate",
+                assigner=h.id,
+            )
+            with ConnectorClient(h.url, h.api_keys[Role.STEWARD.value]) as steward:
+                steward.publish_dataset(
+                    {
+                        "id": dataset_id,
+                        "title": "Type 2 diabetes cohort",
+                        "description": "Adults with type 2 diabetes, with HbA1c, eGFR and "
+                        "treatments; aggregates only.",
+                        "keywords": ["diabetes", "cohort"],
+                        "offer": offer,
+                    }
+                )
+            found = researcher.query_catalog(h.url, [{"id": dataset_id}])["dataset"][0]
+            policy = {**found["hasPolicy"][0], "target": dataset_id}
+            neg = researcher.start_negotiation(h.url, policy)
+            neg = researcher.negotiation(neg["id"], ["FINALIZED", "TERMINATED"])
+            entry: dict[str, Any] = {
+                "provider": h.id,
+                "dataset": dataset_id,
+                "negotiation": neg["state"],
+                "agreement": neg["agreement_id"],
+                "transfer": None,
+            }
+            if neg["state"] == "FINALIZED":
+                t = researcher.start_transfer(neg["agreement_id"])
+                t = researcher.transfer(t["id"], ["STARTED", "TERMINATED"])
+                entry["transfer"] = t["state"]
+                entry["data_address"] = (t.get("data_address") or {}).get("endpoint")
+            results.append(entry)
+
+        # Asking for more than offered: the same policy without its output restriction.
+        h = hospitals[0]
+        dataset_id = f"urn:healthspace:{h.id}:t2d-cohort"
+        broader = researcher.query_catalog(h.url, [{"id": dataset_id}])["dataset"][0]["hasPolicy"][0]
+        for rule in broader["permission"]:
+            rule["constraint"] = [c for c in rule["constraint"] if c["leftOperand"] != "outputType"]
+        neg = researcher.start_negotiation(h.url, {**broader, "target": dataset_id})
+        neg = researcher.negotiation(neg["id"], ["FINALIZED", "TERMINATED"])
+        denied = {
+            "provider": h.id,
+            "dataset": dataset_id,
+            "request": "aggregate-research offer without its outputType=aggregate constraint",
+            "negotiation": neg["state"],
+            "reason": neg["terminal_reason"],
+        }
+    ok = all(r["negotiation"] == "FINALIZED" and r["transfer"] == "STARTED" for r in results)
+    return {"ok": ok and denied["negotiation"] == "TERMINATED", "agreed": results, "refused": denied}
+
+
+def _print_contracts(contracts: dict[str, Any], console: Console) -> None:
+    table = Table("provider", "dataset", "negotiation", "transfer")
+    for c in contracts["agreed"]:
+        table.add_row(c["provider"], c["dataset"], c["negotiation"], c["transfer"] or "-")
+    console.print(table)
+    refused = contracts["refused"]
+    console.print(
+        f"refused on purpose: {refused['request']} -> {refused['negotiation']}: {refused['reason']}"
+    )
+
+
 def _interrupt(*_: object) -> None:
     """SIGTERM stops the demo the way Ctrl-C does."""
     raise KeyboardInterrupt
@@ -302,6 +394,7 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
                 authority_url=authority.url,
                 authority_id=anchor["id"],
                 authority_public_key=anchor["public_key"],
+                patient_id_prefix=f"{p.site}-pat-" if p.site else None,
             )
             svc.api_keys = {r.value: k.secret for r, k in init_connector(settings, config).items()}
             result = admin.onboard(
@@ -320,6 +413,15 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
         for svc in connectors:
             _wait_healthy(svc)
         admin.close()
+
+        pairs = list(zip(DEMO_PARTICIPANTS, connectors, strict=True))
+        hospitals = [svc for p, svc in pairs if p.site is not None]
+        university = next(svc for p, svc in pairs if p.type == "university")
+        console.print("hospitals import their patients' consent decisions ...")
+        for hospital_id, counts in _import_consents(root, hospitals).items():
+            populations[hospital_id]["consenting"] = counts
+        console.print("the university negotiates with each hospital over DSP ...")
+        contracts = _contracts(hospitals, university)
 
         space = {
             "authority": {
@@ -358,18 +460,20 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
         if once:
             check = _self_check(authority, connectors)
             summary = {
-                "ok": check["ok"],
+                "ok": check["ok"] and contracts["ok"],
                 "space": str(space_file),
                 "authority": authority.url,
                 "participants": {svc.id: svc.url for svc in connectors},
                 "scenarios": space["scenarios"],
                 "populations": populations,
+                "contracts": contracts,
                 "self_check": check,
             }
             console.print_json(json.dumps(summary))
-            return 0 if check["ok"] else 1
+            return 0 if summary["ok"] else 1
 
         _print_space(space, console)
+        _print_contracts(contracts, console)
         console.print(f"space description: {space_file}   (Ctrl-C stops everything)")
         signal.signal(signal.SIGTERM, _interrupt)
         while all(s.process is not None and s.process.poll() is None for s in services):

@@ -106,3 +106,50 @@ class ConnectorClient(_Client):
     def trust_check(self, url: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("POST", "/management/trust-check", json={"url": url})
         return result
+
+    # --- data offers and contracts (DSP, through the management API) ---
+
+    def publish_dataset(self, dataset: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/management/datasets", json=dataset)
+        return result
+
+    def query_catalog(self, url: str, filter_: list[Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"url": url}
+        if filter_ is not None:
+            body["filter"] = filter_
+        result: dict[str, Any] = self._call("POST", "/management/catalog/query", json=body)
+        return result
+
+    def start_negotiation(self, provider_url: str, offer: dict[str, Any]) -> dict[str, Any]:
+        body = {"provider_url": provider_url, "offer": offer}
+        result: dict[str, Any] = self._call("POST", "/management/negotiations", json=body)
+        return result
+
+    def negotiation(
+        self, pid: str, wait_for: list[str] | None = None, timeout_s: float = 10
+    ) -> dict[str, Any]:
+        """A negotiation; with `wait_for`, long-polls until it reaches one of those states or a final one."""
+        params: dict[str, Any] = {"wait_for": wait_for, "timeout_s": timeout_s} if wait_for else {}
+        result: dict[str, Any] = self._call("GET", f"/management/negotiations/{pid}", params=params)
+        return result
+
+    def start_transfer(self, agreement_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "POST", "/management/transfers", json={"agreement_id": agreement_id}
+        )
+        return result
+
+    def transfer(self, pid: str, wait_for: list[str] | None = None, timeout_s: float = 10) -> dict[str, Any]:
+        params: dict[str, Any] = {"wait_for": wait_for, "timeout_s": timeout_s} if wait_for else {}
+        result: dict[str, Any] = self._call("GET", f"/management/transfers/{pid}", params=params)
+        return result
+
+    # --- consent (hospitals) ---
+
+    def import_consents(self, ndjson: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/management/consent/import", content=ndjson)
+        return result
+
+    def consent_cohort(self, scenario_id: str, data_classes: list[str]) -> int:
+        params = {"scenario_id": scenario_id, "data_class": data_classes}
+        return int(self._call("GET", "/management/consent/cohort", params=params)["patients"])
