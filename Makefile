@@ -23,13 +23,13 @@ bench: $(STAMP)
 	$(BIN)/healthspace bench $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/ruff check --fix src tests benchmarks
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
 
 clean:
 	rm -rf $(VENV) .healthspace .mypy_cache .ruff_cache .pytest_cache
