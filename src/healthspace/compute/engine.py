@@ -1,0 +1,201 @@
+"""Clinical query engines (DuckDB by default, PostgreSQL) behind one interface, and OMOP loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from healthspace.compute.sql import COHORT_TABLE, Dialect, Query
+from healthspace.consent.filter import ConsentFilter
+
+__all__ = [
+    "OMOP_TABLES",
+    "ClinicalEngine",
+    "DuckDBEngine",
+    "PostgresEngine",
+    "attach_parquet",
+    "load_postgres",
+]
+
+OMOP_TABLES = (
+    "person",
+    "observation_period",
+    "visit_occurrence",
+    "condition_occurrence",
+    "drug_exposure",
+    "measurement",
+    "procedure_occurrence",
+    "death",
+)
+_CONSENT = "consenting"
+
+
+class ClinicalEngine(Protocol):
+    """One connection to a clinical store holding the OMOP tables; one job at a time per engine."""
+
+    dialect: Dialect
+
+    def set_consent(self, consent: ConsentFilter) -> str:
+        """Make the consenting person ids joinable; returns the relation name."""
+        ...
+
+    def materialise(self, query: Query) -> None:
+        """Create the job's cohort table from `query` (replacing the previous job's)."""
+        ...
+
+    def rows(self, query: Query) -> list[tuple[Any, ...]]: ...
+
+    def column(self, query: Query) -> np.ndarray:
+        """The first column of the result as int64 (person ids)."""
+        ...
+
+    def columns(self, query: Query) -> list[np.ndarray]:
+        """The result column by column."""
+        ...
+
+    def matrix(self, query: Query) -> np.ndarray:
+        """The whole result as a float64 matrix."""
+        ...
+
+
+class DuckDBEngine:
+    """A DuckDB connection, e.g. `ClinicalStore.open(path, keys).connect()` or `attach_parquet(...)`."""
+
+    dialect: Dialect = "duckdb"
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+
+    def set_consent(self, consent: ConsentFilter) -> str:
+        return consent.register(self.con, _CONSENT)
+
+    def materialise(self, query: Query) -> None:
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE {COHORT_TABLE} AS {query.sql}", query.params)
+
+    def rows(self, query: Query) -> list[tuple[Any, ...]]:
+        return self.con.execute(query.sql, query.params).fetchall()
+
+    def column(self, query: Query) -> np.ndarray:
+        table = self.con.execute(query.sql, query.params).to_arrow_table()
+        ids: np.ndarray = table.column(0).to_numpy().astype(np.int64, copy=False)
+        return ids
+
+    def columns(self, query: Query) -> list[np.ndarray]:
+        table = self.con.execute(query.sql, query.params).to_arrow_table()
+        return [table.column(i).to_numpy(zero_copy_only=False) for i in range(table.num_columns)]
+
+    def matrix(self, query: Query) -> np.ndarray:
+        table = self.con.execute(query.sql, query.params).to_arrow_table()
+        if table.num_rows == 0:
+            return np.zeros((0, table.num_columns))
+        return np.column_stack(
+            [table.column(i).to_numpy().astype(np.float64) for i in range(table.num_columns)]
+        )
+
+
+class PostgresEngine:
+    """A psycopg 3 connection to a PostgreSQL database holding the OMOP tables (`load_postgres`)."""
+
+    dialect: Dialect = "postgresql"
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def set_consent(self, consent: ConsentFilter) -> str:
+        with self.conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {_CONSENT}")
+            cur.execute(f"CREATE TEMP TABLE {_CONSENT} (person_id BIGINT PRIMARY KEY)")
+            with cur.copy(f"COPY {_CONSENT} (person_id) FROM STDIN") as copy:
+                for pid in consent.person_ids.to_pylist():
+                    copy.write_row((pid,))
+            cur.execute(f"ANALYZE {_CONSENT}")
+        return _CONSENT
+
+    def materialise(self, query: Query) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {COHORT_TABLE}")
+            cur.execute(f"CREATE TEMP TABLE {COHORT_TABLE} AS {query.sql}", query.params)
+            cur.execute(f"ANALYZE {COHORT_TABLE}")
+
+    def rows(self, query: Query) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cur:
+            cur.execute(query.sql, query.params)
+            return [tuple(_plain(v) for v in row) for row in cur.fetchall()]
+
+    def column(self, query: Query) -> np.ndarray:
+        return np.array([r[0] for r in self.rows(query)], dtype=np.int64)
+
+    def columns(self, query: Query) -> list[np.ndarray]:
+        rows = self.rows(query)
+        width = len(rows[0]) if rows else 0
+        return [np.array([r[i] for r in rows], dtype=object) for i in range(width)]
+
+    def matrix(self, query: Query) -> np.ndarray:
+        rows = self.rows(query)
+        return np.array(rows, dtype=np.float64) if rows else np.zeros((0, 0))
+
+
+def _plain(v: Any) -> Any:
+    # NUMERIC comes back as Decimal; results are floats everywhere else.
+    from decimal import Decimal
+
+    return float(v) if isinstance(v, Decimal) else v
+
+
+def attach_parquet(con: duckdb.DuckDBPyConnection, omop_dir: Path) -> None:
+    """Views named like the store's tables over `<omop_dir>/<table>.parquet` (e.g. a synth output).
+
+    The synth files name the source vocabulary `<domain>_source_vocabulary`; the store calls it
+    `hs_source_vocabulary`, so the views rename it.
+    """
+    for table in OMOP_TABLES:
+        path = omop_dir / f"{table}.parquet"
+        cols = [r[0] for r in con.execute("SELECT name FROM parquet_schema($p)", {"p": str(path)}).fetchall()]
+        vocab = [c for c in cols if c.endswith("_source_vocabulary") and c != "hs_source_vocabulary"]
+        rename = f" RENAME ({vocab[0]} AS hs_source_vocabulary)" if vocab else ""
+        # A view body cannot hold a bound parameter, so the path goes in as an escaped string literal.
+        literal = "'" + str(path).replace("'", "''") + "'"
+        # Table names come from OMOP_TABLES and column names from the file's own schema.
+        con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT *{rename} FROM read_parquet({literal})")  # noqa: S608
+
+
+_PG_TYPES = {
+    pa.int64(): "BIGINT",
+    pa.int32(): "INTEGER",
+    pa.float64(): "DOUBLE PRECISION",
+    pa.string(): "TEXT",
+    pa.large_string(): "TEXT",
+    pa.date32(): "DATE",
+}
+
+
+def load_postgres(conn: Any, tables: Iterable[tuple[str, pa.Table]]) -> None:
+    """Create and fill OMOP tables in PostgreSQL from Arrow tables (tests, small migrations).
+
+    Column names must be identifiers; timestamps become TIMESTAMPTZ. Indexes on person_id are added.
+    """
+    with conn.cursor() as cur:
+        for name, table in tables:
+            if name not in OMOP_TABLES:
+                raise ValueError(f"{name!r} is not an OMOP table of the store")
+            cols = []
+            for f in table.schema:
+                if not f.name.isidentifier():
+                    raise ValueError(f"column {f.name!r} is not an identifier")
+                typ = "TIMESTAMPTZ" if pa.types.is_timestamp(f.type) else _PG_TYPES.get(f.type)
+                if typ is None:
+                    raise ValueError(f"no PostgreSQL type for {name}.{f.name} ({f.type})")
+                cols.append(f"{f.name} {typ}")
+            cur.execute(f"CREATE TABLE {name} ({', '.join(cols)})")
+            names = ", ".join(table.column_names)
+            with cur.copy(f"COPY {name} ({names}) FROM STDIN") as copy:
+                for row in zip(*(c.to_pylist() for c in table.columns), strict=True):
+                    copy.write_row(row)
+            cur.execute(f"CREATE INDEX ix_{name}_person ON {name} (person_id)")
+            cur.execute(f"ANALYZE {name}")
+    conn.commit()

@@ -1,0 +1,141 @@
+"""The differencing guard: refuses releases whose person set differs from a recent one by a few persons."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import numpy as np
+from sqlalchemy import delete, select
+
+from healthspace.compute.disclosure import DisclosureError
+from healthspace.compute.tables import CohortHistoryRow
+from healthspace.core.clock import utcnow
+from healthspace.core.db import Database
+
+__all__ = [
+    "CohortHistory",
+    "DifferencingGuard",
+    "MemoryCohortHistory",
+    "SqlCohortHistory",
+    "decode_ids",
+    "encode_ids",
+]
+
+
+def encode_ids(ids: np.ndarray) -> bytes:
+    """Sorted unique int64 ids, delta-encoded and compressed."""
+    return zlib.compress(np.diff(ids.astype(np.int64), prepend=np.int64(0)).tobytes(), 1)
+
+
+def decode_ids(blob: bytes) -> np.ndarray:
+    return np.cumsum(np.frombuffer(zlib.decompress(blob), dtype=np.int64))
+
+
+class CohortHistory(Protocol):
+    """Where the provider remembers the person sets behind released figures, per dataset."""
+
+    def near(self, dataset_id: str, size: int, slack: int, since: datetime) -> list[np.ndarray]:
+        """Sets recorded since `since` whose size is within `slack` of `size`."""
+        ...
+
+    def record(self, dataset_id: str, consumer_id: str, sets: list[np.ndarray], at: datetime) -> None: ...
+
+
+@dataclass
+class MemoryCohortHistory:
+    """In-process history (tests, benchmarks, single-process demos); forgotten on restart."""
+
+    rows: list[tuple[str, datetime, np.ndarray]] = field(default_factory=list)
+
+    def near(self, dataset_id: str, size: int, slack: int, since: datetime) -> list[np.ndarray]:
+        return [
+            ids
+            for ds, at, ids in self.rows
+            if ds == dataset_id and at >= since and abs(len(ids) - size) < slack
+        ]
+
+    def record(self, dataset_id: str, consumer_id: str, sets: list[np.ndarray], at: datetime) -> None:
+        self.rows.extend((dataset_id, at, s) for s in sets)
+
+
+class SqlCohortHistory:
+    """History in the control-plane database (branch "compute"); survives restarts."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def near(self, dataset_id: str, size: int, slack: int, since: datetime) -> list[np.ndarray]:
+        t = CohortHistoryRow
+        with self.db.session() as s:
+            blobs = (
+                s.execute(
+                    select(t.ids).where(
+                        t.dataset_id == dataset_id,
+                        t.size > size - slack,
+                        t.size < size + slack,
+                        t.recorded_at >= since,
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        return [decode_ids(b) for b in blobs]
+
+    def record(self, dataset_id: str, consumer_id: str, sets: list[np.ndarray], at: datetime) -> None:
+        with self.db.session() as s:
+            s.add_all(
+                CohortHistoryRow(
+                    dataset_id=dataset_id,
+                    consumer_id=consumer_id,
+                    size=len(ids),
+                    ids=encode_ids(ids),
+                    recorded_at=at,
+                )
+                for ids in sets
+            )
+
+    def forget_before(self, cutoff: datetime) -> int:
+        with self.db.session() as s:
+            res = s.execute(delete(CohortHistoryRow).where(CohortHistoryRow.recorded_at < cutoff))
+            return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass
+class DifferencingGuard:
+    """The minimum-difference rule across jobs.
+
+    Every person set behind a released figure (the cohort, each table cell and margin, the persons
+    with a measurement) is compared with the sets released from the same dataset within `window`, to
+    any consumer (so colluding consumers gain nothing). A set differing from one of them by
+    0 < |A Δ B| < min_difference persons is refused: subtracting the two figures would single
+    those persons out. Sets are compared only when their sizes are close (|A Δ B| ≥ ||A| - |B||), so
+    the check is cheap.
+    """
+
+    history: CohortHistory
+    min_difference: int
+    window: timedelta = timedelta(days=365)
+
+    def check(self, dataset_id: str, sets: list[np.ndarray], now: datetime | None = None) -> None:
+        since = (now or utcnow()) - self.window
+        for ids in sets:
+            for old in self.history.near(dataset_id, len(ids), self.min_difference, since):
+                d = int(np.setxor1d(ids, old, assume_unique=True).size)
+                if 0 < d < self.min_difference:
+                    raise DisclosureError(
+                        f"refused: a requested group differs from a recently released one by {d} "
+                        f"person(s), fewer than the minimum difference of {self.min_difference}",
+                        rule="min-difference",
+                    )
+
+    def record(
+        self, dataset_id: str, consumer_id: str, sets: list[np.ndarray], now: datetime | None = None
+    ) -> None:
+        unique: dict[bytes, np.ndarray] = {}
+        for s in sets:
+            if len(s):
+                unique.setdefault(encode_ids(s), s)
+        self.history.record(dataset_id, consumer_id, list(unique.values()), now or utcnow())

@@ -1,0 +1,186 @@
+"""Differencing attacks (DataSHIELD-style subset difference) and the defences that defeat them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from healthspace.compute import (
+    DifferencingGuard,
+    DisclosureError,
+    DisclosureRules,
+    DuckDBEngine,
+    JobContext,
+    MemoryCohortHistory,
+    SqlCohortHistory,
+    dp_counts,
+    parse_spec,
+    run_job,
+)
+from healthspace.compute.guard import decode_ids, encode_ids
+from healthspace.consent.filter import ConsentFilter
+from healthspace.core.db import Database
+
+T2D = {"type": "event", "event": {"domain": "condition", "codes": ["E11"], "match": "prefix"}}
+RULES = DisclosureRules(min_cell_size=10)
+
+
+def target_age(engine: DuckDBEngine) -> float:
+    """The age of one cohort member, found by an attacker who knows when their target was born."""
+    return float(engine.con.execute("SELECT age FROM hs_cohort ORDER BY person_id LIMIT 1").fetchone()[0])  # type: ignore[index]
+
+
+def specs(age: float, analysis: dict[str, Any]) -> tuple[Any, Any]:
+    whole = parse_spec({"version": 1, "cohort": {"inclusion": [T2D]}, "analyses": [analysis]})
+    # Everyone but the target: exclude a tiny age band around them.
+    minus = parse_spec(
+        {
+            "version": 1,
+            "cohort": {
+                "inclusion": [T2D],
+                "exclusion": [{"type": "age", "min_years": age - 1e-6, "max_years": age + 1e-6}],
+            },
+            "analyses": [analysis],
+        }
+    )
+    return whole, minus
+
+
+def attack(
+    engine: DuckDBEngine, consent: ConsentFilter, analysis: dict[str, Any], guard: DifferencingGuard | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    probe = parse_spec(
+        {"version": 1, "cohort": {"inclusion": [T2D]}, "analyses": [{"type": "count", "id": "n"}]}
+    )
+    run_job(probe, engine, consent, RULES, JobContext("probe", "m", "s", "gz"))
+    whole, minus = specs(target_age(engine), analysis)
+    a = run_job(whole, engine, consent, RULES, JobContext("a", "mallory", "s", "gz"), guard=guard)
+    b = run_job(minus, engine, consent, RULES, JobContext("b", "mallory", "s", "gz"), guard=guard)
+    return a.analyses["x"], b.analyses["x"]
+
+
+def test_without_a_guard_the_subset_count_attack_singles_out_the_target(
+    gz_engine: DuckDBEngine, gz_consent: ConsentFilter
+) -> None:
+    a, b = attack(gz_engine, gz_consent, {"type": "count", "id": "x"}, None)
+    assert a["count"] - b["count"] == 1  # the attack works when nothing defends against it
+
+
+def test_without_a_guard_the_subset_mean_attack_reveals_a_value(
+    gz_engine: DuckDBEngine, gz_consent: ConsentFilter
+) -> None:
+    hb = {
+        "type": "measurement_summary",
+        "id": "x",
+        "code": "4548-4",
+        "window": {"from_days": 0, "to_days": 0},
+    }
+    a, b = attack(gz_engine, gz_consent, hb, None)
+    value = a["n"] * a["mean"] - b["n"] * b["mean"]
+    assert 3.0 < value < 15.0
+    assert a["n"] - b["n"] == 1
+
+
+def test_guard_refuses_the_subset_count_attack(gz_engine: DuckDBEngine, gz_consent: ConsentFilter) -> None:
+    guard = DifferencingGuard(MemoryCohortHistory(), 10)
+    with pytest.raises(DisclosureError, match="differs from a recently released one by 1 person"):
+        attack(gz_engine, gz_consent, {"type": "count", "id": "x"}, guard)
+
+
+def test_guard_refuses_the_subset_mean_attack(gz_engine: DuckDBEngine, gz_consent: ConsentFilter) -> None:
+    hb = {
+        "type": "measurement_summary",
+        "id": "x",
+        "code": "4548-4",
+        "window": {"from_days": 0, "to_days": 0},
+    }
+    with pytest.raises(DisclosureError, match="minimum difference"):
+        attack(gz_engine, gz_consent, hb, DifferencingGuard(MemoryCohortHistory(), 10))
+
+
+def test_guard_refuses_differencing_against_a_table_cell(
+    gz_engine: DuckDBEngine, gz_consent: ConsentFilter
+) -> None:
+    """A table by sex, then a count of the men but one: the cohorts differ by hundreds, the cell by one."""
+    guard = DifferencingGuard(MemoryCohortHistory(), 10)
+    tab = parse_spec(
+        {
+            "version": 1,
+            "cohort": {"inclusion": [T2D]},
+            "analyses": [{"type": "stratified_count", "id": "x", "by": [{"var": "sex"}]}],
+        }
+    )
+    run_job(tab, gz_engine, gz_consent, RULES, JobContext("a", "m", "s", "gz"), guard=guard)
+    age = float(
+        gz_engine.con.execute(
+            "SELECT age FROM hs_cohort WHERE sex = 'male' ORDER BY person_id LIMIT 1"
+        ).fetchone()[0]
+    )  # type: ignore[index]
+    men_but_one = parse_spec(
+        {
+            "version": 1,
+            "cohort": {
+                "inclusion": [T2D, {"type": "sex", "sex": "male"}],
+                "exclusion": [{"type": "age", "min_years": age - 1e-6, "max_years": age + 1e-6}],
+            },
+            "analyses": [{"type": "count", "id": "x"}],
+        }
+    )
+    with pytest.raises(DisclosureError, match="by 1 person"):
+        run_job(men_but_one, gz_engine, gz_consent, RULES, JobContext("b", "m", "s", "gz"), guard=guard)
+
+
+def test_guard_allows_repeating_the_same_query(gz_engine: DuckDBEngine, gz_consent: ConsentFilter) -> None:
+    guard = DifferencingGuard(MemoryCohortHistory(), 10)
+    spec = parse_spec(
+        {"version": 1, "cohort": {"inclusion": [T2D]}, "analyses": [{"type": "count", "id": "n"}]}
+    )
+    first = run_job(spec, gz_engine, gz_consent, RULES, JobContext("a", "m", "s", "gz"), guard=guard)
+    assert (
+        run_job(spec, gz_engine, gz_consent, RULES, JobContext("b", "m", "s", "gz"), guard=guard).analyses
+        == first.analyses
+    )
+
+
+def test_minimum_cohort_size_refuses_tiny_cohorts(gz_engine: DuckDBEngine, gz_consent: ConsentFilter) -> None:
+    spec = parse_spec(
+        {
+            "version": 1,
+            "cohort": {"inclusion": [T2D, {"type": "age", "min_years": 93.5}]},
+            "analyses": [{"type": "count", "id": "n"}],
+        }
+    )
+    with pytest.raises(DisclosureError, match="fewer than 10 persons"):
+        run_job(spec, gz_engine, gz_consent, RULES, JobContext("a", "m", "s", "gz"))
+
+
+def test_dp_noise_defeats_the_subset_count_attack() -> None:
+    """With ε = 0.1 per query the attacker's guess of 'target present' is barely better than a coin."""
+    n = 500
+    rng = np.random.default_rng(0)
+    present = rng.integers(0, 2, size=1500)
+    a = np.array(dp_counts([n] * len(present), 0.1))
+    b = np.array(dp_counts([n - int(p) for p in present], 0.1))
+    guess = (a - b) >= 1
+    accuracy = float(np.mean(guess == present.astype(bool)))
+    # Pure ε = 0.2 in total bounds any test's accuracy by e^0.2 / (1 + e^0.2) ≈ 0.55.
+    assert accuracy < 0.58
+
+
+def test_ids_survive_encoding() -> None:
+    ids = np.array([3, 17, 18, 2**62], dtype=np.int64)
+    assert np.array_equal(decode_ids(encode_ids(ids)), ids)
+
+
+def test_sql_history_remembers_across_guards(make_db: Callable[..., Database]) -> None:
+    db = make_db("compute")
+    ids = np.arange(100, dtype=np.int64)
+    DifferencingGuard(SqlCohortHistory(db), 10).record("gz", "m", [ids])
+    fresh = DifferencingGuard(SqlCohortHistory(db), 10)  # e.g. after a restart
+    with pytest.raises(DisclosureError):
+        fresh.check("gz", [ids[1:]])
+    fresh.check("gz", [ids])  # identical: nothing new is revealed
+    fresh.check("other-dataset", [ids[1:]])
