@@ -76,3 +76,47 @@ def test_demo_once_starts_the_space_and_its_self_check_passes(tmp_path: Path) ->
     for p in space["participants"]:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{p['url']}/health", timeout=1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_interactive_demo_and_every_service(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    import httpx
+
+    log = (tmp_path / "demo.log").open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "healthspace",
+            "demo",
+            "--patients",
+            "150",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--base-port",
+            "18760",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while "Ctrl-C" not in (tmp_path / "demo.log").read_text():
+            assert proc.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the demo did not come up in time"
+            time.sleep(0.2)
+        space = json.loads((tmp_path / "d" / "space.json").read_text())
+        urls = [space["authority"]["url"]] + [p["url"] for p in space["participants"]]
+        assert all(httpx.get(f"{u}/health").status_code == 200 for u in urls)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    for u in urls:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{u}/health", timeout=1)
