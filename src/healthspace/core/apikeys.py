@@ -15,11 +15,11 @@ from datetime import datetime
 from enum import StrEnum
 
 from fastapi import Request
-from sqlalchemy import DateTime, String, select
+from sqlalchemy import String, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from healthspace.core.clock import utcnow
-from healthspace.core.db import Base, Database
+from healthspace.core.db import Base, Database, UtcDateTime
 from healthspace.core.errors import AuthenticationError, ForbiddenError
 
 __all__ = ["ApiKeyStore", "IssuedKey", "Role", "StoredKey", "role_guard"]
@@ -42,8 +42,8 @@ class ApiKeyRow(Base):
     digest: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(String(32))
     label: Mapped[str] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 @dataclass(frozen=True)
