@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -12,6 +13,9 @@ from rich.table import Table
 
 from healthspace.core.errors import HealthspaceError
 from healthspace.core.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 __all__ = ["app"]
 
@@ -68,22 +72,27 @@ def authority_init(
         console.print(f"  {role.value:10} API key: {key.secret}   (shown once)")
 
 
-@authority_app.command("serve")
-def authority_serve(
-    data_dir: DataDir,
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8700,
-) -> None:
-    """Run the authority service (HTTP)."""
+def _serve(create_app: Callable[[Settings], FastAPI], data_dir: Path, host: str, port: int) -> None:
     import uvicorn
-
-    from healthspace.authority.app import create_app
 
     try:
         application = create_app(_settings(data_dir))
     except HealthspaceError as exc:
         raise _fail(exc.detail) from None
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+Host = Annotated[str, typer.Option(help="Interface to listen on.")]
+
+
+@authority_app.command("serve")
+def authority_serve(
+    data_dir: DataDir, host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="TCP port.")] = 8700
+) -> None:
+    """Run the authority service (HTTP)."""
+    from healthspace.authority.app import create_app
+
+    _serve(create_app, data_dir, host, port)
 
 
 @authority_app.command("onboard")
@@ -242,20 +251,12 @@ def connector_init(
 
 @connector_app.command("serve")
 def connector_serve(
-    data_dir: DataDir,
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8710,
+    data_dir: DataDir, host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="TCP port.")] = 8710
 ) -> None:
     """Run a connector service (HTTP)."""
-    import uvicorn
-
     from healthspace.connector.app import create_app
 
-    try:
-        application = create_app(_settings(data_dir))
-    except HealthspaceError as exc:
-        raise _fail(exc.detail) from None
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    _serve(create_app, data_dir, host, port)
 
 
 # --- demo and benchmarks --------------------------------------------------------------------------
