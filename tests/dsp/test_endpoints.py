@@ -15,6 +15,7 @@ from healthspace.core.settings import Settings
 from healthspace.identity.keys import SigningKey
 from healthspace.protocol.messages import (
     CatalogRequestMessage,
+    CatalogResponse,
     ContractNegotiation,
     ContractNegotiationError,
     ContractNegotiationEventMessage,
@@ -309,6 +310,15 @@ def test_catalog_pages_are_linked_and_filtered(space: Space, staff: Staff, fresh
         url = r.links.get("next", {}).get("url")
         pages += 1
     assert (sorted(seen), pages) == (ids, 2)
+
+
+def test_a_catalog_with_nothing_matching_is_a_valid_catalog_without_datasets(
+    space: Space, fresh_tck: TckPeer
+) -> None:
+    msg = CatalogRequestMessage(filter=[{"keyword": f"absent-{uuid.uuid4().hex}"}])
+    r = fresh_tck.send(space.connectors[GZ], "POST", "/catalog/request", msg)
+    assert r.status_code == 200, r.text
+    assert parse_as(r.content, CatalogResponse).dataset is None
 
 
 def test_an_unsupported_catalog_filter_is_a_400(space: Space, fresh_tck: TckPeer) -> None:

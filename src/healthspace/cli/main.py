@@ -298,12 +298,14 @@ def bench(
 def _register_optional() -> None:
     """Commands owned by other contexts, mounted here so `healthspace --help` lists them."""
     from healthspace.audit.cli import audit_app
+    from healthspace.cli.dsp import register as register_dsp
     from healthspace.data.cli import data_app
     from healthspace.synth.cli import synth_command
 
     app.add_typer(audit_app, name="audit", help="Export and verify audit logs.")
     app.add_typer(data_app, name="data", help="Load clinical data against a standard; quality; quarantine.")
     app.command("synth")(synth_command)
+    register_dsp(app)
 
 
 _register_optional()

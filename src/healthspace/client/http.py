@@ -153,3 +153,66 @@ class ConnectorClient(_Client):
     def consent_cohort(self, scenario_id: str, data_classes: list[str]) -> int:
         params = {"scenario_id": scenario_id, "data_class": data_classes}
         return int(self._call("GET", "/management/consent/cohort", params=params)["patients"])
+
+    # --- DSP management beyond the basics (datasets, processes, agreements) ---
+
+    def datasets(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/management/datasets")
+        return result
+
+    def request_offer(
+        self,
+        provider_url: str,
+        offer: dict[str, Any],
+        *,
+        provider_id: str | None = None,
+        auto: bool = True,
+    ) -> dict[str, Any]:
+        """Start a negotiation; `auto=False` leaves accepting offers and verifying to a researcher."""
+        body: dict[str, Any] = {"provider_url": provider_url, "offer": offer, "auto": auto}
+        if provider_id is not None:
+            body["provider_id"] = provider_id
+        result: dict[str, Any] = self._call("POST", "/management/negotiations", json=body)
+        return result
+
+    def negotiations(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        params = {"limit": limit, "offset": offset}
+        result: list[dict[str, Any]] = self._call("GET", "/management/negotiations", params=params)
+        return result
+
+    def negotiation_action(
+        self, pid: str, action: str, *, reason: str = "", offer: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """accept, verify, request (counter-request), approve, offer (counter-offer), finalize, reject,
+        terminate; the connector checks the caller's role and the process's state."""
+        body: dict[str, Any] = {"reason": reason}
+        if offer is not None:
+            body["offer"] = offer
+        result: dict[str, Any] = self._call("POST", f"/management/negotiations/{pid}/{action}", json=body)
+        return result
+
+    def agreements(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/management/agreements")
+        return result
+
+    def agreement(self, agreement_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/management/agreements/{agreement_id}")
+        return result
+
+    def retire_agreement(self, agreement_id: str, reason: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "POST", f"/management/agreements/{agreement_id}/retire", json={"reason": reason}
+        )
+        return result
+
+    def transfers(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        params = {"limit": limit, "offset": offset}
+        result: list[dict[str, Any]] = self._call("GET", "/management/transfers", params=params)
+        return result
+
+    def transfer_action(self, pid: str, action: str, *, reason: str = "") -> dict[str, Any]:
+        """start (or resume), suspend, complete, terminate."""
+        result: dict[str, Any] = self._call(
+            "POST", f"/management/transfers/{pid}/{action}", json={"reason": reason}
+        )
+        return result

@@ -386,8 +386,9 @@ def make_dsp_routers(
         return svc.agreement(agreement_id)
 
     @mgmt.post("/agreements/{agreement_id}/retire")
-    def retire_agreement(agreement_id: str, body: ActionBody, svc: Svc, key: Steward) -> AgreementPublic:
-        return svc.retire_agreement(who(key), agreement_id, body.reason)
+    def retire_agreement(agreement_id: str, body: ActionBody, svc: Svc, key: Actor) -> AgreementPublic:
+        """Provider copy: steward or admin; consumer copy: researcher or admin."""
+        return svc.retire_agreement(who(key), agreement_id, body.reason, key.role)
 
     @mgmt.post("/transfers", status_code=201)
     def start_transfer(body: TransferCreate, svc: Svc, key: Researcher) -> TransferPublic:

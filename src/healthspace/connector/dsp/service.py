@@ -82,6 +82,7 @@ from healthspace.protocol.states import (
 )
 
 __all__ = [
+    "AGREEMENT_RETIRED",
     "PULL_FORMAT",
     "AgreementPublic",
     "Approval",
@@ -95,6 +96,8 @@ __all__ = [
 ]
 
 PULL_FORMAT = "HttpData-PULL"
+# Termination code of a transfer ended because its agreement was retired; the receiver retires its copy.
+AGREEMENT_RETIRED = "agreement-retired"
 ENDPOINT_TYPE = "https://w3id.org/idsa/v4.1/HTTP"
 _N, _T = NegotiationState, TransferState
 _P, _C = Role.PROVIDER, Role.CONSUMER
@@ -321,7 +324,8 @@ class DspService:
                         mode="json", exclude_none=True
                     )
                 ],
-                "dataset": [self._dataset_json(r, root=False) for r in page],
+                # DSP: `dataset`, when present, has at least one item; an empty page omits it.
+                "dataset": [self._dataset_json(r, root=False) for r in page] or None,
             }
         )
         return response, len(rows)
@@ -426,8 +430,14 @@ class DspService:
                 reason = _reason_text(msg.code, msg.reason) or "terminated by the counterparty"
             if isinstance(msg, ContractAgreementMessage):
                 self._accept_agreement(tx, row, msg.agreement, caller)
+            accept_why: list[str] = []
             if isinstance(msg, ContractOfferMessage):
+                offered = msg.offer.target
+                if offered is not None and row.dataset_id is not None and offered != row.dataset_id:
+                    raise DspRequestRefusedError("a counter-offer cannot change the dataset")
                 row.offer = _offer_json(msg.offer)
+                if row.dataset_id is not None and msg.offer.target is None:
+                    row.offer["target"] = row.dataset_id
             self.store.move_negotiation(row, target, now, reason)
             if not NEGOTIATION.is_final(target):
                 row.pending = None
@@ -438,8 +448,18 @@ class DspService:
                         row.pending = "finalize"
                     elif target is _N.ACCEPTED and role is _P:
                         row.pending = "agree"
-                    elif target is _N.OFFERED and role is _C and _rules(row.offer) == _rules(previous):
-                        row.pending = "accept"
+                    elif target is _N.OFFERED and role is _C:
+                        # An offer that permits no more than we asked for is one we can live with.
+                        ok, accept_why = policy_acceptable(row.offer, previous)
+                        row.pending = "accept" if ok else None
+            if accept_why and row.pending is None and target is _N.OFFERED:
+                tx.audit(
+                    caller,
+                    "dsp.negotiation.awaiting-acceptance",
+                    pid,
+                    Outcome.SUCCESS,
+                    "; ".join(accept_why)[:1000],
+                )
             if target in (_N.FINALIZED, _N.TERMINATED):
                 tx.audit(
                     caller, f"dsp.negotiation.{target.value.lower()}", pid, Outcome.SUCCESS, reason or ""
@@ -583,6 +603,8 @@ class DspService:
             reason = None
             if isinstance(msg, TransferTerminationMessage | TransferSuspensionMessage):
                 reason = _reason_text(msg.code, msg.reason)
+            if isinstance(msg, TransferTerminationMessage) and msg.code == AGREEMENT_RETIRED:
+                self._retired_by_counterparty(tx, row.agreement_id, caller, reason or "", now)
             if isinstance(msg, TransferStartMessage) and msg.data_address is not None:
                 row.data_address = msg.data_address.model_dump(mode="json", exclude_none=True)
             self.store.move_transfer(row, target, now, reason or None)
@@ -591,6 +613,14 @@ class DspService:
             if target in (_T.COMPLETED, _T.TERMINATED):
                 tx.audit(caller, f"dsp.transfer.{target.value.lower()}", pid, Outcome.SUCCESS, reason or "")
             return _tack(row)
+
+    def _retired_by_counterparty(
+        self, tx: _Tx, agreement_id: str, caller: str, reason: str, now: datetime
+    ) -> None:
+        agreement = self.store.agreement(tx.s, agreement_id)
+        if agreement.retired_at is None:
+            agreement.retired_at, agreement.retired_reason = now, f"retired by {caller}: {reason}"[:1000]
+            tx.audit(caller, "dsp.agreement.retired", agreement_id, Outcome.SUCCESS, reason)
 
     # --- management: datasets ------------------------------------------------------------------------
 
@@ -723,6 +753,8 @@ class DspService:
             target, url = _N.VERIFIED, f"{base}/negotiations/{ppid}/agreement/verification"
         elif role is _C and action == "request":
             new_offer = Offer.model_validate({**(offer or row.offer), "@type": "Offer"})
+            if new_offer.target is None:
+                new_offer = new_offer.model_copy(update={"target": row.dataset_id})
             msg = ContractRequestMessage(provider_pid=ppid, consumer_pid=cpid, offer=new_offer)
             target, url = _N.REQUESTED, f"{base}/negotiations/{ppid}/request"
             row.offer = _offer_json(new_offer)
@@ -871,21 +903,34 @@ class DspService:
         with self.db.session() as s:
             return _agreement_public(self.store.agreement(s, agreement_id))
 
-    def retire_agreement(self, actor: str, agreement_id: str, reason: str) -> AgreementPublic:
-        """Provider: retire an agreement; its live transfers are terminated and no new one starts."""
+    def retire_agreement(
+        self, actor: str, agreement_id: str, reason: str, staff_role: StaffRole | None = None
+    ) -> AgreementPublic:
+        """Retire our copy of an agreement (provider: steward; consumer: researcher; or admin).
+
+        No new transfer starts under it here, and its live transfers are terminated with the code
+        `agreement-retired`, which makes the counterparty retire its copy too (DSP has no message for
+        an agreement's end). An agreement without live transfers is retired on this side only.
+        """
         if not reason:
             raise ValidationError("retiring an agreement needs a reason")
         now = self.clock.now()
         with self._tx() as tx:
             agreement = self.store.agreement(tx.s, agreement_id)
-            if agreement.role != _P.value:
-                raise ForbiddenError("only the provider retires an agreement")
+            role = Role(agreement.role)
+            _authorise(staff_role, role)
             if agreement.retired_at is not None:
                 raise ConflictError(f"agreement {agreement_id!r} is already retired")
             agreement.retired_at, agreement.retired_reason = now, reason
             for t in self.store.transfers(tx.s, limit=10_000):
-                if t.agreement_id == agreement_id and not TRANSFER.is_final(_T(t.state)):
-                    self._transfer_step(tx, t, _P, "terminate", actor, f"agreement retired: {reason}")
+                if t.agreement_id != agreement_id or TRANSFER.is_final(_T(t.state)):
+                    continue
+                why = f"agreement retired: {reason}"
+                if t.provider_pid is None:
+                    # Never acknowledged: nothing to tell the provider; our side just stops.
+                    self.store.move_transfer(t, _T.TERMINATED, now, why)
+                    continue
+                self._transfer_step(tx, t, role, "terminate", actor, why, code=AGREEMENT_RETIRED)
             tx.audit(actor, "dsp.agreement.retired", agreement_id, Outcome.SUCCESS, reason)
             return _agreement_public(agreement)
 
@@ -899,6 +944,8 @@ class DspService:
             agreement = self.store.agreement(tx.s, agreement_id)
             if agreement.role != _C.value:
                 raise ValidationError("only the consumer of an agreement requests transfers under it")
+            if agreement.retired_at is not None:
+                raise ConflictError(f"agreement {agreement_id!r} is retired: {agreement.retired_reason}")
             negotiation = self.store.negotiation(tx.s, agreement.negotiation_id)
             if negotiation.state != _N.FINALIZED.value:
                 raise ConflictError(f"agreement {agreement_id!r} is not finalized yet")
@@ -939,7 +986,15 @@ class DspService:
             return _transfer_public(row)
 
     def _transfer_step(
-        self, tx: _Tx, row: TransferRow, role: Role, action: str, actor: str, reason: str
+        self,
+        tx: _Tx,
+        row: TransferRow,
+        role: Role,
+        action: str,
+        actor: str,
+        reason: str,
+        *,
+        code: str = "terminated",
     ) -> None:
         now = self.clock.now()
         if row.provider_pid is None or row.consumer_pid is None:
@@ -967,7 +1022,7 @@ class DspService:
             target, url = _T.COMPLETED, f"{base}/transfers/{other}/completion"
         elif action == "terminate":
             msg = TransferTerminationMessage(
-                provider_pid=ppid, consumer_pid=cpid, code="terminated", reason=[reason or "terminated"]
+                provider_pid=ppid, consumer_pid=cpid, code=code, reason=[reason or "terminated"]
             )
             target, url = _T.TERMINATED, f"{base}/transfers/{other}/termination"
         else:
