@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import httpx
 import pytest
 
 from healthspace.core.apikeys import Role
+from tests.conftest import temporary_postgres_database
 from tests.dsp.tck_peer import TckPeer, tck_peer
-from tests.support.space import PARTICIPANTS, Node, Space, running_space
+from tests.support.space import AUTHORITY_ID, PARTICIPANTS, Node, Space, running_space
 
 GZ, HKU, TCK = "gz-hospital", "hk-university", "dsp-tck"
 
@@ -27,12 +29,22 @@ OFFER: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="package")
-def space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Space]:
+@pytest.fixture(scope="package", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def space(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Space]:
+    """The whole DSP suite runs twice: every service's control plane on SQLite, then on PostgreSQL."""
     # A third participant plays the DSP TCK: real identity, scripted behaviour (see tck_peer.py).
     participants = {**PARTICIPANTS, TCK: ("DSP TCK stand-in", "service_provider", "HK", [])}
-    with running_space(tmp_path_factory.mktemp("dsp-space"), participants) as s:
-        yield s
+    with ExitStack() as stack:
+        database_url = None
+        if request.param == "postgresql":
+            admin_url = request.getfixturevalue("postgres_admin_url")
+            urls = {
+                p: stack.enter_context(temporary_postgres_database(admin_url))
+                for p in [AUTHORITY_ID, *participants]
+            }
+            database_url = urls.__getitem__
+        root = tmp_path_factory.mktemp(f"dsp-space-{request.param}")
+        yield stack.enter_context(running_space(root, participants, database_url=database_url))
 
 
 Staff = Callable[[str, Role], httpx.Client]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,13 +49,16 @@ def running_space(
     participants: dict[str, tuple[str, str, str, list[str]]] = PARTICIPANTS,
     revocation_max_age_s: float = 0.0,
     patient_prefixes: dict[str, str] | None = None,
+    database_url: Callable[[str], str] | None = None,
 ) -> Iterator[Space]:
     """Start an authority, onboard `participants` through its admin API and start their connectors.
 
-    A participant named in `patient_prefixes` is a hospital with a consent registry.
+    A participant named in `patient_prefixes` is a hospital with a consent registry. `database_url`, given a
+    participant id (or AUTHORITY_ID), names that service's control-plane database; default SQLite files.
     """
     with ExitStack() as stack:
-        auth_settings = Settings(data_dir=root / "authority")
+        db_for = database_url or (lambda _: None)
+        auth_settings = Settings(data_dir=root / "authority", database_url=db_for(AUTHORITY_ID))
         auth_keys = init_authority(auth_settings, AUTHORITY_ID, "Test Authority")
         auth_url = stack.enter_context(serve(create_authority(auth_settings)))
         authority = Node(
@@ -67,7 +70,9 @@ def running_space(
         nodes: dict[str, Node] = {}
         for pid, (name, ptype, jurisdiction, roles) in participants.items():
             sock = bind_loopback()
-            settings = Settings(data_dir=root / pid, revocation_max_age_s=revocation_max_age_s)
+            settings = Settings(
+                data_dir=root / pid, revocation_max_age_s=revocation_max_age_s, database_url=db_for(pid)
+            )
             config = ConnectorConfig(
                 participant_id=pid,
                 legal_name=name,
