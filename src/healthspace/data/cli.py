@@ -1,7 +1,10 @@
-"""`healthspace data`: create a clinical store, ingest FHIR, read validation and quality reports."""
+"""`healthspace data`: stores, FHIR ingestion, reports, quality; signed provenance and dataset lifecycle."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -10,13 +13,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from healthspace.audit.log import AuditLog
+from healthspace.core.db import Database
 from healthspace.core.errors import HealthspaceError
+from healthspace.core.settings import Settings
 from healthspace.data import quarantine
 from healthspace.data.ingest import IngestReport, ingest_bundle, ingest_ndjson
 from healthspace.data.keys import LocalKeyStore
 from healthspace.data.profile import StandardProfile, default_profile, load_profile
 from healthspace.data.quality import run_quality
+from healthspace.data.service import DataService, DatasetStatus
+from healthspace.data.states import DatasetState
 from healthspace.data.store import ClinicalStore
+from healthspace.identity.keys import SigningKey
 
 __all__ = ["data_app"]
 
@@ -222,3 +231,295 @@ def quality(
             f"{c.threshold:g}",
         )
     console.print(t)
+
+
+# --- registered datasets: signed provenance and lifecycle (need the connector's database and key) ---
+
+DataDir = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        help="The connector's data directory (database, signing key).",
+        envvar="HEALTHSPACE_DATA_DIR",
+    ),
+]
+RootOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--root",
+        help="Directory of the datasets (default: <data-dir>/clinical).",
+        envvar="HEALTHSPACE_CLINICAL_ROOT",
+    ),
+]
+OrgOpt = Annotated[
+    str,
+    typer.Option(
+        "--organisation", help="Participant id named in provenance.", envvar="HEALTHSPACE_PARTICIPANT_ID"
+    ),
+]
+ActorOpt = Annotated[
+    str, typer.Option("--actor", help="Who acts (kept in the audit log).", envvar="HEALTHSPACE_ACTOR")
+]
+SigningKeyOpt = Annotated[
+    Path | None, typer.Option("--signing-key", help="Ed25519 key file (default: <data-dir>/participant.key).")
+]
+Dataset = Annotated[str, typer.Argument(help="Dataset id.")]
+
+
+@contextlib.contextmanager
+def _service(
+    data_dir: Path, root: Path | None, keys: Path, organisation: str, signing_key: Path | None
+) -> Iterator[DataService]:
+    """The data service over the connector's database. Run it while the connector is stopped: the audit
+    log has one writer per database."""
+    settings = Settings(data_dir=data_dir)
+    key = SigningKey.load(signing_key or data_dir / "participant.key", settings.key_encryption_key())
+    db = Database(settings.database_url_for("connector"), branches=["audit", "data"])
+    audit = None
+    try:
+        audit = AuditLog(db, key)
+        yield DataService(
+            db, audit, key, LocalKeyStore(keys), root or data_dir / "clinical", organisation=organisation
+        )
+    finally:
+        if audit is not None:
+            audit.close()
+        db.dispose()
+
+
+def _print_status(s: DatasetStatus, as_json: bool) -> None:
+    if as_json:
+        console.print_json(orjson.dumps(s.__dict__).decode())
+        return
+    until = f", retained until {s.retain_until.isoformat()}" if s.retain_until else ""
+    console.print(
+        f"dataset [bold]{s.dataset_id}[/bold]: {s.state.value}{until} (since {s.updated_at.isoformat()} by "
+        f"{s.updated_by}); next: {', '.join(s.allowed_moves) or 'none (final)'}"
+    )
+
+
+@data_app.command("register")
+def register(
+    dataset: Dataset,
+    keys: KeyDir,
+    data_dir: DataDir = Path(".healthspace"),
+    root: RootOpt = None,
+    organisation: OrgOpt = "local",
+    actor: ActorOpt = "cli",
+    signing_key: SigningKeyOpt = None,
+    create: Annotated[bool, typer.Option("--create", help="Create an empty store for it.")] = False,
+) -> None:
+    """Register a dataset for lifecycle management (its store is <root>/live/DATASET)."""
+    try:
+        with _service(data_dir, root, keys, organisation, signing_key) as svc:
+            s = svc.create_dataset(dataset, actor=actor) if create else svc.adopt(dataset, actor=actor)
+    except HealthspaceError as exc:
+        raise _fail(exc) from None
+    _print_status(s, False)
+
+
+@data_app.command("load")
+def load(
+    dataset: Dataset,
+    files: Annotated[list[Path], typer.Argument(help="FHIR NDJSON files (one batch), or Bundle JSON files.")],
+    keys: KeyDir,
+    source_system: Annotated[str, typer.Option("--source-system", help="The system the export came from.")],
+    data_dir: DataDir = Path(".healthspace"),
+    root: RootOpt = None,
+    organisation: OrgOpt = "local",
+    actor: ActorOpt = "cli",
+    signing_key: SigningKeyOpt = None,
+    bundle: Annotated[bool, typer.Option("--bundle", help="Files are FHIR Bundles.")] = False,
+    profile: ProfileOpt = None,
+    as_json: AsJson = False,
+) -> None:
+    """Ingest into a registered dataset and record signed provenance (audited)."""
+    try:
+        with _service(data_dir, root, keys, organisation, signing_key) as svc:
+            reports = svc.ingest(
+                dataset,
+                files,
+                actor=actor,
+                source_system=source_system,
+                bundle=bundle,
+                standard=_profile(profile),
+            )
+    except HealthspaceError as exc:
+        raise _fail(exc) from None
+    for r in reports:
+        _print_report(r, as_json)
+
+
+@data_app.command("status")
+def status(
+    keys: KeyDir,
+    dataset: Annotated[str | None, typer.Argument(help="Dataset id (default: all).")] = None,
+    data_dir: DataDir = Path(".healthspace"),
+    root: RootOpt = None,
+    organisation: OrgOpt = "local",
+    signing_key: SigningKeyOpt = None,
+    as_json: AsJson = False,
+) -> None:
+    """Lifecycle state, allowed moves and retention date of one or every registered dataset."""
+    try:
+        with _service(data_dir, root, keys, organisation, signing_key) as svc:
+            found = [svc.status(dataset)] if dataset else svc.datasets()
+    except HealthspaceError as exc:
+        raise _fail(exc) from None
+    for s in found:
+        _print_status(s, as_json)
+
+
+@data_app.command("move")
+def move(
+    dataset: Dataset,
+    target: Annotated[DatasetState, typer.Argument(help="curated, published, suspended or acquired.")],
+    keys: KeyDir,
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit log).")] = "",
+    data_dir: DataDir = Path(".healthspace"),
+    root: RootOpt = None,
+    organisation: OrgOpt = "local",
+    actor: ActorOpt = "cli",
+    signing_key: SigningKeyOpt = None,
+) -> None:
+    """Move a dataset in its lifecycle (curate, publish, suspend, resume, unpublish, reopen)."""
+    try:
+        with _service(data_dir, root, keys, organisation, signing_key) as svc:
+            s = svc.transition(dataset, target, actor=actor, reason=reason)
+    except HealthspaceError as exc:
+        raise _fail(exc) from None
+    _print_status(s, False)
+
+
+@data_app.command("archive")
+def archive(
+    dataset: Dataset,
+    keys: KeyDir,
+    retain_until: Annotated[
+        datetime, typer.Option("--retain-until", help="End of retention (ISO date/time; UTC if no zone).")
+    ],
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit log).")] = "",
+    data_dir: DataDir = Path(".healthspace"),
+    root: RootOpt = None,
+    organisation: OrgOpt = "local",
+    actor: ActorOpt = "cli",
+    signing_key: SigningKeyOpt = None,
+) -> None:
+    """Archive a dataset (compacted, encrypted) until a retention date; it is destroyed when that passes."""
+    until = retain_until if retain_until.tzinfo else retain_until.replace(tzinfo=UTC)
+    try:
+        with _service(data_dir, root, keys, organisation, signing_key) as svc:
+            s = svc.archive(dataset, actor=actor, retain_until=until, reason=reason)
+    except HealthspaceError as exc:
+        raise _fail(exc) from None
+    _print_status(s, False)
+
+
+@data_app.command("restore")
+def restore(
+    dataset: Dataset,
+    keys: KeyDir,
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit log).")] = "",
+    data_dir: DataDir = Path(".healthspace"),
+    root: RootOpt = None,
+    organisation: OrgOpt = "local",
+    actor: ActorOpt = "cli",
+    signing_key: SigningKeyOpt = None,
+) -> None:
+    """Restore an archived dataset to a live store (state curated), checking its content."""
+    try:
+        with _service(data_dir, root, keys, organisation, signing_key) as svc:
+            s = svc.restore(dataset, actor=actor, reason=reason)
+    except HealthspaceError as exc:
+        raise _fail(exc) from None
+    _print_status(s, False)
+
+
+@data_app.command("destroy")
+def destroy(
+    dataset: Dataset,
+    keys: KeyDir,
+    reason: Annotated[str, typer.Option("--reason", help="Why (in the certificate and the audit log).")],
+    yes: Annotated[bool, typer.Option("--yes", help="Confirm: this cannot be undone.")] = False,
+    data_dir: DataDir = Path(".healthspace"),
+    root: RootOpt = None,
+    organisation: OrgOpt = "local",
+    actor: ActorOpt = "cli",
+    signing_key: SigningKeyOpt = None,
+) -> None:
+    """Crypto-shred a dataset (key destroyed, files deleted) and print the signed destruction certificate."""
+    if not yes:
+        err.print("[red]Refused:[/red] destruction cannot be undone; add --yes")
+        raise typer.Exit(code=1)
+    try:
+        with _service(data_dir, root, keys, organisation, signing_key) as svc:
+            cert = svc.destroy(dataset, actor=actor, reason=reason)
+    except HealthspaceError as exc:
+        raise _fail(exc) from None
+    doc = {
+        "certificate": cert.document,
+        "signature": cert.signature_b64,
+        "key_id": cert.key_id,
+        "public_key": cert.public_key,
+    }
+    console.print_json(orjson.dumps(doc).decode())
+
+
+@data_app.command("erase-patient")
+def erase_patient(
+    dataset: Dataset,
+    keys: KeyDir,
+    reason: Annotated[str, typer.Option("--reason", help="Legal basis (kept in the audit log).")],
+    patient: Annotated[str | None, typer.Option("--patient", help="FHIR Patient id.")] = None,
+    person: Annotated[int | None, typer.Option("--person", help="OMOP person_id.")] = None,
+    data_dir: DataDir = Path(".healthspace"),
+    root: RootOpt = None,
+    organisation: OrgOpt = "local",
+    actor: ActorOpt = "cli",
+    signing_key: SigningKeyOpt = None,
+    as_json: AsJson = False,
+) -> None:
+    """Erase one patient from every table of a dataset (right to erasure, withdrawal with deletion)."""
+    try:
+        with _service(data_dir, root, keys, organisation, signing_key) as svc:
+            r = svc.erase_patient(dataset, actor=actor, reason=reason, patient_id=patient, person_id=person)
+    except HealthspaceError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        console.print_json(orjson.dumps({**r.__dict__, "total": r.total}).decode())
+        return
+    rows = ", ".join(f"{t}={n}" for t, n in r.rows_removed.items()) or "no rows"
+    console.print(
+        f"erased {r.subject} from {r.dataset_id}: {rows}; quarantine {r.quarantine_removed}; "
+        f"{r.files_rewritten} file(s) rewritten"
+    )
+
+
+@data_app.command("provenance")
+def provenance(
+    dataset: Dataset,
+    keys: KeyDir,
+    batch: Annotated[str | None, typer.Option("--batch", help="One batch only.")] = None,
+    data_dir: DataDir = Path(".healthspace"),
+    root: RootOpt = None,
+    organisation: OrgOpt = "local",
+    signing_key: SigningKeyOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the Bundle here instead of stdout.")
+    ] = None,
+) -> None:
+    """Export the dataset's signed provenance as a FHIR R4 Bundle of Provenance resources."""
+    try:
+        with _service(data_dir, root, keys, organisation, signing_key) as svc:
+            resources = svc.provenance(dataset, batch)
+    except HealthspaceError as exc:
+        raise _fail(exc) from None
+    body = orjson.dumps(
+        {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]},
+        option=orjson.OPT_INDENT_2,
+    )
+    if out is not None:
+        out.write_bytes(body)
+        console.print(f"wrote {len(resources)} Provenance resource(s) to {out.name}")
+    else:
+        typer.echo(body.decode())

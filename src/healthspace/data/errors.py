@@ -5,6 +5,8 @@ from __future__ import annotations
 from healthspace.core.errors import ConflictError, HealthspaceError, NotFoundError
 
 __all__ = [
+    "DatasetDestroyedError",
+    "DatasetUnavailableError",
     "KeyUnavailableError",
     "StoreBusyError",
     "StoreCorruptError",
@@ -45,3 +47,18 @@ class StoreBusyError(ConflictError):
 
     code = "store-busy"
     title = "Clinical store is busy"
+
+
+class DatasetUnavailableError(ConflictError):
+    """The dataset's state does not allow this (reading an archived one, ingesting a published one)."""
+
+    code = "dataset-unavailable"
+    title = "Dataset not available in its current state"
+
+
+class DatasetDestroyedError(HealthspaceError):
+    """The dataset was destroyed (crypto-shredded); nothing of it can be read again."""
+
+    status = 410
+    code = "dataset-destroyed"
+    title = "Dataset destroyed"

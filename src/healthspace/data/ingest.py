@@ -30,6 +30,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from healthspace.core.clock import utcnow
 from healthspace.core.errors import ValidationError
+from healthspace.core.ids import person_id_for
 from healthspace.data.fhir import FHIR_R4_RESOURCE_TYPES, MAPPERS, NOT_CLINICAL, STAGING, SYSTEMS
 from healthspace.data.profile import StandardProfile, default_profile
 from healthspace.data.schema import (
@@ -55,20 +56,6 @@ _LOINC = "http://loinc.org"
 BUNDLE_TYPES = frozenset({"transaction", "batch", "collection"})
 
 Record = tuple[int, int, bytes]  # (source index, line or entry number from 1, raw JSON)
-
-
-def person_id_for(patient_id: str) -> int:
-    """The OMOP `person_id` of FHIR `Patient/<patient_id>` (same function as the store's SQL `hs_key`)."""
-    return fhir_key(f"Patient/{patient_id}")
-
-
-def fhir_key(type_and_id: str) -> int:
-    """Natural key of a FHIR resource as a positive 63-bit integer: first 8 bytes of MD5, little-endian, >> 1.
-
-    MD5 here is a stable hash for ids, not a security control; collisions at 10^7 rows are ~10^-5 likely.
-    """
-    digest = hashlib.md5(type_and_id.encode(), usedforsecurity=False).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class IngestReport(BaseModel):

@@ -43,7 +43,7 @@ from healthspace.data.errors import StoreBusyError, StoreCorruptError, StoreNotF
 from healthspace.data.keys import KeyStore, new_data_key
 from healthspace.data.schema import CDM_TABLES, arrow_schema
 
-__all__ = ["QUARANTINE_SCHEMA", "BatchWriter", "ClinicalStore"]
+__all__ = ["QUARANTINE_SCHEMA", "BatchWriter", "ClinicalStore", "Rewriter"]
 
 FORMAT = "healthspace-clinical-store/1"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -105,6 +105,11 @@ class _Crypto:
         props = self._factory.file_encryption_properties(self._kms, self._enc)
         pq.write_table(table, path, encryption_properties=props, compression="zstd")
 
+    def writer(self, path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+        """A streaming writer of one encrypted file (bounded memory for whole-table copies)."""
+        props = self._factory.file_encryption_properties(self._kms, self._enc)
+        return pq.ParquetWriter(path, schema, encryption_properties=props, compression="zstd")
+
 
 def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
@@ -118,6 +123,11 @@ def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 @dataclass
@@ -274,28 +284,97 @@ class ClinicalStore:
     # --- writing -----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def batch(self, batch_id: str) -> Iterator[BatchWriter]:
-        """Write one batch atomically: commit on normal exit of the block, discard on any exception."""
+    def locked(self) -> Iterator[None]:
+        """Hold the writer lock (and see the newest committed manifest) for the block."""
         lock = (self.path / ".lock").open("a+")
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
             raise StoreBusyError("another process is writing to this store") from None
-        writer = BatchWriter(self, batch_id)
         try:
             self._reload_locked()
-            self._collect_garbage(keep=batch_id)
-            yield writer
-            if writer.record is None:
-                raise RuntimeError("batch ended without a record; call finish()")
-            writer._commit()
-        except BaseException:
-            shutil.rmtree(writer.dir, ignore_errors=True)
-            raise
+            yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
             lock.close()
+
+    @contextlib.contextmanager
+    def batch(self, batch_id: str) -> Iterator[BatchWriter]:
+        """Write one batch atomically: commit on normal exit of the block, discard on any exception."""
+        with self.locked():
+            writer = BatchWriter(self, batch_id)
+            try:
+                self._collect_garbage(keep=batch_id)
+                yield writer
+                if writer.record is None:
+                    raise RuntimeError("batch ended without a record; call finish()")
+                writer._commit()
+            except BaseException:
+                shutil.rmtree(writer.dir, ignore_errors=True)
+                raise
+
+    @contextlib.contextmanager
+    def rewrite(self, op_id: str, record: dict[str, Any]) -> Iterator[Rewriter]:
+        """Replace committed segments atomically (erasure): the new manifest lists the rewritten files in
+        place of the old ones, and the old files are deleted only after that manifest is committed."""
+        with self.locked():
+            writer = Rewriter(self, op_id, record)
+            try:
+                self._collect_garbage(keep=op_id)
+                yield writer
+                writer._commit()
+            except BaseException:
+                shutil.rmtree(writer.dir, ignore_errors=True)
+                raise
+
+    def segment_files(self, table: str) -> list[str]:
+        """Committed files of `table` (or `quarantine`), relative to the store directory."""
+        if table == "quarantine":
+            return list(self._m.doc["quarantine"])
+        return list(self._m.tables[table])
+
+    def read_file(self, rel: str, schema: pa.Schema) -> pa.Table:
+        """One committed segment, decrypted into memory."""
+        return pads.dataset([str(self.path / rel)], schema=schema, format=self._crypto.read_format).to_table()
+
+    def export_compacted(self, dest: Path, extra: dict[str, Any]) -> None:
+        """Write a compacted copy of the store (one encrypted file per table, same data key) to `dest`.
+
+        `dest` must not exist; the copy appears there atomically (written beside it, then renamed). Its
+        manifest is the live one with the new file lists and `extra` merged in, under the same MAC, so
+        `ClinicalStore.open(dest)` reads it like any store.
+        """
+        dest = Path(dest)
+        if dest.exists():
+            raise ConflictError(f"{dest.name} already exists")
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+        (tmp / "segments" / "compacted").mkdir(parents=True)
+        try:
+            doc = orjson.loads(orjson.dumps(self._m.doc))
+            for table in [*CDM_TABLES, "quarantine"]:
+                schema = QUARANTINE_SCHEMA if table == "quarantine" else arrow_schema(table)
+                files: list[str] = []
+                if self.segment_files(table):
+                    rel = f"segments/compacted/{table}-00001.parquet"
+                    ds = self.dataset(table)
+                    with self._crypto.writer(tmp / rel, schema) as w:
+                        for b in ds.to_batches():
+                            w.write_batch(b)
+                    _fsync_file(tmp / rel)
+                    files = [rel]
+                if table == "quarantine":
+                    doc["quarantine"] = files
+                else:
+                    doc["tables"][table] = files
+            doc.update(extra)
+            doc["revision"] += 1
+            doc["mac"] = self._mac(doc)
+            _write_json_atomic(tmp / "manifest.json", doc)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def _reload_locked(self) -> None:
         """Pick up batches another process committed since we opened (we hold the lock now)."""
@@ -400,4 +479,56 @@ class BatchWriter:
         doc["revision"] += 1
         self.store._save(doc)
         # Segments of a replaced derived table are no longer listed anywhere: remove them now.
+        self.store._collect_garbage(keep="")
+
+
+class Rewriter:
+    """Collects replacements of committed segments; `ClinicalStore.rewrite` commits or discards them."""
+
+    def __init__(self, store: ClinicalStore, op_id: str, record: dict[str, Any]) -> None:
+        if not _ID.match(op_id):
+            raise ValidationError(f"invalid operation id {op_id!r}")
+        self.store = store
+        self.op_id = op_id
+        self.record = record
+        self.dir = store.path / "segments" / op_id
+        self.dir.mkdir(parents=True, exist_ok=False)
+        self._replacements: dict[str, str | None] = {}
+        self.updates: dict[str, Any] = {}  # top-level manifest fields to set in the same commit
+        self._n = 0
+
+    def replace(self, table: str, old: str, rows: pa.Table) -> None:
+        """Let `rows` stand where the committed file `old` of `table` stood (no rows: drop the file)."""
+        if old not in self.store.segment_files(table):
+            raise ValidationError(f"{old} is not a committed file of {table}")
+        if rows.num_rows == 0:
+            self._replacements[old] = None
+            return
+        self._n += 1
+        rel = f"segments/{self.op_id}/{table}-{self._n:05d}.parquet"
+        self.store._crypto.write(rows, self.store.path / rel)
+        _fsync_file(self.store.path / rel)
+        self._replacements[old] = rel
+
+    def _swap(self, files: list[str]) -> list[str]:
+        out = []
+        for f in files:
+            new = self._replacements.get(f, f)
+            if new is not None:
+                out.append(new)
+        return out
+
+    def files_after(self, table: str) -> list[str]:
+        """The files `table` will have once this rewrite commits."""
+        return self._swap(self.store.segment_files(table))
+
+    def _commit(self) -> None:
+        doc = orjson.loads(orjson.dumps(self.store._m.doc))
+        doc["tables"] = {t: self._swap(fs) for t, fs in doc["tables"].items()}
+        doc["quarantine"] = self._swap(doc["quarantine"])
+        doc.update(self.updates)
+        doc.setdefault("rewrites", []).append(self.record)
+        doc["revision"] += 1
+        self.store._save(doc)
+        # The replaced files are listed nowhere now; delete them (and an empty op directory).
         self.store._collect_garbage(keep="")
