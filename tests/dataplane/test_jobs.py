@@ -1,0 +1,252 @@
+"""The data-plane job API: same answer as run_job and pandas, policy and token refusals, lifecycle."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from healthspace.audit.models import Outcome
+from healthspace.compute import DuckDBEngine, JobContext, parse_spec, run_job
+from healthspace.connector.dataplane import JobState, data_classes_of, rules_from_policy
+from healthspace.connector.dsp.dataplane import mint_access_token
+from healthspace.data.keys import LocalKeyStore
+from healthspace.data.store import ClinicalStore
+from healthspace.identity.keys import SigningKey
+from healthspace.lab import verify_envelope
+from tests.dataplane.provider import CONSUMER, SCENARIO, Provider
+
+E11 = {"type": "event", "event": {"domain": "condition", "codes": ["E11"], "match": "prefix"}}
+COUNT_SPEC: dict[str, Any] = {
+    "version": 1,
+    "cohort": {"inclusion": [E11]},
+    "analyses": [
+        {"type": "count", "id": "n"},
+        {"type": "stratified_count", "id": "by_sex", "by": [{"var": "sex"}]},
+    ],
+}
+DP_SPEC: dict[str, Any] = {
+    "version": 1,
+    "cohort": {"inclusion": [E11]},
+    "analyses": [{"type": "count", "id": "n"}],
+    "privacy": {"epsilon": 0.6},
+}
+GLM_SPEC: dict[str, Any] = {
+    "version": 1,
+    "analyses": [
+        {
+            "type": "glm",
+            "id": "m",
+            "family": "gaussian",
+            "outcome": {"kind": "age"},
+            "covariates": [{"kind": "male"}],
+        }
+    ],
+}
+
+
+def post_job(p: Provider, token: str, spec: dict[str, Any], scenario: str = SCENARIO) -> httpx.Response:
+    return httpx.post(
+        f"{p.url}/dataplane/jobs",
+        json={"scenario": scenario, "spec": spec},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+
+
+def entries(p: Provider, action: str) -> list[Any]:
+    return [e for e in p.audit_entries() if e.action == action]
+
+
+@pytest.fixture(scope="module")
+def gz(providers: dict[str, Provider]) -> Provider:
+    p = providers["gz"]
+    for agreement_id, terms in {
+        "agr-plain": {},
+        "agr-dp": {"epsilon": 1.0},
+        "agr-once": {"max_uses": 1},
+        "agr-glm": {},
+    }.items():
+        p.add_agreement(agreement_id, **terms)
+    p.add_agreement("agr-other-consumer", consumer="sg-pharma")
+    return p
+
+
+def test_job_through_the_api_equals_run_job_directly(gz: Provider) -> None:
+    r = post_job(gz, gz.token("agr-plain"), COUNT_SPEC)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    spec = parse_spec(COUNT_SPEC)
+    consent = gz.consent.cohort(SCENARIO, data_classes_of(spec), actor="test", at=gz.clock.now())
+    rules = rules_from_policy(gz.agreements["agr-plain"].policy)
+    with ClinicalStore.open(gz.store_path, LocalKeyStore(gz.keys_dir)) as store:
+        direct = run_job(
+            spec, DuckDBEngine(store.connect()), consent, rules, JobContext("x", CONSUMER, SCENARIO, "d")
+        )
+    assert job["state"] == "SUCCEEDED"
+    assert job["signed"]["payload"]["result"]["analyses"] == direct.analyses
+
+
+def test_job_count_equals_pandas_ground_truth_with_consent_applied(gz: Provider) -> None:
+    job = post_job(gz, gz.token("agr-plain"), COUNT_SPEC).json()
+    cohort = gz.with_condition("E11") & gz.consenting_ids()
+    analyses = job["signed"]["payload"]["result"]["analyses"]
+    assert analyses["n"]["count"] == len(cohort)
+    assert analyses["by_sex"]["total"] == len(cohort)
+    sexes = gz.sex_of(cohort)
+    assert dict(zip(analyses["by_sex"]["levels"][0], analyses["by_sex"]["counts"], strict=True)) == sexes
+
+
+def test_consent_registry_cohort_is_the_synth_consent_truth(gz: Provider) -> None:
+    got = gz.consent.cohort(SCENARIO, ["demographics", "conditions"], actor="test", at=gz.clock.now())
+    assert {int(i) for i in got.person_ids.to_pylist()} == gz.store_ids(gz.consenting_ids())
+
+
+def test_result_is_signed_by_the_provider_key(gz: Provider) -> None:
+    job = post_job(gz, gz.token("agr-plain"), COUNT_SPEC).json()
+    payload = verify_envelope(job["signed"], gz.key.public_key_b64)
+    assert (payload["job_id"], payload["agreement_id"], payload["consumer"]) == (
+        job["id"],
+        "agr-plain",
+        CONSUMER,
+    )
+
+
+def test_tampered_result_fails_verification(gz: Provider) -> None:
+    job = post_job(gz, gz.token("agr-plain"), COUNT_SPEC).json()
+    job["signed"]["payload"]["result"]["analyses"]["n"]["count"] += 1
+    with pytest.raises(Exception, match="signature"):
+        verify_envelope(job["signed"], gz.key.public_key_b64)
+
+
+def test_successful_job_is_audited_with_scenario_agreement_and_job(gz: Provider) -> None:
+    job = post_job(gz, gz.token("agr-plain"), COUNT_SPEC).json()
+    runs = [e for e in entries(gz, "dataplane.job.run") if e.subject == f"job:{job['id']}"]
+    decided = [e for e in entries(gz, "dataplane.job.decide") if e.subject == f"job:{job['id']}"]
+    assert [(e.outcome, e.scenario_id, e.agreement_id) for e in runs] == [
+        (Outcome.SUCCESS, SCENARIO, "agr-plain")
+    ]
+    assert [e.outcome for e in decided] == [Outcome.ALLOWED]
+
+
+def test_wrong_scenario_is_refused_403_with_reasons_and_audited(gz: Provider) -> None:
+    r = post_job(gz, gz.token("agr-plain"), COUNT_SPEC, scenario="marketing-analytics")
+    assert r.status_code == 403
+    problem = r.json()
+    assert problem["code"] == "policy-denied"
+    assert any("purpose" in reason for reason in problem["reasons"])
+    denied = [e for e in entries(gz, "dataplane.job.decide") if e.subject == f"job:{problem['job_id']}"]
+    assert [(e.outcome, e.agreement_id) for e in denied] == [(Outcome.DENIED, "agr-plain")]
+
+
+def test_refused_job_is_recorded_refused(gz: Provider) -> None:
+    token = gz.token("agr-plain")
+    problem = post_job(gz, token, COUNT_SPEC, scenario="marketing-analytics").json()
+    r = httpx.get(
+        f"{gz.url}/dataplane/jobs/{problem['job_id']}", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert (r.json()["state"], r.json()["reason"] != "") == ("REFUSED", True)
+
+
+def test_exhausted_privacy_budget_is_refused_403(gz: Provider) -> None:
+    first = post_job(gz, gz.token("agr-dp"), DP_SPEC)
+    second = post_job(gz, gz.token("agr-dp"), DP_SPEC)
+    assert first.status_code == 200, first.text
+    assert first.json()["epsilon"] == pytest.approx(0.6)
+    assert second.status_code == 403
+    assert any("privacy budget" in reason for reason in second.json()["reasons"]), second.text
+
+
+def test_use_count_limit_is_refused_after_the_last_use(gz: Provider) -> None:
+    assert post_job(gz, gz.token("agr-once"), COUNT_SPEC).status_code == 200
+    assert post_job(gz, gz.token("agr-once"), COUNT_SPEC).status_code == 403
+
+
+def test_forged_token_is_401_and_audited(gz: Provider) -> None:
+    forged = mint_access_token(
+        SigningKey.generate(), gz.id, CONSUMER, "agr-plain", "tr-agr-plain", gz.clock.now()
+    )
+    before = len(entries(gz, "dataplane.authenticate"))
+    r = post_job(gz, forged, COUNT_SPEC)
+    assert r.status_code == 401
+    assert len(entries(gz, "dataplane.authenticate")) == before + 1
+
+
+def test_expired_token_is_401(gz: Provider) -> None:
+    old = mint_access_token(
+        gz.key, gz.id, CONSUMER, "agr-plain", "tr-agr-plain", gz.clock.now() - timedelta(minutes=30)
+    )
+    r = post_job(gz, old, COUNT_SPEC)
+    assert r.status_code == 401
+    assert "expired" in r.json()["detail"]
+
+
+def test_missing_token_is_401(gz: Provider) -> None:
+    r = httpx.post(f"{gz.url}/dataplane/jobs", json={"scenario": SCENARIO, "spec": COUNT_SPEC})
+    assert r.status_code == 401
+
+
+def test_token_naming_another_consumers_agreement_is_403(gz: Provider) -> None:
+    r = post_job(gz, gz.token("agr-other-consumer", consumer=CONSUMER), COUNT_SPEC)
+    assert r.status_code == 403
+
+
+def test_transfer_not_started_is_403(gz: Provider) -> None:
+    gz.add_agreement("agr-suspended")
+    gz.transfers["tr-agr-suspended"] = type(gz.transfers["tr-agr-suspended"])(
+        "tr-agr-suspended", "agr-suspended", "SUSPENDED"
+    )
+    r = post_job(gz, gz.token("agr-suspended"), COUNT_SPEC)
+    assert r.status_code == 403
+    assert "SUSPENDED" in r.json()["detail"]
+
+
+def test_job_of_another_agreement_is_not_found(gz: Provider) -> None:
+    job = post_job(gz, gz.token("agr-plain"), COUNT_SPEC).json()
+    r = httpx.get(
+        f"{gz.url}/dataplane/jobs/{job['id']}", headers={"Authorization": f"Bearer {gz.token('agr-glm')}"}
+    )
+    assert r.status_code == 404
+
+
+def test_invalid_spec_is_a_422_problem_not_500(gz: Provider) -> None:
+    r = post_job(gz, gz.token("agr-plain"), {"version": 2, "analyses": []})
+    assert r.status_code == 422
+    assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_cancelling_a_finished_job_is_409(gz: Provider) -> None:
+    token = gz.token("agr-plain")
+    job = post_job(gz, token, COUNT_SPEC).json()
+    r = httpx.post(
+        f"{gz.url}/dataplane/jobs/{job['id']}/cancel", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert r.status_code == 409
+
+
+def test_glm_from_cn_gd_without_export_approval_is_refused(gz: Provider) -> None:
+    r = post_job(gz, gz.token("agr-glm"), GLM_SPEC)
+    assert r.status_code == 403
+    assert any("export approval" in reason for reason in r.json()["reasons"])
+
+
+def test_glm_session_opens_running_and_cancels(providers: dict[str, Provider]) -> None:
+    hk = providers["hk"]  # domestic for the HK consumer: no export approval needed
+    hk.add_agreement("agr-glm-session")
+    token = hk.token("agr-glm-session")
+    opened = post_job(hk, token, GLM_SPEC)
+    assert opened.status_code == 200, opened.text
+    job = opened.json()
+    cancelled = httpx.post(
+        f"{hk.url}/dataplane/jobs/{job['id']}/cancel", headers={"Authorization": f"Bearer {token}"}
+    )
+    step = httpx.post(
+        f"{hk.url}/dataplane/glm/{job['id']}",
+        json={"analysis": "m", "beta": [0.0, 0.0]},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert (job["state"], job["glm"]["m"]["n_params"]) == ("RUNNING", 2)
+    assert cancelled.json()["state"] == JobState.CANCELLED
+    assert step.status_code == 409
