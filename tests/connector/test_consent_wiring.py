@@ -68,7 +68,9 @@ def test_a_patient_withdrawal_leaves_the_next_cohort_at_once(space: Space, popul
     )
     before = _cohort(space)
     with _staff(space, Role.STEWARD) as c:
-        token = c.post(f"/management/consent/patients/{person}/tokens", json={"ttl_days": 1}).json()["token"]
+        token = c.post(f"/management/consent/patients/gz-pat-{person}/tokens", json={"ttl_days": 1}).json()[
+            "token"
+        ]
     node = space.connectors[GZ]
     with httpx.Client(base_url=node.url, headers={"Authorization": f"Bearer {token}"}) as patient:
         mine = {s["scenario_id"]: s for s in patient.get("/consent/patient/scenarios").json()}

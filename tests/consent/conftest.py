@@ -13,6 +13,7 @@ from healthspace.consent.fhir import PatientRefs
 from healthspace.consent.service import ConsentService
 from healthspace.core.clock import FixedClock
 from healthspace.core.db import Database
+from healthspace.core.ids import person_id_for
 from healthspace.identity.keys import SigningKey
 
 T0 = datetime(2026, 2, 1, 9, 0, tzinfo=UTC)
@@ -21,6 +22,16 @@ SYNTH_PATIENTS = 2000
 SYNTH_SEED = 11
 DIABETES = "diabetes-outcomes-research"
 QUALITY = "hospital-quality-improvement"
+
+
+def pat(n: int) -> str:
+    """The FHIR Patient id of the synthetic hospital's patient `n` (what the generator writes)."""
+    return f"{SYNTH_SITE}-pat-{n}"
+
+
+def person(n: int) -> int:
+    """The clinical store's person id of patient `n`."""
+    return person_id_for(pat(n))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from healthspace.core.clock import FixedClock
 from healthspace.core.db import Database
 from healthspace.core.errors import install_problem_handlers
 from healthspace.identity.keys import SigningKey
-from tests.consent.conftest import DIABETES, QUALITY, T0
+from tests.consent.conftest import DIABETES, QUALITY, T0, pat, person
 from tests.support.servers import serve
 
 SCENARIOS = [
@@ -42,8 +42,8 @@ class Api:
     steward: str
     researcher: str
 
-    def patient(self, person_id: int) -> httpx.Client:
-        token = self.service.issue_patient_token(person_id, actor="test").token
+    def patient(self, patient_id: str) -> httpx.Client:
+        token = self.service.issue_patient_token(patient_id, actor="test").token
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
 
 
@@ -86,9 +86,9 @@ def test_a_token_signed_by_another_key_is_401(api: Api) -> None:
 
 
 def test_an_edited_token_is_401(api: Api) -> None:
-    token = api.service.issue_patient_token(1, actor="t").token
+    token = api.service.issue_patient_token(pat(1), actor="t").token
     header, _payload, sig = token.split(".")
-    other = api.service.issue_patient_token(2, actor="t").token.split(".")[1]
+    other = api.service.issue_patient_token(pat(2), actor="t").token.split(".")[1]
     r = httpx.get(
         f"{api.url}/consent/patient/scenarios", headers={"Authorization": f"Bearer {header}.{other}.{sig}"}
     )
@@ -96,7 +96,7 @@ def test_an_edited_token_is_401(api: Api) -> None:
 
 
 def test_an_expired_token_is_401(api: Api) -> None:
-    with api.patient(1) as c:
+    with api.patient(pat(1)) as c:
         assert c.get("/consent/patient/scenarios").status_code == 200
         api.clock.advance(timedelta(days=91))
         assert c.get("/consent/patient/scenarios").status_code == 401
@@ -108,13 +108,13 @@ def test_a_staff_api_key_is_not_a_patient_token(api: Api) -> None:
 
 
 def test_a_patient_token_is_not_a_staff_key(api: Api) -> None:
-    token = api.service.issue_patient_token(1, actor="t").token
-    r = httpx.get(f"{api.url}/management/consent/patients/1/decisions", headers={"X-API-Key": token})
+    token = api.service.issue_patient_token(pat(1), actor="t").token
+    r = httpx.get(f"{api.url}/management/consent/patients/gz-pat-1/decisions", headers={"X-API-Key": token})
     assert r.status_code == 401
 
 
 def test_scenarios_default_to_no_decision_and_not_consented(api: Api) -> None:
-    with api.patient(1) as c:
+    with api.patient(pat(1)) as c:
         body = c.get("/consent/patient/scenarios").json()
     assert [(s["scenario_id"], s["decision"], s["consented"]) for s in body] == [
         (DIABETES, "none", False),
@@ -123,7 +123,7 @@ def test_scenarios_default_to_no_decision_and_not_consented(api: Api) -> None:
 
 
 def test_grant_returns_a_receipt_that_verifies_offline(api: Api) -> None:
-    with api.patient(1) as c:
+    with api.patient(pat(1)) as c:
         r = c.post("/consent/patient/grants", json={"scenario_id": DIABETES, "data_classes": ["laboratory"]})
         assert r.status_code == 201
         listed = c.get("/consent/patient/scenarios").json()
@@ -136,9 +136,9 @@ def test_grant_returns_a_receipt_that_verifies_offline(api: Api) -> None:
 
 
 def test_withdraw_over_http_excludes_the_patient_from_the_next_cohort(api: Api) -> None:
-    with api.patient(7) as c:
+    with api.patient(pat(7)) as c:
         c.post("/consent/patient/grants", json={"scenario_id": DIABETES})
-        assert api.service.cohort(DIABETES, ["laboratory"], actor="job").person_ids.to_pylist() == [7]
+        assert api.service.cohort(DIABETES, ["laboratory"], actor="job").person_ids.to_pylist() == [person(7)]
         r = c.post("/consent/patient/withdrawals", json={"scenario_id": DIABETES})
         assert r.status_code == 201
         history = c.get("/consent/patient/history").json()
@@ -152,7 +152,7 @@ def test_withdraw_over_http_excludes_the_patient_from_the_next_cohort(api: Api) 
 
 
 def test_a_patient_never_sees_another_patients_consent(api: Api) -> None:
-    with api.patient(1) as alice, api.patient(2) as bob:
+    with api.patient(pat(1)) as alice, api.patient(pat(2)) as bob:
         r = alice.post("/consent/patient/grants", json={"scenario_id": DIABETES})
         assert bob.get(f"/consent/patient/receipts/{r.json()['receipt_id']}").status_code == 404
         assert bob.get("/consent/patient/history").json() == []
@@ -161,22 +161,22 @@ def test_a_patient_never_sees_another_patients_consent(api: Api) -> None:
 
 
 def test_a_patient_cannot_change_another_patients_consent(api: Api) -> None:
-    with api.patient(1) as alice, api.patient(2) as bob:
+    with api.patient(pat(1)) as alice, api.patient(pat(2)) as bob:
         alice.post("/consent/patient/grants", json={"scenario_id": DIABETES})
         # The body has no patient field: naming one is refused, and bob's own calls touch only bob.
-        r = bob.post("/consent/patient/withdrawals", json={"scenario_id": DIABETES, "person_id": 1})
+        r = bob.post("/consent/patient/withdrawals", json={"scenario_id": DIABETES, "patient_id": pat(1)})
         assert r.status_code == 422
         bob.post("/consent/patient/withdrawals", json={"scenario_id": DIABETES})
-    assert api.service.cohort(DIABETES, ["laboratory"], actor="job").person_ids.to_pylist() == [1]
+    assert api.service.cohort(DIABETES, ["laboratory"], actor="job").person_ids.to_pylist() == [person(1)]
 
 
 def test_granting_an_unregistered_scenario_is_404(api: Api) -> None:
-    with api.patient(1) as c:
+    with api.patient(pat(1)) as c:
         assert c.post("/consent/patient/grants", json={"scenario_id": "crypto-mining"}).status_code == 404
 
 
 def test_staff_import_export_and_cohort_count(api: Api) -> None:
-    api.service.grant(3, DIABETES, actor="s", source=Source.STAFF)
+    api.service.grant(pat(3), DIABETES, actor="s", source=Source.STAFF)
     h = {"X-API-Key": api.steward}
     exported = httpx.get(f"{api.url}/management/consent/export", headers=h)
     assert exported.status_code == 200
@@ -198,9 +198,17 @@ def test_staff_routes_refuse_other_roles(api: Api) -> None:
 
 def test_a_steward_issues_a_patient_token_that_works(api: Api) -> None:
     r = httpx.post(
-        f"{api.url}/management/consent/patients/9/tokens", headers={"X-API-Key": api.steward}, json={}
+        f"{api.url}/management/consent/patients/gz-pat-9/tokens", headers={"X-API-Key": api.steward}, json={}
     )
     assert r.status_code == 201
+    assert r.json()["patient_id"] == "gz-pat-9"
     token = r.json()["token"]
     me = httpx.get(f"{api.url}/consent/patient/history", headers={"Authorization": f"Bearer {token}"})
     assert me.status_code == 200
+
+
+def test_a_steward_cannot_issue_a_token_for_another_sites_patient(api: Api) -> None:
+    r = httpx.post(
+        f"{api.url}/management/consent/patients/hk-pat-9/tokens", headers={"X-API-Key": api.steward}, json={}
+    )
+    assert r.status_code == 422

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,11 +13,11 @@ import pandas as pd
 import pytest
 
 from healthspace.consent.fhir import SCENARIO_CODE_SYSTEM, PatientRefs, from_fhir, to_fhir
-from healthspace.consent.models import DecisionKind, Source
+from healthspace.consent.models import ConsentRecord, DecisionKind, Source
 from healthspace.consent.service import ConsentService
 from healthspace.core.db import Database
 from healthspace.core.errors import ValidationError
-from tests.consent.conftest import DIABETES, SYNTH_PATIENTS
+from tests.consent.conftest import DIABETES, SYNTH_PATIENTS, pat, person
 
 AT = datetime(2025, 6, 1, tzinfo=UTC)
 SCENARIOS = (
@@ -40,7 +41,8 @@ def _lines(path: Path) -> list[bytes]:
 
 
 def _consenting_by_pandas(synth_dir: Path, scenario: str, at: datetime) -> list[int]:
-    """The independent truth: the generator's consent table, read with pandas."""
+    """The independent truth: the generator's consent table, read with pandas (its person n is the FHIR
+    Patient `gz-pat-n`, whose person id in the registry is the clinical store's hash of that id)."""
     c = pd.read_parquet(synth_dir / "omop" / "consent.parquet")
     ts = pd.Timestamp(at)
     ok = (
@@ -49,7 +51,7 @@ def _consenting_by_pandas(synth_dir: Path, scenario: str, at: datetime) -> list[
         & (c.decided_at <= ts)
         & (c.withdrawn_at.isna() | (c.withdrawn_at > ts))
     )
-    return sorted(int(p) for p in c.loc[ok, "person_id"])
+    return sorted(person(int(p)) for p in c.loc[ok, "person_id"])
 
 
 def _consent(**provision: Any) -> dict[str, Any]:
@@ -96,7 +98,7 @@ def test_a_changed_resource_with_a_known_id_is_a_conflict_and_not_applied(servic
     changed = _consent(type="deny")
     report = service.import_ndjson([orjson.dumps(changed)], actor="s")
     assert (report.imported, report.conflicts) == (0, 1)
-    assert [r.decision for r in service.history(5, actor="t")] == [DecisionKind.PERMIT]
+    assert [r.decision for r in service.history(pat(5), actor="t")] == [DecisionKind.PERMIT]
 
 
 @pytest.mark.parametrize(
@@ -152,17 +154,21 @@ def test_export_then_import_gives_the_same_decisions(
     service: ConsentService, synth_dir: Path, tmp_path: Path, audit: Any, key: Any, clock: Any
 ) -> None:
     service.import_ndjson(_lines(synth_dir / "fhir" / "Consent.ndjson")[:400], actor="s")
-    service.grant(3, DIABETES, actor="s", source=Source.STAFF, data_classes=["laboratory", "demographics"])
-    service.withdraw(4, DIABETES, actor="s", source=Source.STAFF)
+    service.grant(
+        pat(3), DIABETES, actor="s", source=Source.STAFF, data_classes=["laboratory", "demographics"]
+    )
+    service.withdraw(pat(4), DIABETES, actor="s", source=Source.STAFF)
     exported = b"".join(service.export_ndjson(actor="s")).splitlines()
     fresh_db = Database(f"sqlite:///{(tmp_path / 'fresh.db').as_posix()}", branches=["consent"])
     fresh = ConsentService(fresh_db, audit, key, "hospital-gz", service.refs, clock=clock)
     report = fresh.import_ndjson(exported, actor="s")
     assert (report.imported, report.rejected) == (len(exported), 0)
-    for person in range(1, 120):
-        a, b = service.history(person, actor="t"), fresh.history(person, actor="t")
+    for n in range(1, 120):
+        a, b = service.history(pat(n), actor="t"), fresh.history(pat(n), actor="t")
         assert len(a) == len(b)
-        assert all(x.same_decision(y) for x, y in zip(a, b, strict=True)), person
+        assert all(x.same_decision(y) and x.patient_id == y.patient_id for x, y in zip(a, b, strict=True)), n
+    again = b"".join(fresh.export_ndjson(actor="s")).splitlines()
+    assert [orjson.loads(x)["patient"] for x in again] == [orjson.loads(x)["patient"] for x in exported]
     fresh_db.dispose()
 
 
@@ -178,4 +184,23 @@ def test_export_marks_ended_periods_inactive() -> None:
 
 def test_patient_refs_refuse_other_sites() -> None:
     with pytest.raises(ValidationError):
-        PatientRefs("gz-pat-").person_id("Patient/hk-pat-1")
+        PatientRefs("gz-pat-").from_reference("Patient/hk-pat-1")
+
+
+def test_an_imported_decision_carries_the_clinical_stores_person_id() -> None:
+    rec = from_fhir(_consent(), PatientRefs("gz-pat-"))
+    # A second computation of the store's key: MD5 of "Patient/<id>", first 8 bytes little-endian, >> 1.
+    digest = hashlib.md5(b"Patient/gz-pat-5", usedforsecurity=False).digest()
+    assert (rec.patient_id, rec.person_id) == ("gz-pat-5", int.from_bytes(digest[:8], "little") >> 1)
+
+
+def test_a_record_whose_person_id_is_not_its_patients_is_refused() -> None:
+    with pytest.raises(ValidationError, match="person_id"):
+        ConsentRecord(
+            person_id=5,
+            patient_id="gz-pat-5",
+            scenario_id=DIABETES,
+            decision=DecisionKind.PERMIT,
+            decided_at=AT,
+            valid_from=AT,
+        )

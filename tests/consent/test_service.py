@@ -14,7 +14,7 @@ from healthspace.consent.service import ConsentService
 from healthspace.core.clock import FixedClock
 from healthspace.core.errors import ValidationError
 from healthspace.identity.keys import SigningKey
-from tests.consent.conftest import DIABETES, QUALITY, T0
+from tests.consent.conftest import DIABETES, QUALITY, T0, pat, person
 
 LAB = ["laboratory"]
 STAFF = "steward:k1"
@@ -22,21 +22,23 @@ STAFF = "steward:k1"
 
 def test_withdrawal_excludes_the_patient_from_the_very_next_cohort(service: ConsentService) -> None:
     for p in (1, 2, 3):
-        service.grant(p, DIABETES, actor=STAFF, source=Source.STAFF)
-    assert list(service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist()) == [1, 2, 3]
-    service.withdraw(2, DIABETES, actor="patient", source=Source.PATIENT)
-    assert service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist() == [1, 3]
+        service.grant(pat(p), DIABETES, actor=STAFF, source=Source.STAFF)
+    assert list(service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist()) == sorted(
+        person(p) for p in (1, 2, 3)
+    )
+    service.withdraw(pat(2), DIABETES, actor="patient", source=Source.PATIENT)
+    assert service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist() == sorted([person(1), person(3)])
 
 
 def test_withdrawal_tells_every_subscriber(service: ConsentService) -> None:
     seen: list[WithdrawalEvent] = []
     service.on_withdrawal(seen.append)
-    service.grant(4, DIABETES, actor=STAFF, source=Source.STAFF)
-    change = service.withdraw(4, DIABETES, actor="patient", source=Source.PATIENT)
+    service.grant(pat(4), DIABETES, actor=STAFF, source=Source.STAFF)
+    change = service.withdraw(pat(4), DIABETES, actor="patient", source=Source.PATIENT)
     assert [(e.person_id, e.scenario_id, e.decision_id) for e in seen] == [
-        (4, DIABETES, change.record.decision_id)
+        (person(4), DIABETES, change.record.decision_id)
     ]
-    assert seen[0].patient == service.pseudonym(4)
+    assert seen[0].patient == service.pseudonym(pat(4))
 
 
 def test_a_failing_subscriber_neither_undoes_the_withdrawal_nor_stops_others(
@@ -48,8 +50,8 @@ def test_a_failing_subscriber_neither_undoes_the_withdrawal_nor_stops_others(
     seen: list[WithdrawalEvent] = []
     service.on_withdrawal(broken)
     service.on_withdrawal(seen.append)
-    service.grant(5, DIABETES, actor=STAFF, source=Source.STAFF)
-    service.withdraw(5, DIABETES, actor="patient", source=Source.PATIENT)
+    service.grant(pat(5), DIABETES, actor=STAFF, source=Source.STAFF)
+    service.withdraw(pat(5), DIABETES, actor="patient", source=Source.PATIENT)
     assert len(seen) == 1
     assert service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist() == []
     last = audit.entries(audit.size - 3, audit.size)
@@ -60,23 +62,24 @@ def test_unsubscribed_callbacks_are_not_called(service: ConsentService) -> None:
     seen: list[WithdrawalEvent] = []
     unsubscribe = service.on_withdrawal(seen.append)
     unsubscribe()
-    service.withdraw(6, DIABETES, actor="patient", source=Source.PATIENT)
+    service.withdraw(pat(6), DIABETES, actor="patient", source=Source.PATIENT)
     assert seen == []
 
 
 def test_each_change_is_audited_under_the_pseudonym_only(service: ConsentService, audit: AuditLog) -> None:
     before = audit.size
-    service.grant(123456, DIABETES, actor=STAFF, source=Source.STAFF)
-    service.withdraw(123456, DIABETES, actor=STAFF, source=Source.STAFF)
+    service.grant(pat(123456), DIABETES, actor=STAFF, source=Source.STAFF)
+    service.withdraw(pat(123456), DIABETES, actor=STAFF, source=Source.STAFF)
     entries = [e.entry for e in audit.entries(before, audit.size)]
     assert [e.action for e in entries] == ["consent.permit", "consent.withdraw"]
-    assert all(e.subject == f"patient:{service.pseudonym(123456)}" for e in entries)
+    assert all(e.subject == f"patient:{service.pseudonym(pat(123456))}" for e in entries)
     assert all(b"123456" not in e.canonical_bytes() for e in entries)
+    assert all(str(person(123456)).encode() not in e.canonical_bytes() for e in entries)
 
 
 def test_the_withdrawal_shows_in_the_audit_log(service: ConsentService, audit: AuditLog) -> None:
-    service.grant(8, QUALITY, actor=STAFF, source=Source.STAFF)
-    service.withdraw(8, QUALITY, actor="patient:x", source=Source.PATIENT)
+    service.grant(pat(8), QUALITY, actor=STAFF, source=Source.STAFF)
+    service.withdraw(pat(8), QUALITY, actor="patient:x", source=Source.PATIENT)
     (e,) = [e.entry for e in audit.entries(audit.size - 1, audit.size)]
     assert (e.action, e.scenario_id, e.actor, e.outcome) == (
         "consent.withdraw",
@@ -87,17 +90,17 @@ def test_the_withdrawal_shows_in_the_audit_log(service: ConsentService, audit: A
 
 
 def test_cohort_queries_are_audited_with_counts(service: ConsentService, audit: AuditLog) -> None:
-    service.grant(9, DIABETES, actor=STAFF, source=Source.STAFF)
+    service.grant(pat(9), DIABETES, actor=STAFF, source=Source.STAFF)
     service.cohort(DIABETES, LAB, actor="job:1")
     (e,) = [e.entry for e in audit.entries(audit.size - 1, audit.size)]
     assert (e.action, e.actor, e.details["patients"]) == ("consent.cohort", "job:1", 1)
 
 
 def test_receipts_chain_and_verify_offline(service: ConsentService) -> None:
-    service.grant(10, DIABETES, actor=STAFF, source=Source.STAFF, data_classes=["laboratory"])
-    service.grant(10, QUALITY, actor=STAFF, source=Source.STAFF)
-    service.withdraw(10, DIABETES, actor=STAFF, source=Source.STAFF)
-    docs = [service.receipt(10, r.receipt_id, actor="t") for r in service.receipts(10, actor="t")]
+    service.grant(pat(10), DIABETES, actor=STAFF, source=Source.STAFF, data_classes=["laboratory"])
+    service.grant(pat(10), QUALITY, actor=STAFF, source=Source.STAFF)
+    service.withdraw(pat(10), DIABETES, actor=STAFF, source=Source.STAFF)
+    docs = [service.receipt(pat(10), r.receipt_id, actor="t") for r in service.receipts(pat(10), actor="t")]
     _, public = service.public_key
     assert verify_chain(docs, public) == 3
     payload = verify_receipt(docs[0], public)
@@ -106,11 +109,11 @@ def test_receipts_chain_and_verify_offline(service: ConsentService) -> None:
         DIABETES,
         ["laboratory"],
     )
-    assert payload["patient"] == service.pseudonym(10)
+    assert payload["patient"] == service.pseudonym(pat(10))
 
 
 def test_an_edited_receipt_does_not_verify(service: ConsentService) -> None:
-    change = service.grant(11, DIABETES, actor=STAFF, source=Source.STAFF)
+    change = service.grant(pat(11), DIABETES, actor=STAFF, source=Source.STAFF)
     doc = orjson.loads(orjson.dumps(change.receipt))
     doc["payload"]["decision"] = "deny"
     with pytest.raises(ValidationError, match="does not verify"):
@@ -118,40 +121,42 @@ def test_an_edited_receipt_does_not_verify(service: ConsentService) -> None:
 
 
 def test_a_receipt_does_not_verify_with_another_key(service: ConsentService) -> None:
-    change = service.grant(12, DIABETES, actor=STAFF, source=Source.STAFF)
+    change = service.grant(pat(12), DIABETES, actor=STAFF, source=Source.STAFF)
     with pytest.raises(ValidationError):
         verify_receipt(change.receipt, SigningKey.generate().public_key_b64)
 
 
 def test_a_removed_receipt_breaks_the_chain(service: ConsentService) -> None:
     for sc in (DIABETES, QUALITY, DIABETES):
-        service.grant(13, sc, actor=STAFF, source=Source.STAFF)
-    docs = [service.receipt(13, r.receipt_id, actor="t") for r in service.receipts(13, actor="t")]
+        service.grant(pat(13), sc, actor=STAFF, source=Source.STAFF)
+    docs = [service.receipt(pat(13), r.receipt_id, actor="t") for r in service.receipts(pat(13), actor="t")]
     with pytest.raises(ValidationError, match="missing"):
         verify_chain([docs[0], docs[2]], service.public_key[1])
 
 
 def test_a_grant_is_never_backdated(service: ConsentService, clock: FixedClock) -> None:
-    change = service.grant(14, DIABETES, actor=STAFF, source=Source.STAFF, valid_from=T0 - timedelta(days=30))
+    change = service.grant(
+        pat(14), DIABETES, actor=STAFF, source=Source.STAFF, valid_from=T0 - timedelta(days=30)
+    )
     assert change.record.valid_from == clock.now()
-    assert not service.check(14, DIABETES, LAB, actor="t", at=T0 - timedelta(days=1)).allowed
+    assert not service.check(pat(14), DIABETES, LAB, actor="t", at=T0 - timedelta(days=1)).allowed
 
 
 def test_an_expired_grant_stops_counting(service: ConsentService, clock: FixedClock) -> None:
-    service.grant(15, DIABETES, actor=STAFF, source=Source.STAFF, valid_until=T0 + timedelta(days=7))
-    assert service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist() == [15]
+    service.grant(pat(15), DIABETES, actor=STAFF, source=Source.STAFF, valid_until=T0 + timedelta(days=7))
+    assert service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist() == [person(15)]
     clock.advance(timedelta(days=7))
     assert service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist() == []
 
 
 def test_a_failing_check_denies(service: ConsentService, monkeypatch: pytest.MonkeyPatch) -> None:
-    service.grant(16, DIABETES, actor=STAFF, source=Source.STAFF)
+    service.grant(pat(16), DIABETES, actor=STAFF, source=Source.STAFF)
 
     def boom(*_: object, **__: object) -> None:
         raise OSError("disk gone")
 
     monkeypatch.setattr(service._store, "history", boom)
-    result = service.check(16, DIABETES, LAB, actor="t")
+    result = service.check(pat(16), DIABETES, LAB, actor="t")
     assert not result.allowed
     assert "failed" in result.reasons[0]
 
@@ -168,10 +173,10 @@ def test_a_failing_cohort_query_raises_instead_of_returning_anyone(
 
 
 def test_current_shows_the_governing_decision_per_scenario(service: ConsentService) -> None:
-    service.grant(17, DIABETES, actor=STAFF, source=Source.STAFF)
-    service.grant(17, QUALITY, actor=STAFF, source=Source.STAFF)
-    service.withdraw(17, QUALITY, actor=STAFF, source=Source.STAFF)
-    current = service.current(17, actor="t")
+    service.grant(pat(17), DIABETES, actor=STAFF, source=Source.STAFF)
+    service.grant(pat(17), QUALITY, actor=STAFF, source=Source.STAFF)
+    service.withdraw(pat(17), QUALITY, actor=STAFF, source=Source.STAFF)
+    current = service.current(pat(17), actor="t")
     assert {k: v.decision if v else None for k, v in current.items()} == {
         DIABETES: DecisionKind.PERMIT,
         QUALITY: DecisionKind.DENY,
@@ -181,8 +186,8 @@ def test_current_shows_the_governing_decision_per_scenario(service: ConsentServi
 def test_pseudonyms_are_stable_distinct_and_keyed(
     service: ConsentService, db: object, audit: AuditLog
 ) -> None:
-    assert service.pseudonym(987654) == service.pseudonym(987654)
-    assert service.pseudonym(987654) != service.pseudonym(987655)
-    assert "987654" not in service.pseudonym(987654)
+    assert service.pseudonym(pat(987654)) == service.pseudonym(pat(987654))
+    assert service.pseudonym(pat(987654)) != service.pseudonym(pat(987655))
+    assert "987654" not in service.pseudonym(pat(987654))
     other = ConsentService(db, audit, SigningKey.generate(), "other", service.refs)  # type: ignore[arg-type]
-    assert other.pseudonym(987654) != service.pseudonym(987654)
+    assert other.pseudonym(pat(987654)) != service.pseudonym(pat(987654))

@@ -22,6 +22,8 @@ from healthspace.audit.api import sign_heads_periodically
 from healthspace.audit.log import AuditLog
 from healthspace.audit.models import Outcome
 from healthspace.authority.models import (
+    ExportApprovalCreate,
+    ExportApprovalPublic,
     ParticipantCreate,
     ParticipantPublic,
     ScenarioCreate,
@@ -180,6 +182,7 @@ def self_description(rt: Runtime) -> dict[str, Any]:
         "algorithm": "EdDSA",
         "revocations": "/revocations",
         "scenarios": "/scenarios",
+        "cross_border_rules": "/cross-border/rules",
         "version": __version__,
     }
 
@@ -187,6 +190,12 @@ def self_description(rt: Runtime) -> dict[str, Any]:
 @public.get("/revocations")
 def revocations(rt: Runtime) -> dict[str, str]:
     return {"revocation_list": rt.service.revocation_list()}
+
+
+@public.get("/cross-border/rules")
+def cross_border_rules(rt: Runtime) -> dict[str, str]:
+    """The cross-border rule set every connector applies, signed by the authority (public)."""
+    return {"rules": rt.service.signed_cross_border_rules()}
 
 
 @public.get("/scenarios")
@@ -207,6 +216,31 @@ def directory(rt: Runtime, caller: Peer) -> list[DirectoryEntry]:
         DirectoryEntry(**p.model_dump(include=set(DirectoryEntry.model_fields)))
         for p in rt.service.list_participants()
     ]
+
+
+@members.get("/cross-border/approvals")
+def my_export_approvals(rt: Runtime, caller: Peer) -> dict[str, str]:
+    """The export approvals for the calling provider's datasets, signed by the authority."""
+    return {"approvals": rt.service.signed_export_approvals(caller.participant_id)}
+
+
+@admin.post("/export-approvals", status_code=status.HTTP_201_CREATED)
+def register_export_approval(body: ExportApprovalCreate, rt: Runtime, key: Admin) -> ExportApprovalPublic:
+    return rt.service.register_export_approval(body, actor=f"admin:{key.key_id}")
+
+
+@admin.get("/export-approvals")
+def list_export_approvals(
+    rt: Runtime, key: Admin, provider_id: str | None = None
+) -> list[ExportApprovalPublic]:
+    return rt.service.list_export_approvals(provider_id)
+
+
+@admin.post("/export-approvals/{approval_id}/revoke")
+def revoke_export_approval(
+    approval_id: str, body: RevokeRequest, rt: Runtime, key: Admin
+) -> ExportApprovalPublic:
+    return rt.service.revoke_export_approval(approval_id, body.reason, actor=f"admin:{key.key_id}")
 
 
 @admin.post("/participants", status_code=status.HTTP_201_CREATED)
@@ -257,7 +291,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         lifespan=lifespan,
         title="healthspace authority",
         version=__version__,
-        description="Participant registry, membership credentials, scenario registry and audit log.",
+        description="Participant registry, membership credentials, scenario registry, cross-border rules "
+        "and export approvals, and audit log.",
     )
     app.state.runtime = rt
     install_problem_handlers(app)

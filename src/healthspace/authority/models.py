@@ -1,4 +1,4 @@
-"""Domain types of the data space authority: participants and usage scenarios."""
+"""Domain types of the data space authority: participants, usage scenarios and export approvals."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from typing import Annotated
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 __all__ = [
+    "ExportApprovalCreate",
+    "ExportApprovalPublic",
+    "ExportApprovalStatus",
     "OutputType",
     "ParticipantCreate",
     "ParticipantPublic",
@@ -100,3 +103,38 @@ class ScenarioCreate(BaseModel):
 class ScenarioPublic(ScenarioCreate):
     status: ScenarioStatus
     registered_at: datetime
+
+
+class ExportApprovalStatus(StrEnum):
+    ACTIVE = "ACTIVE"
+    REVOKED = "REVOKED"
+
+
+class ExportApprovalCreate(BaseModel):
+    """A registered export approval (e.g. a CAC security assessment or standard contract filing, a Macao
+    DSPDP authorisation): record-level output of `dataset_id` held by `provider_id` may go to
+    `consumer_id` for `scenario_id` until `expires_at`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider_id: str = Field(min_length=1, max_length=64, description="participant holding the dataset")
+    dataset_id: str = Field(min_length=1, max_length=200)
+    consumer_id: str = Field(min_length=1, max_length=64)
+    scenario_id: str = Field(min_length=1, max_length=64)
+    reference: str = Field(min_length=2, max_length=200, description="the approval's official reference")
+    expires_at: datetime
+
+    @model_validator(mode="after")
+    def _expiry_has_a_zone(self) -> ExportApprovalCreate:
+        if self.expires_at.tzinfo is None or self.expires_at.utcoffset() is None:
+            raise ValueError("expires_at needs a time zone")
+        return self
+
+
+class ExportApprovalPublic(ExportApprovalCreate):
+    id: str
+    status: ExportApprovalStatus
+    registered_at: datetime
+    registered_by: str
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None

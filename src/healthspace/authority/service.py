@@ -1,12 +1,13 @@
-"""Use cases of the data space authority: admit and revoke participants, register scenarios.
+"""Use cases of the data space authority: participants, scenarios, export approvals, cross-border rules.
 
 Each public method is one transaction and leaves one audit entry, whether it succeeds or is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import timedelta
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from pydantic import ValidationError as PydanticValidationError
@@ -15,6 +16,9 @@ from sqlalchemy import select
 from healthspace.audit.log import AuditLog
 from healthspace.audit.models import Outcome
 from healthspace.authority.models import (
+    ExportApprovalCreate,
+    ExportApprovalPublic,
+    ExportApprovalStatus,
     ParticipantCreate,
     ParticipantPublic,
     ParticipantStatus,
@@ -22,14 +26,16 @@ from healthspace.authority.models import (
     ScenarioPublic,
     ScenarioStatus,
 )
-from healthspace.authority.states import PARTICIPANT, SCENARIO
-from healthspace.authority.tables import ParticipantRow, ScenarioRow
+from healthspace.authority.states import EXPORT_APPROVAL, PARTICIPANT, SCENARIO
+from healthspace.authority.tables import ExportApprovalRow, ParticipantRow, ScenarioRow
 from healthspace.core.clock import Clock
 from healthspace.core.db import Database
 from healthspace.core.errors import ConflictError, HealthspaceError, NotFoundError, ValidationError
 from healthspace.identity.credentials import CredentialClaims, issue_credential
 from healthspace.identity.keys import SigningKey
 from healthspace.identity.revocation import RevocationList, sign_revocation_list
+from healthspace.policy.crossborder import DEFAULT_RULES, ExportApproval, JurisdictionRules
+from healthspace.policy.registry import sign_approvals, sign_rules
 
 __all__ = ["AuthorityService"]
 
@@ -71,6 +77,28 @@ def _scenario(row: ScenarioRow) -> ScenarioPublic:
     )
 
 
+def _utc(t: datetime) -> datetime:
+    # SQLite hands back naive values for DateTime(timezone=True); they were stored in UTC.
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+
+
+def _approval(row: ExportApprovalRow) -> ExportApprovalPublic:
+    return ExportApprovalPublic(
+        id=row.id,
+        provider_id=row.provider_id,
+        dataset_id=row.dataset_id,
+        consumer_id=row.consumer_id,
+        scenario_id=row.scenario_id,
+        reference=row.reference,
+        expires_at=_utc(row.expires_at),
+        status=ExportApprovalStatus(row.status),
+        registered_at=_utc(row.registered_at),
+        registered_by=row.registered_by,
+        revoked_at=None if row.revoked_at is None else _utc(row.revoked_at),
+        revocation_reason=row.revocation_reason,
+    )
+
+
 class AuthorityService:
     def __init__(
         self,
@@ -80,6 +108,7 @@ class AuthorityService:
         audit: AuditLog,
         clock: Clock,
         credential_ttl: timedelta = timedelta(days=365),
+        cross_border_rules: Mapping[str, JurisdictionRules] = DEFAULT_RULES,
     ) -> None:
         self._db = db
         self._key = key
@@ -87,6 +116,7 @@ class AuthorityService:
         self._audit = audit
         self._clock = clock
         self._credential_ttl = credential_ttl
+        self.cross_border_rules = cross_border_rules
 
     # --- audit -----------------------------------------------------------------------------------
     def _audited(self, actor: str, action: str, subject: str, work: Callable[[], T]) -> T:
@@ -244,3 +274,69 @@ class AuthorityService:
                 return _scenario(row)
 
         return self._audited(actor, f"scenario.{status.value.lower()}", scenario_id, work)
+
+    # --- cross-border rules and export approvals -----------------------------------------------------
+    def signed_cross_border_rules(self) -> str:
+        """The rule set connectors apply to cross-border transfers, signed (see policy.registry)."""
+        return sign_rules(self._key, self.authority_id, self._clock.now(), self.cross_border_rules)
+
+    def register_export_approval(self, req: ExportApprovalCreate, actor: str) -> ExportApprovalPublic:
+        """Register an approval; provider, consumer and scenario must be registered, the expiry ahead."""
+
+        def work() -> ExportApprovalPublic:
+            now = self._clock.now()
+            if req.expires_at <= now:
+                raise ValidationError("the approval has already expired")
+            with self._db.session() as s:
+                for who in (req.provider_id, req.consumer_id):
+                    if s.get(ParticipantRow, who) is None:
+                        raise ValidationError(f"no participant {who!r} is registered")
+                if s.get(ScenarioRow, req.scenario_id) is None:
+                    raise ValidationError(f"no scenario {req.scenario_id!r} is registered")
+                row = ExportApprovalRow(
+                    id=f"xa-{uuid.uuid4().hex[:20]}",
+                    **req.model_dump(),
+                    status=ExportApprovalStatus.ACTIVE.value,
+                    registered_at=now,
+                    registered_by=actor,
+                )
+                s.add(row)
+                s.flush()
+                return _approval(row)
+
+        subject = f"{req.provider_id}/{req.dataset_id} -> {req.consumer_id} ({req.reference})"
+        return self._audited(actor, "export-approval.register", subject, work)
+
+    def list_export_approvals(self, provider_id: str | None = None) -> list[ExportApprovalPublic]:
+        with self._db.session() as s:
+            q = select(ExportApprovalRow).order_by(ExportApprovalRow.registered_at, ExportApprovalRow.id)
+            if provider_id is not None:
+                q = q.where(ExportApprovalRow.provider_id == provider_id)
+            return [_approval(r) for r in s.scalars(q)]
+
+    def revoke_export_approval(self, approval_id: str, reason: str, actor: str) -> ExportApprovalPublic:
+        def work() -> ExportApprovalPublic:
+            if not reason.strip():
+                raise ValidationError("a revocation needs a reason")
+            with self._db.session() as s:
+                row = s.get(ExportApprovalRow, approval_id, with_for_update=True)
+                if row is None:
+                    raise NotFoundError(f"no export approval {approval_id!r}")
+                row.status = EXPORT_APPROVAL.transition(
+                    ExportApprovalStatus(row.status), ExportApprovalStatus.REVOKED
+                )
+                row.revoked_at = self._clock.now()
+                row.revocation_reason = reason
+                return _approval(row)
+
+        return self._audited(actor, "export-approval.revoke", approval_id, work)
+
+    def signed_export_approvals(self, provider_id: str) -> str:
+        """The active approvals for `provider_id`'s datasets, signed. Expired ones are kept in the list
+        (a decision then says the approval expired); revoked ones are left out."""
+        approvals = [
+            ExportApproval(a.reference, a.dataset_id, a.consumer_id, a.scenario_id, a.expires_at)
+            for a in self.list_export_approvals(provider_id)
+            if a.status is ExportApprovalStatus.ACTIVE
+        ]
+        return sign_approvals(self._key, self.authority_id, self._clock.now(), provider_id, approvals)

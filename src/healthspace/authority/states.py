@@ -1,11 +1,11 @@
-"""Lifecycles at the authority: a participant's membership and a scenario's registration."""
+"""Lifecycles at the authority: a participant's membership, a scenario's registration, an export approval."""
 
 from __future__ import annotations
 
-from healthspace.authority.models import ParticipantStatus, ScenarioStatus
+from healthspace.authority.models import ExportApprovalStatus, ParticipantStatus, ScenarioStatus
 from healthspace.core.states import StateMachine
 
-__all__ = ["PARTICIPANT", "SCENARIO"]
+__all__ = ["EXPORT_APPROVAL", "PARTICIPANT", "SCENARIO"]
 
 # Revocation is final: a participant that returns is onboarded again under a new credential.
 PARTICIPANT = StateMachine("participant", {ParticipantStatus.ACTIVE: {ParticipantStatus.REVOKED}})
@@ -16,4 +16,9 @@ SCENARIO = StateMachine(
         ScenarioStatus.ACTIVE: {ScenarioStatus.SUSPENDED, ScenarioStatus.RETIRED},
         ScenarioStatus.SUSPENDED: {ScenarioStatus.ACTIVE, ScenarioStatus.RETIRED},
     },
+)
+
+# A revoked approval stays revoked; the holder files a new one. Expiry is a time, not a state.
+EXPORT_APPROVAL = StateMachine(
+    "export approval", {ExportApprovalStatus.ACTIVE: {ExportApprovalStatus.REVOKED}}
 )

@@ -111,7 +111,7 @@ class PatientTokenCreate(BaseModel):
 
 
 class PatientTokenPublic(BaseModel):
-    person_id: int
+    patient_id: str
     token: str = Field(description="shown once; give it to the patient")
     expires_at: datetime
 
@@ -153,13 +153,13 @@ def make_patient_router(
     """
     router = APIRouter(prefix=prefix, tags=["consent (patient)"])
 
-    def patient(request: Request) -> int:
+    def patient(request: Request) -> str:
         return get_service().authenticate_patient(_bearer(request))
 
-    Patient = Annotated[int, Depends(patient)]  # noqa: N806 (a type alias)
+    Patient = Annotated[str, Depends(patient)]  # noqa: N806 (a type alias)
 
-    def actor(svc: ConsentService, person_id: int) -> str:
-        return f"patient:{svc.pseudonym(person_id)}"
+    def actor(svc: ConsentService, patient_id: str) -> str:
+        return f"patient:{svc.pseudonym(patient_id)}"
 
     def registered(scenario_id: str) -> ScenarioInfo:
         for sc in scenarios():
@@ -168,10 +168,10 @@ def make_patient_router(
         raise NotFoundError(f"no registered scenario {scenario_id!r}")
 
     @router.get("/scenarios", response_model=list[ScenarioDecisionPublic])
-    def my_scenarios(person_id: Patient) -> list[ScenarioDecisionPublic]:
+    def my_scenarios(patient_id: Patient) -> list[ScenarioDecisionPublic]:
         """The registered scenarios, each with my decision in force now."""
         svc = get_service()
-        current = svc.current(person_id, actor=actor(svc, person_id))
+        current = svc.current(patient_id, actor=actor(svc, patient_id))
         out = []
         for sc in scenarios():
             g = current.get(sc.scenario_id)
@@ -193,15 +193,15 @@ def make_patient_router(
         return out
 
     @router.post("/grants", response_model=ChangePublic, status_code=201)
-    def grant(body: GrantCreate, person_id: Patient) -> ChangePublic:
+    def grant(body: GrantCreate, patient_id: Patient) -> ChangePublic:
         """Permit a scenario to use my data (from now, optionally until a date, optionally some classes)."""
         registered(body.scenario_id)
         svc = get_service()
         return _change(
             svc.grant(
-                person_id,
+                patient_id,
                 body.scenario_id,
-                actor=actor(svc, person_id),
+                actor=actor(svc, patient_id),
                 source=Source.PATIENT,
                 valid_from=body.valid_from,
                 valid_until=body.valid_until,
@@ -210,26 +210,26 @@ def make_patient_router(
         )
 
     @router.post("/withdrawals", response_model=ChangePublic, status_code=201)
-    def withdraw(body: WithdrawalCreate, person_id: Patient) -> ChangePublic:
+    def withdraw(body: WithdrawalCreate, patient_id: Patient) -> ChangePublic:
         """Withdraw my consent for a scenario, effective at once."""
         registered(body.scenario_id)
         svc = get_service()
         return _change(
-            svc.withdraw(person_id, body.scenario_id, actor=actor(svc, person_id), source=Source.PATIENT)
+            svc.withdraw(patient_id, body.scenario_id, actor=actor(svc, patient_id), source=Source.PATIENT)
         )
 
     @router.get("/history", response_model=list[DecisionPublic])
     def history(
-        person_id: Patient, scenario_id: Annotated[str | None, Query(max_length=200)] = None
+        patient_id: Patient, scenario_id: Annotated[str | None, Query(max_length=200)] = None
     ) -> list[DecisionPublic]:
         svc = get_service()
         return [
             DecisionPublic.of(r)
-            for r in svc.history(person_id, actor=actor(svc, person_id), scenario_id=scenario_id)
+            for r in svc.history(patient_id, actor=actor(svc, patient_id), scenario_id=scenario_id)
         ]
 
     @router.get("/receipts", response_model=list[ReceiptSummary])
-    def receipts(person_id: Patient) -> list[ReceiptSummary]:
+    def receipts(patient_id: Patient) -> list[ReceiptSummary]:
         svc = get_service()
         return [
             ReceiptSummary(
@@ -238,14 +238,14 @@ def make_patient_router(
                 decision_id=r.decision_id,
                 issued_at=r.issued_at,
             )
-            for r in svc.receipts(person_id, actor=actor(svc, person_id))
+            for r in svc.receipts(patient_id, actor=actor(svc, patient_id))
         ]
 
     @router.get("/receipts/{receipt_id}")
-    def receipt(receipt_id: str, person_id: Patient) -> dict[str, Any]:
+    def receipt(receipt_id: str, patient_id: Patient) -> dict[str, Any]:
         """One of my signed receipts, as issued (verifies offline with the connector's public key)."""
         svc = get_service()
-        return svc.receipt(person_id, receipt_id, actor=actor(svc, person_id))
+        return svc.receipt(patient_id, receipt_id, actor=actor(svc, patient_id))
 
     return router
 
@@ -277,29 +277,34 @@ def make_staff_router(
         return ImportReportPublic(**report.to_json())
 
     @router.get("/export")
-    def export_ndjson(key: Staff, person_id: Annotated[int | None, Query(ge=0)] = None) -> StreamingResponse:
-        """The registry's history (or one patient's) as FHIR R4 Consent NDJSON."""
-        return StreamingResponse(
-            get_service().export_ndjson(actor=actor(key), person_id=person_id), media_type=NDJSON
-        )
+    def export_ndjson(
+        key: Staff, patient_id: Annotated[str | None, Query(max_length=64)] = None
+    ) -> StreamingResponse:
+        """The registry's history (or one patient's, by FHIR Patient id) as FHIR R4 Consent NDJSON."""
+        svc = get_service()
+        if patient_id is not None:
+            svc.person_id(patient_id)  # a bad id is a 422 now, not a broken stream later
+        lines = svc.export_ndjson(actor=actor(key), patient_id=patient_id)
+        return StreamingResponse(lines, media_type=NDJSON)
 
-    @router.get("/patients/{person_id}/decisions", response_model=list[DecisionPublic])
+    @router.get("/patients/{patient_id}/decisions", response_model=list[DecisionPublic])
     def decisions(
-        person_id: int, key: Staff, scenario_id: Annotated[str | None, Query(max_length=200)] = None
+        patient_id: str, key: Staff, scenario_id: Annotated[str | None, Query(max_length=200)] = None
     ) -> list[DecisionPublic]:
+        """A patient's decisions, by FHIR Patient id (e.g. `gz-pat-17`)."""
         return [
             DecisionPublic.of(r)
-            for r in get_service().history(person_id, actor=actor(key), scenario_id=scenario_id)
+            for r in get_service().history(patient_id, actor=actor(key), scenario_id=scenario_id)
         ]
 
-    @router.post("/patients/{person_id}/tokens", response_model=PatientTokenPublic, status_code=201)
-    def issue_token(person_id: int, body: PatientTokenCreate, key: Staff) -> PatientTokenPublic:
+    @router.post("/patients/{patient_id}/tokens", response_model=PatientTokenPublic, status_code=201)
+    def issue_token(patient_id: str, body: PatientTokenCreate, key: Staff) -> PatientTokenPublic:
         """Issue a patient access token (hand it to the patient; it is not stored)."""
         issued = get_service().issue_patient_token(
-            person_id, actor=actor(key), ttl=timedelta(days=body.ttl_days)
+            patient_id, actor=actor(key), ttl=timedelta(days=body.ttl_days)
         )
         return PatientTokenPublic(
-            person_id=issued.person_id, token=issued.token, expires_at=issued.expires_at
+            patient_id=issued.patient_id, token=issued.token, expires_at=issued.expires_at
         )
 
     @router.get("/cohort", response_model=CohortCount)

@@ -24,6 +24,7 @@ from healthspace.consent.models import (
     Source,
 )
 from healthspace.core.errors import ValidationError
+from healthspace.core.ids import person_id_for
 
 __all__ = [
     "CLASS_SYSTEM",
@@ -56,28 +57,38 @@ MAX_REJECTIONS_LISTED = 100
 
 
 class PatientRefs:
-    """Maps FHIR patient references to the clinical store's person ids and back.
+    """FHIR patient references, the hospital's Patient ids, and the person ids they stand for.
 
-    The hospital's Patient ids are `<prefix><person_id>` (e.g. `gz-pat-17` for person 17), so the
-    mapping is a parse, not a lookup; anything else is refused.
+    The person id of `Patient/<id>` is `core.ids.person_id_for(<id>)`, the key the clinical store gives
+    that patient at ingestion, so the registry's cohorts join the store without a lookup table. With a
+    `prefix` (e.g. `gz-pat-`), ids of other sites are refused.
     """
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str = "") -> None:
         if not _FHIR_ID.fullmatch(prefix + "0"):
             raise ValidationError(f"patient id prefix {prefix!r} does not make FHIR ids")
         self.prefix = prefix
-        self._pattern = re.compile(re.escape(prefix) + r"([0-9]{1,18})")
 
-    def reference(self, person_id: int) -> str:
-        return f"Patient/{self.prefix}{person_id}"
+    def patient_id(self, patient_id: str) -> str:
+        """`patient_id` if it is a FHIR id of this hospital, else `ValidationError`."""
+        if not isinstance(patient_id, str) or not _FHIR_ID.fullmatch(patient_id):
+            raise ValidationError("a patient id must be a FHIR id (letters, digits, '-', '.'; at most 64)")
+        if not patient_id.startswith(self.prefix) or patient_id == self.prefix:
+            raise ValidationError(f"patient id is not {self.prefix}<id>: {patient_id[:80]!r}")
+        return patient_id
 
-    def person_id(self, reference: str) -> int:
+    def from_reference(self, reference: str) -> str:
+        """The Patient id of a reference `Patient/<id>`."""
         if not isinstance(reference, str) or not reference.startswith("Patient/"):
             raise ValidationError("patient.reference must be 'Patient/<id>'")
-        m = self._pattern.fullmatch(reference[len("Patient/") :])
-        if m is None:
-            raise ValidationError(f"patient id is not {self.prefix}<number>: {reference[:80]!r}")
-        return int(m.group(1))
+        return self.patient_id(reference[len("Patient/") :])
+
+    def reference(self, patient_id: str) -> str:
+        return f"Patient/{self.patient_id(patient_id)}"
+
+    def person_id(self, patient_id: str) -> int:
+        """The clinical store's person id of this patient."""
+        return person_id_for(self.patient_id(patient_id))
 
 
 def format_fhir_time(t: datetime) -> str:
@@ -161,7 +172,7 @@ def from_fhir(resource: object, refs: PatientRefs) -> ConsentRecord:
     status = r.get("status")
     if status not in _IN_FORCE:
         raise ValidationError(f"status {status!r} is not a decision (only active or inactive are recorded)")
-    person_id = refs.person_id(_obj(r.get("patient"), "patient").get("reference"))  # type: ignore[arg-type]
+    patient_id = refs.from_reference(_obj(r.get("patient"), "patient").get("reference"))  # type: ignore[arg-type]
     provision = _obj(r.get("provision"), "provision")
     if "provision" in provision:
         raise ValidationError("nested provisions (exceptions) are not supported")
@@ -180,7 +191,7 @@ def from_fhir(resource: object, refs: PatientRefs) -> ConsentRecord:
             _obj(_obj(a, "provision.actor[]").get("reference"), "provision.actor[].reference")
     classes = _classes(provision)
     return ConsentRecord(
-        person_id=person_id,
+        person_id=person_id_for(patient_id),
         scenario_id=_scenario(provision),
         decision=DecisionKind(kind),
         decided_at=decided_at,
@@ -189,13 +200,18 @@ def from_fhir(resource: object, refs: PatientRefs) -> ConsentRecord:
         data_classes=classes,
         source=Source.IMPORT,
         fhir_id=rid,
+        patient_id=patient_id,
     )
 
 
 def to_fhir(
     record: ConsentRecord, refs: PatientRefs, now: datetime, custodian: str | None = None
 ) -> dict[str, Any]:
-    """The FHIR R4 Consent of a record. `status` is inactive once its period has ended at `now`."""
+    """The FHIR R4 Consent of a record. `status` is inactive once its period has ended at `now`.
+
+    A record without its FHIR Patient id (recorded before migration consent_0002) cannot be exported."""
+    if record.patient_id is None:
+        raise ValidationError(f"decision {record.decision_id} has no FHIR patient id; re-import it")
     ended = record.valid_until is not None and record.valid_until <= now
     permit = record.decision is DecisionKind.PERMIT
     period = {"start": format_fhir_time(record.valid_from)}
@@ -221,7 +237,7 @@ def to_fhir(
         "status": "inactive" if ended else "active",
         "scope": {"coding": [{"system": f"{_TERMINOLOGY}/consentscope", "code": scope}]},
         "category": [{"coding": [{"system": _LOINC, "code": "59284-0", "display": "Patient Consent"}]}],
-        "patient": {"reference": refs.reference(record.person_id)},
+        "patient": {"reference": refs.reference(record.patient_id)},
         "dateTime": format_fhir_time(record.decided_at),
         "policyRule": {
             "coding": [{"system": f"{_TERMINOLOGY}/v3-ActCode", "code": "OPTIN" if permit else "OPTOUT"}]

@@ -9,6 +9,7 @@ from enum import StrEnum
 from types import MappingProxyType
 
 from healthspace.core.errors import ValidationError
+from healthspace.core.ids import person_id_for
 
 __all__ = [
     "DATA_CLASSES",
@@ -144,10 +145,17 @@ class ConsentRecord:
     source: Source = Source.STAFF
     actor: str = ""
     fhir_id: str | None = None
+    patient_id: str | None = None
+    """The FHIR Patient id (e.g. `gz-pat-17`); `person_id` is then `core.ids.person_id_for(patient_id)`,
+    the clinical store's own key, so a cohort joins the store directly."""
 
     def __post_init__(self) -> None:
         if isinstance(self.person_id, bool) or not isinstance(self.person_id, int) or self.person_id < 0:
             raise ValidationError("person_id must be a non-negative integer")
+        if self.patient_id is not None and (
+            not isinstance(self.patient_id, str) or person_id_for(self.patient_id) != self.person_id
+        ):
+            raise ValidationError("person_id is not the clinical store's id of patient_id")
         if not isinstance(self.scenario_id, str) or not (0 < len(self.scenario_id) <= 200):
             raise ValidationError("scenario_id must be a non-empty string of at most 200 characters")
         try:

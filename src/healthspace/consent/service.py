@@ -69,7 +69,10 @@ class ConsentService:
     """The consent registry of one hospital connector.
 
     `key` signs receipts and patient tokens; `issuer` is the connector's participant id (named in
-    receipts, tokens and FHIR exports); `refs` maps FHIR patient references to person ids.
+    receipts, tokens and FHIR exports); `refs` checks FHIR Patient ids and gives their person ids.
+
+    Patients are named by their FHIR Patient id (`gz-pat-17`); the registry keys them by the person id
+    the clinical store derives from it (`core.ids.person_id_for`), so cohorts join the store directly.
     """
 
     def __init__(
@@ -106,13 +109,21 @@ class ConsentService:
     def now(self) -> datetime:
         return self._clock.now()
 
-    def pseudonym(self, person_id: int) -> str:
-        """The patient's pseudonym in audit entries and receipts: keyed hash of the person id."""
+    def person_id(self, patient_id: str) -> int:
+        """The clinical store's person id of a FHIR Patient id of this hospital (`ValidationError` if not)."""
+        return self.refs.person_id(patient_id)
+
+    def pseudonym(self, patient_id: str) -> str:
+        """The patient's pseudonym in audit entries and receipts."""
+        return self._pseudonym(self.person_id(patient_id))
+
+    def _pseudonym(self, person_id: int) -> str:
+        # Keyed hash of the person id: stable across the patient's records, meaningless elsewhere.
         mac = hmac.new(self._pseudonym_key, f"person:{person_id}".encode(), hashlib.sha256)
         return "pt-" + mac.hexdigest()[:24]
 
     def _subject(self, person_id: int) -> str:
-        return f"patient:{self.pseudonym(person_id)}"
+        return f"patient:{self._pseudonym(person_id)}"
 
     # --- withdrawal subscribers -------------------------------------------------------------------
 
@@ -129,7 +140,7 @@ class ConsentService:
 
     def grant(
         self,
-        person_id: int,
+        patient_id: str,
         scenario_id: str,
         *,
         actor: str,
@@ -140,17 +151,18 @@ class ConsentService:
     ) -> Change:
         """Record a permit from now (a start in the past is moved to now: consent is never retroactive)."""
         return self._change(
-            person_id, scenario_id, DecisionKind.PERMIT, actor, source, valid_from, valid_until, data_classes
+            patient_id, scenario_id, DecisionKind.PERMIT, actor, source, valid_from, valid_until, data_classes
         )
 
-    def deny(self, person_id: int, scenario_id: str, *, actor: str, source: Source) -> Change:
+    def deny(self, patient_id: str, scenario_id: str, *, actor: str, source: Source) -> Change:
         """Record a deny from now (also what a withdrawal records)."""
-        return self._change(person_id, scenario_id, DecisionKind.DENY, actor, source, None, None, None)
+        return self._change(patient_id, scenario_id, DecisionKind.DENY, actor, source, None, None, None)
 
-    def withdraw(self, person_id: int, scenario_id: str, *, actor: str, source: Source) -> Change:
+    def withdraw(self, patient_id: str, scenario_id: str, *, actor: str, source: Source) -> Change:
         """Withdraw consent at once: a deny from now, audited; then subscribers are told."""
+        person_id = self.person_id(patient_id)
         change = self._change(
-            person_id,
+            patient_id,
             scenario_id,
             DecisionKind.DENY,
             actor,
@@ -162,7 +174,7 @@ class ConsentService:
         )
         event = WithdrawalEvent(
             person_id,
-            self.pseudonym(person_id),
+            self._pseudonym(person_id),
             scenario_id,
             change.record.decided_at,
             change.record.decision_id,
@@ -184,7 +196,7 @@ class ConsentService:
 
     def _change(
         self,
-        person_id: int,
+        patient_id: str,
         scenario_id: str,
         decision: DecisionKind,
         actor: str,
@@ -194,11 +206,13 @@ class ConsentService:
         data_classes: Iterable[str] | None,
         action: str | None = None,
     ) -> Change:
+        person_id = self.person_id(patient_id)
         now = self._clock.now()
         start = now if valid_from is None else max(aware(valid_from, "valid_from"), now)
         decision_id = uuid.uuid4().hex
         record = ConsentRecord(
             person_id=person_id,
+            patient_id=patient_id,
             scenario_id=scenario_id,
             decision=decision,
             decided_at=now,
@@ -247,7 +261,7 @@ class ConsentService:
             "format": RECEIPT_FORMAT,
             "receipt_id": receipt_id,
             "issuer": self.issuer,
-            "patient": self.pseudonym(record.person_id),
+            "patient": self._pseudonym(record.person_id),
             "scenario_id": record.scenario_id,
             "decision": record.decision.value,
             "decided_at": format_time(record.decided_at),
@@ -275,8 +289,9 @@ class ConsentService:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def history(self, person_id: int, *, actor: str, scenario_id: str | None = None) -> list[ConsentRecord]:
+    def history(self, patient_id: str, *, actor: str, scenario_id: str | None = None) -> list[ConsentRecord]:
         """Every recorded decision of a patient (optionally on one scenario), oldest first."""
+        person_id = self.person_id(patient_id)
         with self._db.session() as s:
             out = self._store.history(s, person_id, scenario_id)
         self._audit.record(
@@ -285,9 +300,10 @@ class ConsentService:
         return out
 
     def current(
-        self, person_id: int, *, actor: str, at: datetime | None = None
+        self, patient_id: str, *, actor: str, at: datetime | None = None
     ) -> dict[str, ConsentRecord | None]:
         """Per scenario the patient ever decided on, the record governing `at` (None: nothing in force)."""
+        person_id = self.person_id(patient_id)
         at = aware(at, "at") if at is not None else self._clock.now()
         with self._db.session() as s:
             records = self._store.history(s, person_id)
@@ -299,7 +315,7 @@ class ConsentService:
 
     def check(
         self,
-        person_id: int,
+        patient_id: str,
         scenario_id: str,
         data_classes: Iterable[str],
         *,
@@ -307,6 +323,7 @@ class ConsentService:
         at: datetime | None = None,
     ) -> ConsentCheck:
         """One patient's consent decision; any error in the check is a deny (fail closed), audited."""
+        person_id = self.person_id(patient_id)
         try:
             at = aware(at, "at") if at is not None else self._clock.now()
             with self._db.session() as s:
@@ -349,16 +366,38 @@ class ConsentService:
         )
         return ConsentFilter.of(scenario_id, at, classes, ids)
 
+    def consenting_count(self, scenario_id: str, *, actor: str, at: datetime | None = None) -> int:
+        """How many patients have a permit for `scenario_id` in force at `at`, for any data class.
+
+        The upper bound of every cohort of the scenario: when it is below an agreement's minimum cell
+        size, no job under that agreement can release a cell.
+        """
+        at = aware(at, "at") if at is not None else self._clock.now()
+        with self._db.session() as s:
+            # An empty class set is mask 0, which every permit covers.
+            n = len(self._store.cohort(s, scenario_id, at, ()))
+        self._audit.record(
+            actor,
+            "consent.cohort",
+            f"scenario:{scenario_id}",
+            Outcome.SUCCESS,
+            scenario_id=scenario_id,
+            details={"patients": n, "data_classes": "any", "at": format_time(at)},
+        )
+        return n
+
     # --- receipts and tokens ------------------------------------------------------------------------
 
-    def receipts(self, person_id: int, *, actor: str) -> list[StoredReceipt]:
+    def receipts(self, patient_id: str, *, actor: str) -> list[StoredReceipt]:
+        person_id = self.person_id(patient_id)
         with self._db.session() as s:
             out = self._store.receipts(s, person_id)
         self._audit.record(actor, "consent.receipts.read", self._subject(person_id), Outcome.SUCCESS)
         return out
 
-    def receipt(self, person_id: int, receipt_id: str, *, actor: str) -> dict[str, Any]:
+    def receipt(self, patient_id: str, receipt_id: str, *, actor: str) -> dict[str, Any]:
         """One receipt document of this patient; another patient's receipt is `NotFoundError` too."""
+        person_id = self.person_id(patient_id)
         with self._db.session() as s:
             r = self._store.receipt(s, receipt_id)
         if r is None or r.person_id != person_id:
@@ -371,16 +410,21 @@ class ConsentService:
         return doc
 
     def issue_patient_token(
-        self, person_id: int, *, actor: str, ttl: timedelta | None = None
+        self, patient_id: str, *, actor: str, ttl: timedelta | None = None
     ) -> IssuedPatientToken:
-        issued = self.tokens.issue(person_id, ttl or self._token_ttl)
+        person_id = self.person_id(patient_id)
+        issued = self.tokens.issue(patient_id, ttl or self._token_ttl)
         self._audit.record(actor, "consent.token.issue", self._subject(person_id), Outcome.SUCCESS)
         return issued
 
-    def authenticate_patient(self, token: str | None) -> int:
-        """The person id of a valid patient token; a refused token is audited (without the token)."""
+    def authenticate_patient(self, token: str | None) -> str:
+        """The FHIR Patient id of a valid patient token; a refused token is audited (without the token)."""
         try:
-            return self.tokens.authenticate(token)
+            subject = self.tokens.authenticate(token)
+            try:
+                return self.refs.patient_id(subject)
+            except ValidationError:  # signed by us, but for no patient of this registry
+                raise AuthenticationError("the patient token is not valid", reason="token-invalid") from None
         except AuthenticationError as exc:
             self._audit.record(
                 "unauthenticated",
@@ -448,8 +492,9 @@ class ConsentService:
             )
         return report
 
-    def export_ndjson(self, *, actor: str, person_id: int | None = None) -> Iterator[bytes]:
+    def export_ndjson(self, *, actor: str, patient_id: str | None = None) -> Iterator[bytes]:
         """The registry (or one patient's history) as FHIR R4 Consent NDJSON, one record per line."""
+        person_id = None if patient_id is None else self.person_id(patient_id)
         now = self._clock.now()
         subject = "consent-registry" if person_id is None else self._subject(person_id)
         self._audit.record(actor, "consent.export", subject, Outcome.SUCCESS)

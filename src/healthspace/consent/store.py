@@ -70,6 +70,7 @@ def _row_values(r: ConsentRecord) -> dict[str, object]:
         "decision_id": r.decision_id,
         "fhir_id": r.fhir_id,
         "person_id": r.person_id,
+        "patient_id": r.patient_id,
         "scenario_id": r.scenario_id,
         "decision": r.decision.value,
         "decided_at": r.decided_at,
@@ -98,6 +99,7 @@ def _record(row: Any) -> ConsentRecord:
         source=Source(row.source),
         actor=row.actor,
         fhir_id=row.fhir_id,
+        patient_id=row.patient_id,
     )
 
 

@@ -63,6 +63,8 @@ class ConsentDecisionRow(Base):
     decision_id: Mapped[str] = mapped_column(String(64), unique=True)
     fhir_id: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     person_id: Mapped[int] = mapped_column(BigInteger)
+    # The FHIR Patient id the person id derives from (null only on rows recorded before consent_0002).
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     scenario_id: Mapped[str] = mapped_column(String(200))
     decision: Mapped[str] = mapped_column(String(8))
     decided_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -2,7 +2,7 @@
 
 A token is a compact JWS (EdDSA) signed by the connector's own key, issued by the hospital (a steward
 hands it over, e.g. as a QR code on the patient portal letter). Claims: `iss` (the connector), `aud`
-(`healthspace-consent-patient`), `sub` (the person id in this hospital), `iat`, `exp`, `jti`; header
+(`healthspace-consent-patient`), `sub` (the FHIR Patient id in this hospital), `iat`, `exp`, `jti`; header
 `typ` = `hs-patient+jwt`. The distinct audience and type keep a patient token from being accepted
 anywhere else, and any other token from being accepted here. See docs/consent.md.
 """
@@ -26,13 +26,13 @@ PATIENT_AUDIENCE = "healthspace-consent-patient"
 PATIENT_TOKEN_TYPE = "hs-patient+jwt"  # noqa: S105 (a JWS type name, not a secret)
 _MAX_TOKEN = 2048
 _MAX_TTL = timedelta(days=366)
-_SUB = re.compile(r"[0-9]{1,18}")
+_SUB = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # a FHIR id
 
 
 @dataclass(frozen=True, slots=True)
 class IssuedPatientToken:
     token: str
-    person_id: int
+    patient_id: str
     expires_at: datetime
 
 
@@ -51,17 +51,17 @@ class PatientTokens:
         self._issuer = issuer
         self._clock: Clock = clock or SystemClock()
 
-    def issue(self, person_id: int, ttl: timedelta) -> IssuedPatientToken:
+    def issue(self, patient_id: str, ttl: timedelta) -> IssuedPatientToken:
         if ttl <= timedelta(0) or ttl > _MAX_TTL:
             raise ValidationError(f"a patient token lives between 1 second and {_MAX_TTL.days} days")
-        if isinstance(person_id, bool) or not isinstance(person_id, int) or person_id < 0:
-            raise ValidationError("person_id must be a non-negative integer")
+        if not isinstance(patient_id, str) or not _SUB.fullmatch(patient_id):
+            raise ValidationError("patient_id must be a FHIR id")
         now = self._clock.now()
         exp = int((now + ttl).timestamp())
         claims: dict[str, str | int] = {
             "iss": self._issuer,
             "aud": PATIENT_AUDIENCE,
-            "sub": str(person_id),
+            "sub": patient_id,
             "iat": int(now.timestamp()),
             "exp": exp,
             "jti": secrets.token_urlsafe(12),
@@ -72,10 +72,10 @@ class PatientTokens:
             algorithm="EdDSA",
             headers={"typ": PATIENT_TOKEN_TYPE, "kid": self._key.key_id},
         )
-        return IssuedPatientToken(token, person_id, datetime.fromtimestamp(exp, tz=UTC))
+        return IssuedPatientToken(token, patient_id, datetime.fromtimestamp(exp, tz=UTC))
 
-    def authenticate(self, token: str | None) -> int:
-        """The person id of a valid token, else `AuthenticationError`."""
+    def authenticate(self, token: str | None) -> str:
+        """The FHIR Patient id of a valid token, else `AuthenticationError`."""
         if not token:
             raise AuthenticationError(
                 "a patient token is required (Authorization: Bearer ...)", reason="token-missing"
@@ -112,4 +112,4 @@ class PatientTokens:
             raise AuthenticationError("the patient token is not valid yet", reason="token-not-yet-valid")
         if not _SUB.fullmatch(sub):
             raise AuthenticationError("the patient token is not valid", reason="token-invalid")
-        return int(sub)
+        return sub

@@ -7,6 +7,8 @@ explain(...)                   the same with every rule's premises and constrain
 is_at_least_as_restrictive(candidate, reference) -> Decision   (negotiation)
 crossborder.decide_transfer(...) -> Decision; cross_border_fact(decision) -> Facts.cross_border
 template(name, **params)       a policy from a named steward template
+gate.decide_use(...)           policy + cross-border rules for one use, per phase (the connector's gate)
+registry                       the authority's signed rule set and export approvals; CrossBorderCache
 """
 
 from healthspace.policy.compiler import CompiledPolicy, check_policy, compile_policy
