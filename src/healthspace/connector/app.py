@@ -4,23 +4,18 @@ Trust chain: the connector pins the authority's public key (config), holds its o
 (encrypted at rest) and the membership credential the authority issued for it. It answers peers that
 present a valid request token, and proves itself to peers the same way.
 
-Policy gate: as provider, the connector decides each contract it is about to agree and each transfer it
-is about to start with `policy.gate.decide_use` (the agreement's policy, the consumer's credentials from
-the authority's directory, and the authority's signed cross-border rules and export approvals as facts),
-refuses what is denied and writes every decision with its reasons to the audit log (`policy.decision`).
-A consent withdrawal retires the agreements it can no longer support (`_WithdrawalRetirer`).
+The policy gate in front of agreeing and starting, and withdrawal handling, are in `connector/gate.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated, Any
 
 import httpx
@@ -35,11 +30,10 @@ from healthspace.audit.models import Outcome
 from healthspace.connector.config import CREDENTIAL_FILE, KEY_FILE, ConnectorConfig
 from healthspace.connector.dsp.api import DspComponents, make_dsp_routers
 from healthspace.connector.dsp.manager import DspManager, peer_http_client
-from healthspace.connector.dsp.service import DspService, policy_acceptable
-from healthspace.connector.dsp.tables import NegotiationRow, TransferRow
+from healthspace.connector.gate import Directory, GatedDspService, PolicyGate, WithdrawalRetirer
 from healthspace.consent.api import make_patient_router, make_staff_router
 from healthspace.consent.fhir import PatientRefs
-from healthspace.consent.models import ScenarioInfo, WithdrawalEvent
+from healthspace.consent.models import ScenarioInfo
 from healthspace.consent.service import ConsentService
 from healthspace.core.apikeys import ApiKeyStore, IssuedKey, Role, StoredKey, role_guard
 from healthspace.core.clock import Clock, SystemClock
@@ -56,12 +50,7 @@ from healthspace.identity.keys import SigningKey
 from healthspace.identity.replay import SqlReplayGuard
 from healthspace.identity.revocation import RevocationCache, verify_revocation_list
 from healthspace.identity.tokens import Caller, RequestVerifier, mint_request_token
-from healthspace.policy.compiler import compile_policy
-from healthspace.policy.gate import UseDecision, decide_use, scenarios_of
-from healthspace.policy.models import Decision, Facts, Phase
-from healthspace.policy.models import Request as UseRequest
 from healthspace.policy.registry import CrossBorderCache, CrossBorderSet, verify_approvals, verify_rules
-from healthspace.protocol.states import Role as DspRole
 
 __all__ = ["ConnectorRuntime", "create_app", "init_connector", "open_runtime"]
 
@@ -101,358 +90,6 @@ class ConnectorRuntime:
 
     def record(self, actor: str, action: str, subject: str, outcome: Outcome, reason: str = "") -> None:
         self.audit.record(actor, action, subject, outcome, reason)
-
-
-# --- policy gate ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    """A participant as the authority's directory states it (what a policy's consumer terms read)."""
-
-    id: str
-    type: str
-    jurisdiction: str
-    roles: frozenset[str]
-
-
-class _Directory:
-    """The authority's member directory, fetched with our credential and kept `max_age`; fails closed
-    (an unknown or unreachable directory answers None, which the gate denies)."""
-
-    def __init__(self, fetch: Any, clock: Clock, max_age: timedelta) -> None:
-        self._fetch = fetch
-        self._clock = clock
-        self._max_age = max_age
-        self._members: dict[str, Member] = {}
-        self._fetched_at: datetime | None = None
-        self._lock = threading.Lock()
-
-    def get(self, participant_id: str) -> Member | None:
-        now = self._clock.now()
-        with self._lock:
-            if self._fetched_at is None or now - self._fetched_at >= self._max_age:
-                try:
-                    self._members = {
-                        str(m["id"]): Member(
-                            str(m["id"]), str(m["type"]), str(m["jurisdiction"]), frozenset(m["roles"])
-                        )
-                        for m in self._fetch()
-                        if m.get("status") == "ACTIVE"
-                    }
-                    self._fetched_at = now
-                except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-                    log.warning("member directory unreachable: %s", type(exc).__name__)
-                    if self._fetched_at is None or now - self._fetched_at > timedelta(minutes=10):
-                        self._members = {}
-            return self._members.get(participant_id)
-
-
-@dataclass(frozen=True, slots=True)
-class _Noted:
-    """A policy decision taken inside a DSP transaction, written to the audit log after its commit."""
-
-    actor: str
-    subject: str
-    decision: Decision
-    scenario_id: str | None
-    agreement_id: str | None
-    details: dict[str, Any]
-
-
-class PolicyGate:
-    """Decides, as provider, whether a contract may be agreed or a transfer started (see module doc).
-
-    Pure decisions (`policy.gate.decide_use`) on facts fetched from the authority: the consumer's
-    type, roles and jurisdiction (directory) and the signed cross-border rules and export approvals
-    (`CrossBorderCache`). Anything unknown denies. `obtainConsent` counts as fulfilled only on a
-    connector with a consent registry, where every job runs on the consenting cohort alone.
-    """
-
-    def __init__(
-        self,
-        me: str,
-        jurisdiction: str,
-        directory: _Directory,
-        cross_border: CrossBorderCache,
-        clock: Clock,
-        has_consent_registry: bool,
-    ) -> None:
-        self.me = me
-        self.jurisdiction = jurisdiction
-        self.directory = directory
-        self.cross_border = cross_border
-        self.clock = clock
-        self.has_consent_registry = has_consent_registry
-
-    def decide(
-        self,
-        policy: Mapping[str, Any],
-        dataset_id: str,
-        consumer_id: str,
-        phase: Phase,
-        agreement_start: datetime | None = None,
-        output_type: str | None = None,
-    ) -> UseDecision:
-        try:
-            member = self.directory.get(consumer_id)
-            if member is None:
-                return UseDecision(
-                    Decision(False, (f"consumer {consumer_id!r} is not an active member per the authority",)),
-                    None,
-                )
-            facts_set = self.cross_border.current()
-            request = UseRequest(
-                action="use",
-                target=dataset_id,
-                consumer_id=consumer_id,
-                consumer_type=member.type,
-                consumer_roles=member.roles,
-                consumer_jurisdiction=member.jurisdiction,
-                output_type=output_type,
-                phase=phase,
-            )
-            facts = Facts(agreement_start=agreement_start, consent_obtained=self.has_consent_registry)
-            return decide_use(
-                policy,
-                request,
-                facts,
-                provider_jurisdiction=self.jurisdiction,
-                rules=facts_set.rules,
-                approvals=facts_set.approvals,
-                now=self.clock.now(),
-            )
-        except HealthspaceError as exc:
-            return UseDecision(Decision(False, (f"{exc.title}: {exc.detail}",)), None)
-        except Exception as exc:  # fail closed on any defect, and say so
-            return UseDecision(Decision(False, (f"policy gate error ({type(exc).__name__}); denied",)), None)
-
-
-class GatedDspService(DspService):
-    """`DspService` with the policy gate in front of agreeing and starting, and decisions audited.
-
-    Hooks into three steps of `DspService` (provider `approve`/`agree`, provider `start`, and the
-    automatic `_decide`) because it exposes no gate of its own; see docs/policy/README.md.
-    """
-
-    def __init__(self, *args: Any, gate: PolicyGate, audit: AuditLog, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.gate = gate
-        self._audit_log = audit
-        self._noted = threading.local()
-
-    def _note(self, entry: _Noted) -> None:
-        pending: list[_Noted] | None = getattr(self._noted, "entries", None)
-        if pending is None:  # outside a transaction: nothing to wait for
-            self._write(entry)
-        else:
-            pending.append(entry)
-
-    def _write(self, e: _Noted) -> None:
-        self._audit_log.record(
-            e.actor,
-            "policy.decision",
-            e.subject,
-            Outcome.ALLOWED if e.decision.allowed else Outcome.DENIED,
-            "; ".join(e.decision.reasons)[:4000],
-            scenario_id=e.scenario_id,
-            agreement_id=e.agreement_id,
-            details=e.details,
-        )
-
-    @contextmanager
-    def _tx(self) -> Iterator[Any]:
-        # Decisions are audited after the commit: the audit log shares the SQLite file whose single
-        # writer lock the DSP transaction holds.
-        entries: list[_Noted] = []
-        self._noted.entries = entries
-        try:
-            with super()._tx() as tx:
-                yield tx
-        finally:
-            self._noted.entries = None
-            for e in entries:
-                self._write(e)
-
-    def _decide(self, tx: Any, row: NegotiationRow, actor: str) -> None:
-        dataset = self.store.dataset(tx.s, row.dataset_id or "")
-        ok, reasons = policy_acceptable(row.offer, dataset.offer)
-        self._note(
-            _Noted(
-                actor,
-                row.id,
-                Decision(ok, tuple(reasons) or (("the request matches the offer",) if ok else ())),
-                _scenario(row.offer),
-                None,
-                {"phase": "negotiation", "check": "request-within-offer", "dataset_id": row.dataset_id},
-            )
-        )
-        super()._decide(tx, row, actor)
-
-    def _negotiation_step(
-        self,
-        tx: Any,
-        row: NegotiationRow,
-        role: DspRole,
-        action: str,
-        actor: str,
-        offer: Mapping[str, Any] | None,
-        reason: str,
-    ) -> None:
-        if role is not DspRole.PROVIDER or action not in ("approve", "agree"):
-            super()._negotiation_step(tx, row, role, action, actor, offer, reason)
-            return
-        d = self.gate.decide(row.offer, row.dataset_id or "", row.counterparty_id, Phase.NEGOTIATION)
-        details = {
-            "phase": "negotiation",
-            "check": "contract",
-            "dataset_id": row.dataset_id,
-            "consumer_id": row.counterparty_id,
-            "output_types": list(d.output_types),
-        }
-        if d.allowed:
-            super()._negotiation_step(tx, row, role, action, actor, offer, reason)
-        else:
-            why = ("policy denies: " + "; ".join(d.decision.reasons))[:1000]
-            super()._negotiation_step(tx, row, role, "reject", actor, None, why)
-        self._note(_Noted(actor, row.id, d.decision, d.scenario_id, row.agreement_id, details))
-
-    def _transfer_step(
-        self,
-        tx: Any,
-        row: TransferRow,
-        role: DspRole,
-        action: str,
-        actor: str,
-        reason: str,
-        **kwargs: Any,
-    ) -> None:
-        if role is not DspRole.PROVIDER or action != "start":
-            super()._transfer_step(tx, row, role, action, actor, reason, **kwargs)
-            return
-        agreement = self.store.agreement(tx.s, row.agreement_id)
-        start = agreement.signed_at
-        start = start.replace(tzinfo=UTC) if start.tzinfo is None else start
-        d = self.gate.decide(
-            agreement.policy, agreement.dataset_id, row.counterparty_id, Phase.TRANSFER, start
-        )
-        details = {
-            "phase": "transfer",
-            "check": "transfer-start",
-            "dataset_id": agreement.dataset_id,
-            "consumer_id": row.counterparty_id,
-            "output_types": list(d.output_types),
-        }
-        self._note(_Noted(actor, row.id, d.decision, d.scenario_id, agreement.id, details))
-        if d.allowed:
-            super()._transfer_step(tx, row, role, action, actor, reason, **kwargs)
-        else:
-            why = ("policy denies: " + "; ".join(d.decision.reasons))[:1000]
-            super()._transfer_step(tx, row, role, "terminate", actor, why)
-
-
-def _scenario(policy: Mapping[str, Any]) -> str | None:
-    try:
-        named = scenarios_of(compile_policy(policy))
-    except HealthspaceError:
-        return None
-    return next(iter(named)) if len(named) == 1 else None
-
-
-@dataclass
-class _WithdrawalRetirer:
-    """Retires the provider agreements a consent withdrawal leaves unable to hold, at once.
-
-    For the scenario withdrawn from, an unretired agreement (we are provider) is retired when
-    (a) its policy carries an `obtainConsent` duty: it promised per-patient consent for record-level
-    output, and a patient has now withdrawn it (simple and strict: any withdrawal on the scenario); or
-    (b) it has a `minCellSize` floor above the number of patients still consenting to the scenario for
-    any data class: no job under it can release a single cell any more.
-    Its live transfers are terminated by `retire_agreement`; both appear in the audit log.
-    """
-
-    service: DspService
-    consent: ConsentService
-    actor: str
-    retired: list[str] = field(default_factory=list)
-
-    def __call__(self, event: WithdrawalEvent) -> None:
-        remaining: int | None = None
-        for a in self.service.list_agreements():
-            if a.role != DspRole.PROVIDER.value or a.retired_at is not None:
-                continue
-            if _scenario(a.policy) != event.scenario_id:
-                continue
-            why = None
-            if _has_duty(a.policy, "obtainConsent"):
-                why = f"consent withdrawn for scenario {event.scenario_id} (the agreement requires consent)"
-            else:
-                floor = _min_cell_size(a.policy)
-                if floor is not None:
-                    if remaining is None:
-                        remaining = self.consent.consenting_count(event.scenario_id, actor=self.actor)
-                    if remaining < floor:
-                        why = (
-                            f"consent withdrawn: {remaining} patients consent to {event.scenario_id}, "
-                            f"below the agreement's minimum cell size {floor}"
-                        )
-            if why is not None:
-                try:
-                    self.service.retire_agreement(self.actor, a.id, why)
-                    self.retired.append(a.id)
-                except ConflictError:
-                    pass  # retired meanwhile by someone else: the outcome wanted
-
-
-def _rules_of(policy: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    out: list[Mapping[str, Any]] = []
-    for key in ("permission", "obligation"):
-        rules = policy.get(key) or policy.get(f"odrl:{key}") or []
-        out.extend(r for r in (rules if isinstance(rules, list) else [rules]) if isinstance(r, Mapping))
-    return out
-
-
-def _term(value: Any) -> str:
-    if isinstance(value, Mapping):
-        value = value.get("@id", value.get("@value", ""))
-    text = str(value)
-    return text.split(":", 1)[1] if text.startswith("odrl:") else text
-
-
-def _has_duty(policy: Mapping[str, Any], action: str) -> bool:
-    for rule in _rules_of(policy):
-        if _term(rule.get("action")) == action:  # an obligation
-            return True
-        duties = rule.get("duty") or []
-        if any(isinstance(d, Mapping) and _term(d.get("action")) == action for d in duties):
-            return True
-    return False
-
-
-def _min_cell_size(policy: Mapping[str, Any]) -> int | None:
-    """The largest `minCellSize` floor (gteq/gt/eq) a permission states, or None."""
-    floors: list[int] = []
-
-    def walk(constraints: Any) -> None:
-        for c in constraints if isinstance(constraints, list) else []:
-            if not isinstance(c, Mapping):
-                continue
-            for logical in ("and", "or", "xone"):
-                walk(c.get(logical))
-            if _term(c.get("leftOperand")) == "minCellSize":
-                try:
-                    n = int(_term(c.get("rightOperand")))
-                except ValueError:
-                    continue
-                op = _term(c.get("operator"))
-                if op in ("gteq", "eq"):
-                    floors.append(n)
-                elif op == "gt":
-                    floors.append(n + 1)
-
-    for rule in _rules_of(policy):
-        walk(rule.get("constraint"))
-    return max(floors) if floors else None
 
 
 def init_connector(settings: Settings, config: ConnectorConfig) -> dict[Role, IssuedKey]:
@@ -545,9 +182,7 @@ def open_runtime(settings: Settings, clock: Clock | None = None) -> ConnectorRun
     dsp_http = peer_http_client()
     rt.dsp = DspComponents(service, DspManager(service, dsp_http, rt.peer_auth), dsp_http, rt.peer_auth)
     if rt.consent is not None:
-        rt.consent.on_withdrawal(
-            _WithdrawalRetirer(service, rt.consent, f"connector:{config.participant_id}")
-        )
+        rt.consent.on_withdrawal(WithdrawalRetirer(service, rt.consent, f"connector:{config.participant_id}"))
     return rt
 
 
@@ -577,7 +212,7 @@ def _make_gate(rt: ConnectorRuntime) -> PolicyGate:
     return PolicyGate(
         c.participant_id,
         c.jurisdiction,
-        _Directory(fetch_members, rt.clock, max_age),
+        Directory(fetch_members, rt.clock, max_age),
         CrossBorderCache(fetch_cross_border, clock=rt.clock, max_age=max_age),
         rt.clock,
         has_consent_registry=rt.consent is not None,
