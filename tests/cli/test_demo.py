@@ -55,6 +55,13 @@ def test_demo_once_starts_the_space_and_its_self_check_passes(tmp_path: Path) ->
     assert refused["negotiation"] == "TERMINATED"
     assert "output type" in refused["reason"]
 
+    # The example study ran at every hospital under its agreement, each charging its privacy budget.
+    study = summary["study"]
+    assert study["complete"] is True
+    assert sorted(study["provenance"]["sites"]) == sorted(c["provider"] for c in agreed)
+    assert all(site["epsilon_spent"] == 0.5 for site in study["sites"])
+    assert study["combined"]["t2d_patients"]["count"] >= 0
+
     space = json.loads((tmp_path / "space.json").read_text())
     hospitals = [p for p in space["participants"] if p["type"] == "hospital"]
     assert sorted(p["jurisdiction"] for p in hospitals) == ["CN-GD", "CN-GD", "HK"]
@@ -64,6 +71,7 @@ def test_demo_once_starts_the_space_and_its_self_check_passes(tmp_path: Path) ->
     for p in hospitals:
         population = p["population"]
         assert (Path(population["synth"]) / "manifest.json").is_file()
+        assert population["dataset"] == f"{p['id']}-ehr"
         # Loaded through validation into the encrypted store: the synthetic data conforms to the standard.
         assert population["ingest"]["inserted"] > 0
         assert population["ingest"]["rejected"] == 0

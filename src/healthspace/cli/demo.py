@@ -169,49 +169,65 @@ def _stop(services: list[Service]) -> None:
             svc.process.wait()
 
 
-def _load_hospitals(root: Path, patients: int, console: Console) -> dict[str, dict[str, Any]]:
-    """Generate each hospital's synthetic population, then load it the way a hospital loads real data:
-    FHIR NDJSON through validation against the data standard into its encrypted clinical store, followed
-    by the quality checks."""
-    from healthspace.data.ingest import ingest_ndjson
-    from healthspace.data.keys import LocalKeyStore
-    from healthspace.data.quality import run_quality
-    from healthspace.data.store import ClinicalStore
+def _generate_populations(root: Path, patients: int, console: Console) -> dict[str, dict[str, Any]]:
+    """Each hospital's synthetic population, written as its EHR export into the connector's import folder."""
     from healthspace.synth.generate import generate
 
     out: dict[str, dict[str, Any]] = {}
-    hospitals = [p for p in DEMO_PARTICIPANTS if p.site is not None]
-    for seed, p in enumerate(hospitals, start=1):
+    for seed, p in enumerate((p for p in DEMO_PARTICIPANTS if p.site is not None), start=1):
         assert p.site is not None
-        home = root / p.id
         console.print(f"[bold]{p.legal_name}[/bold]: {patients:,} synthetic patients (site {p.site}) ...")
-        synth = generate(p.site, patients, seed, home / "synth", progress=console.is_terminal)
-        fhir = sorted((home / "synth" / "fhir").glob("*.ndjson"))
-        with ClinicalStore.create(home / "clinical", f"{p.id}-ehr", LocalKeyStore(home / "keys")) as store:
-            report = ingest_ndjson(store, fhir, progress=console.is_terminal)
-            quality = run_quality(store)
-        console.print(
-            f"  loaded {sum(report.inserted.values()):,} rows, rejected {report.rejected:,}; "
-            f"quality score {quality.score:.1%} ({quality.passed} of {quality.passed + quality.failed} "
-            "checks passed)"
+        summary = generate(
+            p.site, patients, seed, root / p.id / "import" / "synth", progress=console.is_terminal
         )
         out[p.id] = {
             "site": p.site,
             "patients": patients,
             "seed": seed,
-            "synth": str(home / "synth"),
-            "synth_rows": synth.total_rows,
-            "clinical_store": str(home / "clinical"),
-            "ingest": {
-                "batch": report.batch_id,
-                "read": report.read,
-                "inserted": sum(report.inserted.values()),
-                "rejected": report.rejected,
-                "unmapped": sum(report.unmapped.values()),
-            },
-            "quality": {"score": round(quality.score, 4), "passed": quality.passed, "failed": quality.failed},
+            "synth": str(summary.out),
+            "synth_rows": summary.total_rows,
         }
     return out
+
+
+def _load_clinical_data(
+    hospitals: list[Service], populations: dict[str, dict[str, Any]], console: Console
+) -> None:
+    """Each hospital's steward loads its EHR export the way real data is loaded: through the connector's
+    data API, validated against the data standard into the encrypted store (with signed provenance),
+    then quality-checked and published."""
+    for svc in hospitals:
+        dataset = f"{svc.id}-ehr"
+        fhir = sorted(Path(populations[svc.id]["synth"], "fhir").glob("*.ndjson"))
+        paths = [f"synth/fhir/{f.name}" for f in fhir if f.name != "Consent.ndjson"]
+        with ConnectorClient(svc.url, svc.api_keys[Role.STEWARD.value], timeout=900) as steward:
+            console.print(f"{svc.id}: loading {dataset} through the connector's data API ...")
+            steward.create_dataset(dataset)
+            reports = steward.ingest(dataset, paths, source_system=f"{svc.id} EHR (synthetic export)")
+            quality = steward.quality(dataset)
+            steward.move_dataset(dataset, "curated", "quality checked")
+            steward.move_dataset(dataset, "published", "offered for research under the demo scenarios")
+        inserted = sum(sum(r["inserted"].values()) for r in reports)
+        rejected = sum(r["rejected"] for r in reports)
+        console.print(
+            f"  loaded {inserted:,} rows, rejected {rejected:,}; quality score {quality['score']:.1%} "
+            f"({quality['passed']} of {quality['passed'] + quality['failed']} checks passed)"
+        )
+        populations[svc.id].update(
+            dataset=dataset,
+            ingest={
+                "batches": [r["batch_id"] for r in reports],
+                "read": sum(r["read"] for r in reports),
+                "inserted": inserted,
+                "rejected": rejected,
+                "unmapped": sum(sum(r["unmapped"].values()) for r in reports),
+            },
+            quality={
+                "score": round(quality["score"], 4),
+                "passed": quality["passed"],
+                "failed": quality["failed"],
+            },
+        )
 
 
 def _self_check(authority: Service, connectors: list[Service]) -> dict[str, Any]:
@@ -258,7 +274,9 @@ def _import_consents(root: Path, hospitals: list[Service]) -> dict[str, dict[str
     counts: dict[str, dict[str, int]] = {}
     for svc in hospitals:
         with ConnectorClient(svc.url, svc.api_keys[Role.STEWARD.value], timeout=120) as steward:
-            steward.import_consents((root / svc.id / "synth" / "fhir" / "Consent.ndjson").read_bytes())
+            steward.import_consents(
+                (root / svc.id / "import" / "synth" / "fhir" / "Consent.ndjson").read_bytes()
+            )
             counts[svc.id] = {
                 s.id: steward.consent_cohort(s.id, list(s.data_classes)) for s in DEMO_SCENARIOS
             }
@@ -343,6 +361,54 @@ def _print_contracts(contracts: dict[str, Any], console: Console) -> None:
     )
 
 
+# The demo's example study: adults with type 2 diabetes (ICD-10 E11*), how many per site, and by sex and
+# age band. The agreements allow aggregates under a privacy budget of ε 3, so the counts are released
+# with differential privacy (ε 0.5 per study) after suppression of cells below 10.
+DEMO_STUDY: dict[str, Any] = {
+    "version": 1,
+    "cohort": {
+        "inclusion": [
+            {"type": "event", "event": {"domain": "condition", "codes": ["E11"], "match": "prefix"}}
+        ]
+    },
+    "analyses": [
+        {"type": "count", "id": "t2d_patients"},
+        {
+            "type": "stratified_count",
+            "id": "by_sex_and_age",
+            "by": [{"var": "sex"}, {"var": "age_group", "breaks": [18, 45, 65, 120]}],
+        },
+    ],
+    "privacy": {"epsilon": 0.5, "mechanism": "laplace"},
+}
+
+
+def _study(university: Service, space: dict[str, Any]) -> dict[str, Any]:
+    """The university runs the example study over its STARTED transfers: the lab fans the job out, each
+    hospital checks policy and consent, runs it, applies disclosure control and signs; the lab combines."""
+    from healthspace.cli.study import load_sites
+    from healthspace.lab import Study, run_study
+
+    sites = load_sites(space, university.id)
+    result = run_study(Study("diabetes-outcomes-research", DEMO_STUDY, sites), timeout_s=60)
+    return {
+        "complete": result.complete,
+        "combined": result.combined,
+        "provenance": result.provenance,
+        "sites": [
+            {
+                "site": o.site,
+                "status": o.status,
+                "epsilon_spent": o.epsilon_spent,
+                "ms": round(o.elapsed_ms, 1),
+                "detail": o.detail,
+                "reasons": o.reasons,
+            }
+            for o in result.sites
+        ],
+    }
+
+
 def _interrupt(*_: object) -> None:
     """SIGTERM stops the demo the way Ctrl-C does."""
     raise KeyboardInterrupt
@@ -371,7 +437,7 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
     ]
     services = [authority, *connectors]
     try:
-        populations = _load_hospitals(root, patients, console)
+        populations = _generate_populations(root, patients, console)
 
         keys = init_authority(Settings(data_dir=authority.data_dir), AUTHORITY_ID, AUTHORITY_NAME)
         authority.api_keys = {r.value: k.secret for r, k in keys.items()}
@@ -417,6 +483,7 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
         pairs = list(zip(DEMO_PARTICIPANTS, connectors, strict=True))
         hospitals = [svc for p, svc in pairs if p.site is not None]
         university = next(svc for p, svc in pairs if p.type == "university")
+        _load_clinical_data(hospitals, populations, console)
         console.print("hospitals import their patients' consent decisions ...")
         for hospital_id, counts in _import_consents(root, hospitals).items():
             populations[hospital_id]["consenting"] = counts
@@ -457,16 +524,20 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
         space_file.write_text(json.dumps(space, indent=2))
         space_file.chmod(0o600)  # it holds the demo users' API keys
 
+        console.print("the university runs the example study across the three hospitals ...")
+        study = _study(university, space)
+
         if once:
             check = _self_check(authority, connectors)
             summary = {
-                "ok": check["ok"] and contracts["ok"],
+                "ok": check["ok"] and contracts["ok"] and study["complete"],
                 "space": str(space_file),
                 "authority": authority.url,
                 "participants": {svc.id: svc.url for svc in connectors},
                 "scenarios": space["scenarios"],
                 "populations": populations,
                 "contracts": contracts,
+                "study": study,
                 "self_check": check,
             }
             console.print_json(json.dumps(summary))
@@ -474,6 +545,7 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
 
         _print_space(space, console)
         _print_contracts(contracts, console)
+        console.print_json(json.dumps({"example study": study["combined"]}))
         console.print(f"space description: {space_file}   (Ctrl-C stops everything)")
         signal.signal(signal.SIGTERM, _interrupt)
         while all(s.process is not None and s.process.poll() is None for s in services):

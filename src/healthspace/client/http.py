@@ -216,3 +216,30 @@ class ConnectorClient(_Client):
             "POST", f"/management/transfers/{pid}/{action}", json={"reason": reason}
         )
         return result
+
+    # --- clinical data (management API) ---
+
+    def create_dataset(self, dataset_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "POST", "/management/data/datasets", json={"dataset_id": dataset_id}
+        )
+        return result
+
+    def ingest(self, dataset_id: str, paths: list[str], source_system: str) -> list[dict[str, Any]]:
+        """Ingest files from the connector's import directory (paths relative to it), one batch."""
+        body = {"paths": paths, "source_system": source_system}
+        result: list[dict[str, Any]] = self._call(
+            "POST", f"/management/data/datasets/{dataset_id}/ingest", json=body
+        )
+        return result
+
+    def quality(self, dataset_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/management/data/datasets/{dataset_id}/quality")
+        return result
+
+    def move_dataset(self, dataset_id: str, target: str, reason: str = "") -> dict[str, Any]:
+        body = {"target": target, "reason": reason}
+        result: dict[str, Any] = self._call(
+            "POST", f"/management/data/datasets/{dataset_id}/moves", json=body
+        )
+        return result

@@ -28,6 +28,12 @@ from healthspace.audit.api import sign_heads_periodically
 from healthspace.audit.log import AuditLog
 from healthspace.audit.models import Outcome
 from healthspace.connector.config import CREDENTIAL_FILE, KEY_FILE, ConnectorConfig
+from healthspace.connector.dataplane import (
+    ConsumerProfile,
+    JobService,
+    lazy_store_connection,
+    make_dataplane_router,
+)
 from healthspace.connector.dsp.api import DspComponents, make_dsp_routers
 from healthspace.connector.dsp.manager import DspManager, peer_http_client
 from healthspace.connector.gate import Directory, GatedDspService, PolicyGate, WithdrawalRetirer
@@ -45,6 +51,10 @@ from healthspace.core.errors import (
     install_problem_handlers,
 )
 from healthspace.core.settings import Settings
+from healthspace.data.api import make_data_router
+from healthspace.data.keys import LocalKeyStore
+from healthspace.data.manager import RetentionManager
+from healthspace.data.service import DataService
 from healthspace.identity.fastapi import PeerAuth, peer_dependency
 from healthspace.identity.keys import SigningKey
 from healthspace.identity.replay import SqlReplayGuard
@@ -56,7 +66,7 @@ __all__ = ["ConnectorRuntime", "create_app", "init_connector", "open_runtime"]
 
 log = logging.getLogger(__name__)
 
-BRANCHES = ("apikeys", "audit", "identity", "dsp", "consent")
+BRANCHES = ("apikeys", "audit", "identity", "dsp", "consent", "data", "compute", "jobs")
 STAFF_ROLES = (Role.ADMIN, Role.STEWARD, Role.RESEARCHER, Role.REVIEWER, Role.REGULATOR)
 
 
@@ -75,6 +85,8 @@ class ConnectorRuntime:
     dsp: DspComponents | None = None
     consent: ConsentService | None = None
     gate: PolicyGate | None = None
+    data: DataService | None = None
+    jobs: JobService | None = None
 
     def close(self) -> None:
         if self.dsp is not None:
@@ -169,6 +181,16 @@ def open_runtime(settings: Settings, clock: Clock | None = None) -> ConnectorRun
             db, rt.audit, key, config.participant_id, PatientRefs(config.patient_id_prefix), clock=clock
         )
     rt.gate = _make_gate(rt)
+    rt.data = DataService(
+        db,
+        rt.audit,
+        key,
+        LocalKeyStore(d / "keys"),
+        d / "clinical",
+        organisation=config.legal_name,
+        clock=clock,
+        import_root=d / "import",
+    )
     service = GatedDspService(
         db,
         participant_id=config.participant_id,
@@ -183,7 +205,41 @@ def open_runtime(settings: Settings, clock: Clock | None = None) -> ConnectorRun
     rt.dsp = DspComponents(service, DspManager(service, dsp_http, rt.peer_auth), dsp_http, rt.peer_auth)
     if rt.consent is not None:
         rt.consent.on_withdrawal(WithdrawalRetirer(service, rt.consent, f"connector:{config.participant_id}"))
+    if rt.consent is not None:
+        rt.jobs = _make_jobs(rt, rt.consent, rt.dsp, rt.gate)
     return rt
+
+
+def _make_jobs(
+    rt: ConnectorRuntime, consent: ConsentService, dsp: DspComponents, gate: PolicyGate
+) -> JobService:
+    """The data plane of a hospital: jobs under started compute-to-data transfers, on its clinical store.
+
+    Jobs run on the connector's primary clinical dataset, `<participant id>-ehr` (one clinical dataset
+    per connector for now; mapping DSP datasets to several clinical datasets is future work).
+    """
+    d, me = rt.settings.data_dir, rt.config.participant_id
+
+    def consumer(participant_id: str) -> ConsumerProfile:
+        member = gate.directory.get(participant_id)
+        if member is None:  # unknown to the authority: the policy's consumer terms cannot hold
+            return ConsumerProfile()
+        return ConsumerProfile(member.jurisdiction, member.type, member.roles)
+
+    return JobService(
+        rt.db,
+        provider_id=me,
+        provider_jurisdiction=rt.config.jurisdiction,
+        key=rt.key,
+        agreement=dsp.service.agreement,
+        transfer=dsp.service.transfer,
+        consent=lambda: consent,
+        connect=lazy_store_connection(d / "clinical" / "live" / f"{me}-ehr", d / "keys"),
+        record=rt.audit.record,
+        clock=rt.clock,
+        consumer=consumer,
+        approvals=lambda: gate.cross_border.current().approvals,
+    )
 
 
 def _make_gate(rt: ConnectorRuntime) -> PolicyGate:
@@ -397,9 +453,14 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         signer = asyncio.create_task(sign_heads_periodically(rt.audit, rt.settings.audit_head_interval_s))
+        retention = RetentionManager(rt.data, rt.clock) if rt.data is not None else None
         if rt.dsp is not None:
             rt.dsp.manager.start()
+        if retention is not None:
+            retention.start()
         yield
+        if retention is not None:
+            retention.stop()
         signer.cancel()
         rt.audit.tree_head()  # the last entries leave covered by a signed head
         rt.close()
@@ -423,8 +484,13 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         app.include_router(
             make_staff_router(lambda: consent, role_guard(lambda _: rt.api_keys, Role.ADMIN, Role.STEWARD))
         )
+    if rt.data is not None:
+        data = rt.data
+        app.include_router(make_data_router(lambda: data, _staff))
+    if rt.jobs is not None:
+        jobs = rt.jobs
+        app.include_router(make_dataplane_router(lambda: jobs))
     app.include_router(
         make_audit_router(lambda: rt.audit, role_guard(lambda _: rt.api_keys, Role.ADMIN, Role.REGULATOR))
     )
-
     return app
