@@ -184,3 +184,25 @@ def test_sql_history_remembers_across_guards(make_db: Callable[..., Database]) -
         fresh.check("gz", [ids[1:]])
     fresh.check("gz", [ids])  # identical: nothing new is revealed
     fresh.check("other-dataset", [ids[1:]])
+
+
+def test_guard_allows_repeating_a_table_whose_cells_are_close_to_each_other(
+    gz_engine: DuckDBEngine, gz_consent: ConsentFilter
+) -> None:
+    """A cross-tab releases a cell and its margin a few persons apart (a sparse age band); asking for the
+    same table again reveals nothing new and must not be taken for differencing (found re-running the
+    demo study)."""
+    guard = DifferencingGuard(MemoryCohortHistory(), 10)
+    by = [{"var": "sex"}, {"var": "age_group", "breaks": [40, 90, 120]}]
+    spec = parse_spec(
+        {
+            "version": 1,
+            "cohort": {"inclusion": [T2D]},
+            "analyses": [{"type": "stratified_count", "id": "t", "by": by}],
+        }
+    )
+    first = run_job(spec, gz_engine, gz_consent, RULES, JobContext("a", "m", "s", "gz"), guard=guard)
+    released = [set(ids.tolist()) for _, _, ids in guard.history.rows]  # type: ignore[attr-defined]
+    assert any(a < b and len(b - a) < 10 for a in released for b in released), "no nested close groups"
+    again = run_job(spec, gz_engine, gz_consent, RULES, JobContext("b", "m", "s", "gz"), guard=guard)
+    assert again.analyses == first.analyses

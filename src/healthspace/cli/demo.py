@@ -546,6 +546,12 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
         _print_space(space, console)
         _print_contracts(contracts, console)
         console.print_json(json.dumps({"example study": study["combined"]}))
+        spec_file = data_dir / "example-study.json"
+        spec_file.write_text(json.dumps(DEMO_STUDY, indent=2))
+        console.print(
+            f"run it again: healthspace study run {spec_file} --scenario diabetes-outcomes-research "
+            f"--space {space_file} --as {university.id}"
+        )
         console.print(f"space description: {space_file}   (Ctrl-C stops everything)")
         signal.signal(signal.SIGTERM, _interrupt)
         while all(s.process is not None and s.process.poll() is None for s in services):

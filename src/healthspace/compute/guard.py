@@ -122,9 +122,13 @@ class DifferencingGuard:
     def check(self, dataset_id: str, sets: list[np.ndarray], now: datetime | None = None) -> None:
         since = (now or utcnow()) - self.window
         for ids in sets:
-            for old in self.history.near(dataset_id, len(ids), self.min_difference, since):
-                d = int(np.setxor1d(ids, old, assume_unique=True).size)
-                if 0 < d < self.min_difference:
+            near = self.history.near(dataset_id, len(ids), self.min_difference, since)
+            differences = [int(np.setxor1d(ids, old, assume_unique=True).size) for old in near]
+            if 0 in differences:
+                # Released before as it is: repeating it reveals nothing, whatever it differs from.
+                continue
+            for d in differences:
+                if d < self.min_difference:
                     raise DisclosureError(
                         f"refused: a requested group differs from a recently released one by {d} "
                         f"person(s), fewer than the minimum difference of {self.min_difference}",
