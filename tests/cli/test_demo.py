@@ -54,6 +54,14 @@ def test_demo_once_starts_the_space_and_its_self_check_passes(tmp_path: Path) ->
     refused = summary["contracts"]["refused"]
     assert refused["negotiation"] == "TERMINATED"
     assert "output type" in refused["reason"]
+    # The provider audited both decisions with their reasons.
+    outcomes = {(d["outcome"], d["check"]) for d in summary["contracts"]["decisions"]}
+    assert {
+        ("allowed", "contract"),
+        ("allowed", "transfer-start"),
+        ("denied", "request-within-offer"),
+    } <= outcomes
+    assert all(d["reasons"] for d in summary["contracts"]["decisions"])
 
     # The example study ran at every hospital under its agreement, each charging its privacy budget.
     study = summary["study"]

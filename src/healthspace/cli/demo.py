@@ -347,7 +347,32 @@ def _contracts(hospitals: list[Service], university: Service) -> dict[str, Any]:
             "reason": neg["terminal_reason"],
         }
     ok = all(r["negotiation"] == "FINALIZED" and r["transfer"] == "STARTED" for r in results)
-    return {"ok": ok and denied["negotiation"] == "TERMINATED", "agreed": results, "refused": denied}
+    return {
+        "ok": ok and denied["negotiation"] == "TERMINATED",
+        "agreed": results,
+        "refused": denied,
+        "decisions": _policy_decisions(h),
+    }
+
+
+def _policy_decisions(hospital: Service) -> list[dict[str, Any]]:
+    """The hospital's audited policy decisions on the university's requests, allowed and denied, with
+    their reasons: what a regulator reads to see why each use was or was not permitted."""
+    with ConnectorClient(hospital.url, hospital.api_keys[Role.REGULATOR.value]) as regulator:
+        size = regulator.tree_head()["tree_size"]
+        entries = [item["entry"] for item in regulator.audit_entries(0, size)]
+    return [
+        {
+            "outcome": e["outcome"],
+            "check": e["details"].get("check"),
+            "phase": e["details"].get("phase"),
+            "scenario": e["scenario_id"],
+            "agreement": e["agreement_id"],
+            "reasons": e["reason"],
+        }
+        for e in entries
+        if e["action"] == "policy.decision"
+    ]
 
 
 def _print_contracts(contracts: dict[str, Any], console: Console) -> None:
