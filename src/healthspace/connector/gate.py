@@ -22,7 +22,7 @@ import httpx
 from healthspace.audit.log import AuditLog
 from healthspace.audit.models import Outcome
 from healthspace.connector.dsp.service import DspService, policy_acceptable
-from healthspace.connector.dsp.tables import NegotiationRow, TransferRow
+from healthspace.connector.dsp.tables import DatasetRow, NegotiationRow, TransferRow
 from healthspace.consent.models import WithdrawalEvent
 from healthspace.consent.service import ConsentService
 from healthspace.core.clock import Clock
@@ -224,6 +224,20 @@ class GatedDspService(DspService):
             )
         )
         super()._decide(tx, row, actor)
+
+    def visible(self, caller: str, row: DatasetRow) -> bool:
+        """Catalog time: a dataset is listed only to a caller its offer could be granted to (purpose,
+        consumer type, role and jurisdiction; job-time terms deferred). The decision is audited."""
+        d = self.gate.decide(row.offer, row.id, caller, Phase.CATALOG)
+        details = {
+            "phase": "catalog",
+            "check": "visibility",
+            "dataset_id": row.id,
+            "consumer_id": caller,
+            "output_types": list(d.output_types),
+        }
+        self._note(_Noted(caller, row.id, d.decision, d.scenario_id, None, details))
+        return d.allowed
 
     def _negotiation_step(
         self,

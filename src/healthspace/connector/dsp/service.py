@@ -314,6 +314,7 @@ class DspService:
         matches = _catalog_filter(msg.filter or [])
         with self.db.session() as s:
             rows = [r for r in self.store.datasets(s) if matches(r)]
+        rows = [r for r in rows if self.visible(caller, r)]
         page = rows[offset : offset + limit]
         response = CatalogResponse.model_validate(
             {
@@ -333,7 +334,14 @@ class DspService:
     def dataset(self, caller: str, dataset_id: str) -> DatasetResponse:
         with self.db.session() as s:
             row = self.store.dataset(s, dataset_id)
-            return DatasetResponse.model_validate(self._dataset_json(row, root=True))
+        if not self.visible(caller, row):
+            raise NotFoundError(f"no dataset {dataset_id!r}")  # DSP: not authorised reads as not found
+        return DatasetResponse.model_validate(self._dataset_json(row, root=True))
+
+    def visible(self, caller: str, row: DatasetRow) -> bool:
+        """Whether `caller` may see this dataset in the catalog. Everything is visible here; a connector
+        with a policy gate narrows it to the offers the caller could be granted."""
+        return True
 
     # --- visibility ------------------------------------------------------------------------------
 
