@@ -299,6 +299,7 @@ def _register_optional() -> None:
     """Commands owned by other contexts, mounted here so `healthspace --help` lists them."""
     from healthspace.audit.cli import audit_app
     from healthspace.cli.dsp import register as register_dsp
+    from healthspace.cli.policy import policy_app
     from healthspace.cli.study import study_app
     from healthspace.data.cli import data_app
     from healthspace.synth.cli import synth_command
@@ -307,6 +308,7 @@ def _register_optional() -> None:
     app.add_typer(data_app, name="data", help="Load clinical data against a standard; quality; quarantine.")
     app.command("synth")(synth_command)
     register_dsp(app)
+    app.add_typer(policy_app, name="policy")
     app.add_typer(
         study_app, name="study", help="Run a federated study across the hospitals you have agreements with."
     )
