@@ -264,6 +264,24 @@ def revoke(participant_id: str, body: RevokeRequest, rt: Runtime, key: Admin) ->
     return rt.service.revoke(participant_id, body.reason, actor=f"admin:{key.key_id}")
 
 
+@public.get("/standards")
+def list_standards(rt: Runtime) -> list[dict[str, Any]]:
+    """Published data collection standards (every version); hospitals load their data against them."""
+    return rt.service.standards()
+
+
+@public.get("/standards/{standard_id}")
+def get_standard(standard_id: str, rt: Runtime, version: str | None = None) -> dict[str, Any]:
+    """A standard's document (the latest version unless `version` is given)."""
+    return rt.service.standard(standard_id, version)
+
+
+@admin.post("/standards", status_code=status.HTTP_201_CREATED)
+def publish_standard(body: dict[str, Any], rt: Runtime, key: Admin) -> dict[str, Any]:
+    profile = rt.service.publish_standard(body, actor=f"admin:{key.key_id}")
+    return {"id": profile.id, "version": profile.version, "title": profile.title}
+
+
 @admin.post("/scenarios", status_code=status.HTTP_201_CREATED)
 def register_scenario(body: ScenarioCreate, rt: Runtime, key: Admin) -> ScenarioPublic:
     return rt.service.register_scenario(body, actor=f"admin:{key.key_id}")

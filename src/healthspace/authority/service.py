@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select
@@ -27,10 +27,11 @@ from healthspace.authority.models import (
     ScenarioStatus,
 )
 from healthspace.authority.states import EXPORT_APPROVAL, PARTICIPANT, SCENARIO
-from healthspace.authority.tables import ExportApprovalRow, ParticipantRow, ScenarioRow
+from healthspace.authority.tables import ExportApprovalRow, ParticipantRow, ScenarioRow, StandardRow
 from healthspace.core.clock import Clock
 from healthspace.core.db import Database
 from healthspace.core.errors import ConflictError, HealthspaceError, NotFoundError, ValidationError
+from healthspace.data.profile import StandardProfile
 from healthspace.identity.credentials import CredentialClaims, issue_credential
 from healthspace.identity.keys import SigningKey
 from healthspace.identity.revocation import RevocationList, sign_revocation_list
@@ -226,6 +227,60 @@ class AuthorityService:
                 or row.status != ParticipantStatus.ACTIVE.value
                 or row.credential_id != credential_id
             )
+
+    # --- data standards --------------------------------------------------------------------------
+    def publish_standard(self, document: Mapping[str, Any], actor: str) -> StandardProfile:
+        """Publish a data collection standard (a new version of an id; a published version never changes)."""
+
+        def work() -> StandardProfile:
+            try:
+                profile = StandardProfile.model_validate(dict(document))
+            except PydanticValidationError as exc:
+                raise ValidationError(
+                    "standard is not valid: "
+                    + "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+                ) from None
+            with self._db.session() as s:
+                if s.get(StandardRow, (profile.id, profile.version)) is not None:
+                    raise ConflictError(
+                        f"standard {profile.id!r} version {profile.version!r} is already published; "
+                        "publish a new version"
+                    )
+                s.add(
+                    StandardRow(
+                        id=profile.id,
+                        version=profile.version,
+                        title=profile.title,
+                        document=profile.model_dump(mode="json"),
+                        published_at=self._clock.now(),
+                        published_by=actor,
+                    )
+                )
+            return profile
+
+        return self._audited(actor, "standard.publish", str(document.get("id", "?")), work)
+
+    def standards(self) -> list[dict[str, Any]]:
+        """Every published version: id, version, title, published_at (newest first per id)."""
+        with self._db.session() as s:
+            rows = s.scalars(select(StandardRow).order_by(StandardRow.id, StandardRow.published_at.desc()))
+            return [
+                {"id": r.id, "version": r.version, "title": r.title, "published_at": r.published_at}
+                for r in rows
+            ]
+
+    def standard(self, standard_id: str, version: str | None = None) -> dict[str, Any]:
+        """A published standard's document: the given version, or the latest published."""
+        with self._db.session() as s:
+            q = select(StandardRow).where(StandardRow.id == standard_id)
+            if version is not None:
+                q = q.where(StandardRow.version == version)
+            row = s.scalars(q.order_by(StandardRow.published_at.desc()).limit(1)).first()
+            if row is None:
+                raise NotFoundError(
+                    f"no published standard {standard_id!r}" + (f" version {version!r}" if version else "")
+                )
+            return dict(row.document)
 
     # --- scenarios -------------------------------------------------------------------------------
     def register_scenario(self, req: ScenarioCreate, actor: str) -> ScenarioPublic:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import date, datetime
+from typing import Any
 
 from sqlalchemy import JSON, Date, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from healthspace.core.db import Base, UtcDateTime
 
-__all__ = ["ExportApprovalRow", "ParticipantRow", "ScenarioRow"]
+__all__ = ["ExportApprovalRow", "ParticipantRow", "ScenarioRow", "StandardRow"]
 
 
 class ParticipantRow(Base):
@@ -64,3 +65,16 @@ class ExportApprovalRow(Base):
     revocation_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (Index("ix_export_approvals_provider", "provider_id"),)
+
+
+class StandardRow(Base):
+    """A data collection standard as published, one row per version (never changed once published)."""
+
+    __tablename__ = "standards"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    version: Mapped[str] = mapped_column(String(50), primary_key=True)
+    title: Mapped[str] = mapped_column(String(300))
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    published_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    published_by: Mapped[str] = mapped_column(String(200))

@@ -34,6 +34,7 @@ from healthspace.connector.app import init_connector, install_credential, public
 from healthspace.connector.config import ConnectorConfig
 from healthspace.core.apikeys import Role
 from healthspace.core.settings import Settings
+from healthspace.data.profile import default_profile
 from healthspace.policy.templates import template
 
 __all__ = ["DEMO_PARTICIPANTS", "run_demo"]
@@ -191,11 +192,11 @@ def _generate_populations(root: Path, patients: int, console: Console) -> dict[s
 
 
 def _load_clinical_data(
-    hospitals: list[Service], populations: dict[str, dict[str, Any]], console: Console
+    hospitals: list[Service], populations: dict[str, dict[str, Any]], standard: str, console: Console
 ) -> None:
     """Each hospital's steward loads its EHR export the way real data is loaded: through the connector's
-    data API, validated against the data standard into the encrypted store (with signed provenance),
-    then quality-checked and published."""
+    data API, validated against the data standard the authority publishes (the connector fetches it)
+    into the encrypted store with signed provenance, then quality-checked and published."""
     for svc in hospitals:
         dataset = f"{svc.id}-ehr"
         fhir = sorted(Path(populations[svc.id]["synth"], "fhir").glob("*.ndjson"))
@@ -203,7 +204,7 @@ def _load_clinical_data(
         with ConnectorClient(svc.url, svc.api_keys[Role.STEWARD.value], timeout=900) as steward:
             console.print(f"{svc.id}: loading {dataset} through the connector's data API ...")
             steward.create_dataset(dataset)
-            reports = steward.ingest(dataset, paths, source_system=f"{svc.id} EHR (synthetic export)")
+            reports = steward.ingest(dataset, paths, f"{svc.id} EHR (synthetic export)", standard)
             quality = steward.quality(dataset)
             steward.move_dataset(dataset, "curated", "quality checked")
             steward.move_dataset(dataset, "published", "offered for research under the demo scenarios")
@@ -215,6 +216,7 @@ def _load_clinical_data(
         )
         populations[svc.id].update(
             dataset=dataset,
+            standard=standard,
             ingest={
                 "batches": [r["batch_id"] for r in reports],
                 "read": sum(r["read"] for r in reports),
@@ -472,6 +474,7 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
         anchor = admin.describe()
         for scenario in DEMO_SCENARIOS:
             admin.register_scenario(scenario.model_dump(mode="json"))
+        standard = admin.publish_standard(default_profile().model_dump(mode="json"))
 
         for p, svc in zip(DEMO_PARTICIPANTS, connectors, strict=True):
             settings = Settings(data_dir=svc.data_dir)
@@ -508,7 +511,7 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
         pairs = list(zip(DEMO_PARTICIPANTS, connectors, strict=True))
         hospitals = [svc for p, svc in pairs if p.site is not None]
         university = next(svc for p, svc in pairs if p.type == "university")
-        _load_clinical_data(hospitals, populations, console)
+        _load_clinical_data(hospitals, populations, standard["id"], console)
         console.print("hospitals import their patients' consent decisions ...")
         for hospital_id, counts in _import_consents(root, hospitals).items():
             populations[hospital_id]["consenting"] = counts

@@ -93,6 +93,10 @@ class AuthorityClient(_Client):
         result: list[dict[str, Any]] = self._call("GET", "/scenarios")
         return result
 
+    def publish_standard(self, standard: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/admin/standards", json=standard)
+        return result
+
 
 class ConnectorClient(_Client):
     def describe(self) -> dict[str, Any]:
@@ -225,9 +229,12 @@ class ConnectorClient(_Client):
         )
         return result
 
-    def ingest(self, dataset_id: str, paths: list[str], source_system: str) -> list[dict[str, Any]]:
-        """Ingest files from the connector's import directory (paths relative to it), one batch."""
-        body = {"paths": paths, "source_system": source_system}
+    def ingest(
+        self, dataset_id: str, paths: list[str], source_system: str, standard: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Ingest files from the connector's import directory (paths relative to it), one batch,
+        validated against `standard` as the authority publishes it (default: the built-in one)."""
+        body = {"paths": paths, "source_system": source_system, "standard": standard}
         result: list[dict[str, Any]] = self._call(
             "POST", f"/management/data/datasets/{dataset_id}/ingest", json=body
         )

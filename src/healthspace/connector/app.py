@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -48,12 +49,14 @@ from healthspace.core.errors import (
     ConfigurationError,
     ConflictError,
     HealthspaceError,
+    ValidationError,
     install_problem_handlers,
 )
 from healthspace.core.settings import Settings
 from healthspace.data.api import make_data_router
 from healthspace.data.keys import LocalKeyStore
 from healthspace.data.manager import RetentionManager
+from healthspace.data.profile import StandardProfile, load_profile
 from healthspace.data.service import DataService
 from healthspace.identity.fastapi import PeerAuth, peer_dependency
 from healthspace.identity.keys import SigningKey
@@ -275,6 +278,46 @@ def _make_gate(rt: ConnectorRuntime) -> PolicyGate:
     )
 
 
+class _PublishedStandards:
+    """Data standards as the authority publishes them, fetched on first use and kept `TTL_S` seconds.
+
+    Fails closed: a standard the authority does not publish, or cannot be reached for, is an error and
+    nothing is loaded (loading against a built-in stand-in would silently apply the wrong rules)."""
+
+    TTL_S = 300.0
+
+    def __init__(self, rt: ConnectorRuntime) -> None:
+        self._rt = rt
+        self._cache: dict[str, tuple[float, StandardProfile]] = {}
+
+    def __call__(self, standard_id: str) -> StandardProfile:
+        held = self._cache.get(standard_id)
+        if held is not None and time.monotonic() - held[0] < self.TTL_S:
+            return held[1]
+        url = f"{self._rt.config.authority_url}/standards/{quote(standard_id, safe='')}"
+        try:
+            r = self._rt.http.get(url)
+        except httpx.HTTPError as exc:
+            raise StandardUnavailableError(
+                f"the authority cannot be reached for standard {standard_id!r} ({type(exc).__name__})"
+            ) from None
+        if r.status_code == 404:
+            raise ValidationError(f"the authority publishes no standard {standard_id!r}")
+        if r.status_code != 200:
+            raise StandardUnavailableError(
+                f"the authority answered HTTP {r.status_code} for standard {standard_id!r}"
+            )
+        profile = load_profile(r.content)
+        self._cache[standard_id] = (time.monotonic(), profile)
+        return profile
+
+
+class StandardUnavailableError(HealthspaceError):
+    status = 503
+    code = "standard-unavailable"
+    title = "The data standard cannot be fetched"
+
+
 class _ScenarioDirectory:
     """The authority's scenario registry as patients see it, fetched and kept for a minute.
 
@@ -486,7 +529,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         )
     if rt.data is not None:
         data = rt.data
-        app.include_router(make_data_router(lambda: data, _staff))
+        app.include_router(make_data_router(lambda: data, _staff, resolve_standard=_PublishedStandards(rt)))
     if rt.jobs is not None:
         jobs = rt.jobs
         app.include_router(make_dataplane_router(lambda: jobs))

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from healthspace.core.apikeys import Role, StoredKey
 from healthspace.core.errors import ValidationError
 from healthspace.data.ingest import IngestReport
+from healthspace.data.profile import StandardProfile
 from healthspace.data.provenance import SignedDocument
 from healthspace.data.quality import QualityReport
 from healthspace.data.quarantine import QuarantineEntry
@@ -69,6 +70,11 @@ class IngestRequest(BaseModel):
     )
     source_system: str = Field(min_length=1, max_length=200, description="The system the export came from.")
     bundle: bool = Field(False, description="Files are FHIR Bundles (one batch each), not NDJSON.")
+    standard: str | None = Field(
+        None,
+        max_length=100,
+        description="Id of a data standard published by the authority; default: built-in",
+    )
 
 
 class ResubmitRequest(BaseModel):
@@ -135,7 +141,10 @@ def make_data_router(
     get_service: Callable[[], DataService],
     guard_for_roles: Callable[..., Callable[[Request], StoredKey]],
     prefix: str = "/management/data",
+    resolve_standard: Callable[[str], StandardProfile] | None = None,
 ) -> APIRouter:
+    """The steward's data API. `resolve_standard` turns a standard id into the published profile (the
+    connector fetches it from the authority); without it, naming a standard is refused."""
     router = APIRouter(prefix=prefix, tags=["clinical data"])
     Steward = Annotated[StoredKey, Depends(guard_for_roles(Role.ADMIN, Role.STEWARD))]  # noqa: N806
     Reader = Annotated[  # noqa: N806
@@ -164,8 +173,18 @@ def make_data_router(
         """Ingest files from the server's import directory; provenance is signed and audited."""
         svc = get_service()
         paths = [svc.resolve_import(p) for p in body.paths]
+        standard = None
+        if body.standard is not None:
+            if resolve_standard is None:
+                raise ValidationError("this service cannot fetch published standards; omit 'standard'")
+            standard = resolve_standard(body.standard)
         return svc.ingest(
-            dataset_id, paths, actor=actor(key), source_system=body.source_system, bundle=body.bundle
+            dataset_id,
+            paths,
+            actor=actor(key),
+            source_system=body.source_system,
+            bundle=body.bundle,
+            standard=standard,
         )
 
     @router.get("/datasets/{dataset_id}/report")
