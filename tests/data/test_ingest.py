@@ -161,6 +161,16 @@ def test_out_of_range_value_is_rejected_with_the_range(store: ClinicalStore, tmp
     assert quarantine.list_entries(store)[0].reason == "4548-4 value 71.0 outside plausible range [2.0, 25.0]"
 
 
+@pytest.mark.parametrize("value", ["abc", "7.1", True, [7.1]])
+def test_a_quantity_value_that_is_not_a_number_is_rejected_not_dropped(
+    store: ClinicalStore, tmp_path: Path, value: object
+) -> None:
+    o = g.observation(1, 0, valueQuantity={"value": value, "unit": "%", "code": "%"})
+    r = _one(store, tmp_path, o)
+    assert r.rules == {"format.quantity": 1}
+    assert "is not a number" in quarantine.list_entries(store)[0].reason
+
+
 def test_wrong_unit_is_rejected(store: ClinicalStore, tmp_path: Path) -> None:
     o = g.observation(1, 1, valueQuantity={"value": 120, "unit": "kPa", "code": "kPa"})
     assert _one(store, tmp_path, o).rules == {"measurement.unit": 1}

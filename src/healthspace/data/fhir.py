@@ -235,6 +235,7 @@ STAGING: dict[str, list[tuple[str, pa.DataType]]] = {
         ("value_code", _S),
         ("ref_low", _F),
         ("ref_high", _F),
+        ("value_bad", _S),
     ],
     "MedicationRequest": [
         ("id", _S),
@@ -430,10 +431,13 @@ def _observation(r: Mapping[str, Any], allowed: frozenset[str]) -> Row:
         _str(r.get("effectiveDateTime")) or _period(r.get("effectivePeriod"))[0] or _str(r.get("issued"))
     )
     q = r.get("valueQuantity")
-    value = unit = None
+    value = unit = bad = None
     if isinstance(q, dict):
         value = _num(q.get("value"))
         unit = _str(q.get("code")) or _str(q.get("unit"))
+        if value is None and q.get("value") is not None:
+            # Kept to be refused by validation: dropping it would store the observation without its value.
+            bad = str(q.get("value"))[:100]
     value_code = _cc_code(r.get("valueCodeableConcept")) or _str(r.get("valueString"))
     low = high = None
     rr = r.get("referenceRange")
@@ -454,6 +458,7 @@ def _observation(r: Mapping[str, Any], allowed: frozenset[str]) -> Row:
         value_code,
         low,
         high,
+        bad,
     )
 
 

@@ -345,6 +345,11 @@ def _error_sql(rtype: str, profile: StandardProfile) -> tuple[str, str]:
         )
     joins = ""
     if rtype == "Observation":
+        add(
+            "s.value_bad IS NOT NULL",
+            "format.quantity",
+            "'Observation.valueQuantity.value ' || s.value_bad || ' is not a number'",
+        )
         joins = f" LEFT JOIN hs_rules r ON s.code_system = {_lit(_LOINC)} AND r.code = s.code"
         add(
             "r.code IS NOT NULL AND s.value_num IS NOT NULL "
