@@ -100,3 +100,24 @@ def test_naming_a_standard_nobody_published_is_a_clear_error(space: Space) -> No
         )
     assert r.status_code == 422
     assert "publishes no standard 'no-such'" in r.json()["detail"]
+
+
+def test_a_steward_loads_a_csv_export_through_the_api_with_a_mapping(space: Space) -> None:
+    imports = space.connectors[GZ].data_dir / "import"
+    (imports / "patients.csv").write_text("mrn,sex,dob\ngz-pat-csv-1,female,1970-05-06\ngz-pat-csv-2,male,\n")
+    mapping = {
+        "resourceType": "Patient",
+        "template": {"resourceType": "Patient", "id": "{mrn}", "gender": "{sex}", "birthDate": "{dob}"},
+    }
+    with _steward(space) as steward:
+        steward.post("/management/data/datasets", json={"dataset_id": "gz-csv"})
+        r = steward.post(
+            "/management/data/datasets/gz-csv/ingest",
+            json={"paths": ["patients.csv"], "source_system": "registration CSV", "csv_mapping": mapping},
+        )
+        assert r.status_code == 200, r.text
+        (report,) = r.json()
+        assert (report["inserted"], report["rejected"]) == ({"person": 1}, 1)  # no birth date: refused
+        provenance = steward.get("/management/data/datasets/gz-csv/provenance").json()
+    entities = [e["what"]["display"] for p in provenance["entry"] for e in p["resource"]["entity"]]
+    assert any(e.startswith("patients.csv ") for e in entities)  # the file as received, not converted

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from healthspace.core.apikeys import Role, StoredKey
 from healthspace.core.errors import ValidationError
+from healthspace.data.csvmap import CsvMapping
 from healthspace.data.ingest import IngestReport
 from healthspace.data.profile import StandardProfile
 from healthspace.data.provenance import SignedDocument
@@ -70,6 +71,9 @@ class IngestRequest(BaseModel):
     )
     source_system: str = Field(min_length=1, max_length=200, description="The system the export came from.")
     bundle: bool = Field(False, description="Files are FHIR Bundles (one batch each), not NDJSON.")
+    csv_mapping: CsvMapping | None = Field(
+        None, description="Files are CSV, turned into FHIR resources by this mapping (one batch)."
+    )
     standard: str | None = Field(
         None,
         max_length=100,
@@ -185,6 +189,7 @@ def make_data_router(
             source_system=body.source_system,
             bundle=body.bundle,
             standard=standard,
+            csv_mapping=body.csv_mapping,
         )
 
     @router.get("/datasets/{dataset_id}/report")

@@ -18,6 +18,7 @@ from healthspace.core.db import Database
 from healthspace.core.errors import HealthspaceError
 from healthspace.core.settings import Settings
 from healthspace.data import quarantine
+from healthspace.data.csvmap import ingest_csv, load_mapping
 from healthspace.data.ingest import IngestReport, ingest_bundle, ingest_ndjson
 from healthspace.data.keys import LocalKeyStore
 from healthspace.data.profile import StandardProfile, default_profile, load_profile
@@ -108,6 +109,10 @@ def ingest(
     bundle: Annotated[
         bool, typer.Option("--bundle", help="Files are FHIR Bundles (one batch each).")
     ] = False,
+    csv_mapping: Annotated[
+        Path | None,
+        typer.Option("--csv-mapping", help="Files are CSV, turned into FHIR by this mapping (one batch)."),
+    ] = None,
     profile: ProfileOpt = None,
     as_json: AsJson = False,
 ) -> None:
@@ -115,7 +120,11 @@ def ingest(
     try:
         with _open(store, keys) as s:
             std = _profile(profile)
-            if bundle:
+            if csv_mapping is not None:
+                mapping = load_mapping(csv_mapping)
+                report = ingest_csv(s, [(f, mapping) for f in files], std, progress=not as_json)
+                _print_report(report, as_json)
+            elif bundle:
                 for f in files:
                     _print_report(ingest_bundle(s, f.read_bytes(), std, source=f.name), as_json)
             else:

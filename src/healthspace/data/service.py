@@ -35,6 +35,7 @@ from healthspace.core.errors import (
     ValidationError,
 )
 from healthspace.data import quarantine
+from healthspace.data.csvmap import CsvMapping, ingest_csv
 from healthspace.data.errors import (
     DatasetDestroyedError,
     DatasetUnavailableError,
@@ -321,8 +322,10 @@ class DataService:
         source_system: str,
         bundle: bool = False,
         standard: StandardProfile | None = None,
+        csv_mapping: CsvMapping | None = None,
     ) -> list[IngestReport]:
-        """Ingest NDJSON files as one batch (or each Bundle as a batch) and record signed provenance."""
+        """Ingest NDJSON files as one batch (or each Bundle as a batch, or CSV files turned into FHIR by
+        `csv_mapping` as one batch) and record signed provenance of the files as received."""
         if not source_system.strip():
             raise ValidationError("the source system is required for provenance")
         files = [Path(p) for p in paths]
@@ -333,7 +336,12 @@ class DataService:
                 raise ValidationError(f"no such file: {p.name}")
         reports: list[IngestReport] = []
         with self.open_store(dataset_id, for_writing=True) as store:
-            if bundle:
+            if csv_mapping is not None:
+                sources = file_sources(files)
+                r = ingest_csv(store, [(f, csv_mapping) for f in files], standard)
+                reports.append(r)
+                self._provenance(r, sources, actor, source_system)
+            elif bundle:
                 for f in files:
                     sources = file_sources([f])
                     r = ingest_bundle(store, f.read_bytes(), standard, source=f.name)
