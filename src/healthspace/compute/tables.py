@@ -7,8 +7,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Index, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from healthspace.consent.tables import UtcDateTime
-from healthspace.core.db import Base
+from healthspace.core.db import Base, UtcDateTime
 
 __all__ = ["BudgetAccountRow", "BudgetSpendRow", "CohortHistoryRow"]
 

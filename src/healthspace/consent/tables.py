@@ -2,56 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
-    DateTime,
     Index,
     Integer,
     String,
     Text,
-    TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 
-from healthspace.core.db import Base
+from healthspace.core.db import Base, UtcDateTime
 
-__all__ = ["ConsentDecisionRow", "ConsentReceiptRow", "UtcDateTime"]
+__all__ = ["ConsentDecisionRow", "ConsentReceiptRow"]
 
 # SQLite has no INTEGER-sized BIGINT rowid alias: only "INTEGER PRIMARY KEY" autoincrements there.
 _SEQ = BigInteger().with_variant(Integer(), "sqlite")
-
-
-class UtcDateTime(TypeDecorator[datetime]):
-    """A timestamp stored in UTC and read back timezone-aware on every backend.
-
-    SQLite keeps no zone, so values are converted to UTC before binding; comparisons in SQL then order
-    correctly because every stored value has the same zone and format.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if not isinstance(value, datetime) or value.tzinfo is None:
-            raise ValueError("only timezone-aware datetimes are stored")
-        utc: datetime = value.astimezone(UTC)
-        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if not isinstance(value, datetime):
-            raise ValueError("expected a datetime from the database")
-        t: datetime = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        return t
 
 
 class ConsentDecisionRow(Base):

@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
-from sqlalchemy import DateTime, Dialect, Integer, String, Text
+from sqlalchemy import Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
 
-from healthspace.core.db import Base
+from healthspace.core.db import Base, UtcDateTime
 
-__all__ = ["CertificateRow", "DatasetRow", "ProvenanceRow", "UtcDateTime"]
-
-
-class UtcDateTime(TypeDecorator[datetime]):
-    """A timestamp stored in UTC and read back timezone-aware on SQLite and PostgreSQL alike."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if not isinstance(value, datetime) or value.tzinfo is None:
-            raise ValueError("only timezone-aware datetimes are stored")
-        utc: datetime = value.astimezone(UTC)
-        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        t: datetime = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        return t
+__all__ = ["CertificateRow", "DatasetRow", "ProvenanceRow"]
 
 
 class DatasetRow(Base):

@@ -7,8 +7,7 @@ from datetime import datetime
 from sqlalchemy import Float, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from healthspace.consent.tables import UtcDateTime
-from healthspace.core.db import Base
+from healthspace.core.db import Base, UtcDateTime
 
 __all__ = ["JobRow"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from healthspace.consent.tables import UtcDateTime
+from healthspace.core.db import UtcDateTime
 
 revision = "jobs_0001"
 down_revision = None
