@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from pydantic import ValidationError as PydanticValidationError
@@ -44,60 +44,15 @@ T = TypeVar("T")
 
 
 def _participant(row: ParticipantRow) -> ParticipantPublic:
-    return ParticipantPublic(
-        id=row.id,
-        legal_name=row.legal_name,
-        type=row.type,
-        jurisdiction=row.jurisdiction,
-        roles=list(row.roles),
-        public_key=row.public_key,
-        connector_url=row.connector_url,
-        status=ParticipantStatus(row.status),
-        credential_id=row.credential_id,
-        credential_expires_at=row.credential_expires_at,
-        onboarded_at=row.onboarded_at,
-        revoked_at=row.revoked_at,
-        revocation_reason=row.revocation_reason,
-    )
+    return ParticipantPublic.model_validate(row, from_attributes=True)
 
 
 def _scenario(row: ScenarioRow) -> ScenarioPublic:
-    return ScenarioPublic(
-        id=row.id,
-        title=row.title,
-        description=row.description,
-        purpose_code=row.purpose_code,
-        data_classes=list(row.data_classes),
-        output_types=list(row.output_types),
-        approving_body=row.approving_body,
-        approval_reference=row.approval_reference,
-        valid_from=row.valid_from,
-        valid_until=row.valid_until,
-        status=ScenarioStatus(row.status),
-        registered_at=row.registered_at,
-    )
-
-
-def _utc(t: datetime) -> datetime:
-    # SQLite hands back naive values for DateTime(timezone=True); they were stored in UTC.
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+    return ScenarioPublic.model_validate(row, from_attributes=True)
 
 
 def _approval(row: ExportApprovalRow) -> ExportApprovalPublic:
-    return ExportApprovalPublic(
-        id=row.id,
-        provider_id=row.provider_id,
-        dataset_id=row.dataset_id,
-        consumer_id=row.consumer_id,
-        scenario_id=row.scenario_id,
-        reference=row.reference,
-        expires_at=_utc(row.expires_at),
-        status=ExportApprovalStatus(row.status),
-        registered_at=_utc(row.registered_at),
-        registered_by=row.registered_by,
-        revoked_at=None if row.revoked_at is None else _utc(row.revoked_at),
-        revocation_reason=row.revocation_reason,
-    )
+    return ExportApprovalPublic.model_validate(row, from_attributes=True)
 
 
 class AuthorityService:

@@ -1215,55 +1215,13 @@ def _dataset_public(r: DatasetRow) -> DatasetPublic:
     )
 
 
-def _negotiation_public(r: NegotiationRow) -> NegotiationPublic:
-    return NegotiationPublic(
-        id=r.id,
-        role=Role(r.role),
-        state=_N(r.state),
-        provider_pid=r.provider_pid,
-        consumer_pid=r.consumer_pid,
-        counterparty_id=r.counterparty_id,
-        counterparty_address=r.counterparty_address,
-        dataset_id=r.dataset_id,
-        offer=dict(r.offer),
-        agreement_id=r.agreement_id,
-        auto=r.auto,
-        pending=r.pending,
-        terminal_reason=r.terminal_reason,
-        created_at=r.created_at,
-        updated_at=r.updated_at,
-    )
+def _negotiation_public(row: NegotiationRow) -> NegotiationPublic:
+    return NegotiationPublic.model_validate(row, from_attributes=True)
 
 
-def _agreement_public(r: AgreementRow) -> AgreementPublic:
-    return AgreementPublic(
-        id=r.id,
-        negotiation_id=r.negotiation_id,
-        role=Role(r.role),
-        provider_id=r.provider_id,
-        consumer_id=r.consumer_id,
-        dataset_id=r.dataset_id,
-        policy=dict(r.policy),
-        signed_at=r.signed_at,
-        retired_at=r.retired_at,
-        retired_reason=r.retired_reason,
-    )
+def _agreement_public(row: AgreementRow) -> AgreementPublic:
+    return AgreementPublic.model_validate(row, from_attributes=True)
 
 
-def _transfer_public(r: TransferRow) -> TransferPublic:
-    return TransferPublic(
-        id=r.id,
-        role=Role(r.role),
-        state=_T(r.state),
-        provider_pid=r.provider_pid,
-        consumer_pid=r.consumer_pid,
-        counterparty_id=r.counterparty_id,
-        agreement_id=r.agreement_id,
-        format=r.format,
-        data_address=r.data_address,
-        auto=r.auto,
-        pending=r.pending,
-        terminal_reason=r.terminal_reason,
-        created_at=r.created_at,
-        updated_at=r.updated_at,
-    )
+def _transfer_public(row: TransferRow) -> TransferPublic:
+    return TransferPublic.model_validate(row, from_attributes=True)
