@@ -55,7 +55,8 @@ def attack(
     probe = parse_spec(
         {"version": 1, "cohort": {"inclusion": [T2D]}, "analyses": [{"type": "count", "id": "n"}]}
     )
-    run_job(probe, engine, consent, RULES, JobContext("probe", "m", "s", "gz"))
+    # The full plan leaves the cohort table (with ages) behind: the test reads the attacker's knowledge there.
+    run_job(probe, engine, consent, RULES, JobContext("probe", "m", "s", "gz"), plan="full")
     whole, minus = specs(target_age(engine), analysis)
     a = run_job(whole, engine, consent, RULES, JobContext("a", "mallory", "s", "gz"), guard=guard)
     b = run_job(minus, engine, consent, RULES, JobContext("b", "mallory", "s", "gz"), guard=guard)
@@ -114,6 +115,8 @@ def test_guard_refuses_differencing_against_a_table_cell(
         }
     )
     run_job(tab, gz_engine, gz_consent, RULES, JobContext("a", "m", "s", "gz"), guard=guard)
+    # The attacker knows the target's age; the test reads it from a full-plan cohort table (no guard).
+    run_job(tab, gz_engine, gz_consent, RULES, JobContext("probe", "m", "s", "gz"), plan="full")
     age = float(
         gz_engine.con.execute(
             "SELECT age FROM hs_cohort WHERE sex = 'male' ORDER BY person_id LIMIT 1"

@@ -23,6 +23,7 @@ from healthspace.compute import (
     run_job,
 )
 from healthspace.compute.engine import OMOP_TABLES
+from healthspace.compute.sql import light_plan
 from healthspace.synth.generate import generate
 from tests.compute.conftest import consent_filter
 
@@ -89,6 +90,48 @@ def test_postgres_and_duckdb_give_the_same_results(
     assert a.analyses["n"]["count"] > 100
     # Counts must match exactly; sums of floats may differ in the last bit (summation order).
     assert _close(a.analyses, b.analyses), (a.analyses, b.analyses)
+
+
+LIGHT_SPEC = {
+    "version": 1,
+    "cohort": {
+        "inclusion": [
+            {"type": "event", "event": {"domain": "condition", "codes": ["I10", "E11"], "match": "prefix"}}
+        ],
+        "exclusion": [{"type": "event", "event": {"domain": "condition", "codes": ["N18.5"]}}],
+    },
+    "analyses": [
+        {"type": "count", "id": "n"},
+        {
+            "type": "stratified_count",
+            "id": "t",
+            "by": [
+                {"var": "sex"},
+                {
+                    "var": "flag",
+                    "name": "ckd",
+                    "criterion": {
+                        "type": "event",
+                        "event": {"domain": "condition", "codes": ["N18"], "match": "prefix"},
+                    },
+                },
+            ],
+        },
+    ],
+}
+
+
+def test_the_light_plan_gives_the_same_results_on_postgres(
+    engines: tuple[DuckDBEngine, PostgresEngine], small: Path
+) -> None:
+    duck, pg = engines
+    spec, consent, rules = parse_spec(LIGHT_SPEC), consent_filter(small), DisclosureRules(min_cell_size=5)
+    assert light_plan(spec)
+    full = run_job(spec, duck, consent, rules, JobContext("j", "c", "s", "hk"), plan="full")
+    for engine in (duck, pg):
+        r = run_job(spec, engine, consent, rules, JobContext("j", "c", "s", "hk"))
+        assert r.analyses == full.analyses
+    assert full.analyses["n"]["count"] > 100
 
 
 def _close(x: object, y: object) -> bool:

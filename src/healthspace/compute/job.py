@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -35,7 +35,7 @@ from healthspace.compute.spec import (
     StratifiedCount,
     Stratifier,
 )
-from healthspace.compute.sql import SqlBuilder, levels
+from healthspace.compute.sql import SqlBuilder, levels, light_plan
 from healthspace.consent.filter import ConsentFilter
 from healthspace.core.errors import ConfigurationError, ForbiddenError, ValidationError
 
@@ -341,12 +341,17 @@ def run_job(
     ledger: BudgetLedger | None = None,
     guard: DifferencingGuard | None = None,
     now: datetime | None = None,
+    plan: Literal["auto", "full"] = "auto",
 ) -> JobResult:
     """Run `spec` on the consenting persons of `engine`'s store and return the disclosure-checked result.
 
     Order: authorise (refuses before any query) → consent relation → cohort → minimum cohort size →
     differencing guard → budget charge (when the agreement sets one) → analyses → disclosure control.
     GLMs are not run here: use `GlmSite` with `fit_glm`.
+
+    `plan="auto"` reads a spec that needs no dates or ages (`light_plan`: counts, counts by sex or
+    flags, criteria without windows) as one subquery per analysis instead of materialising the cohort
+    table; `"full"` always materialises (tests and benchmarks compare the two).
     """
     authorise(spec, rules)
     glms = [a.id for a in spec.analyses if isinstance(a, GlmAnalysis)]
@@ -355,8 +360,11 @@ def run_job(
     if rules.epsilon_total is not None and ledger is None:
         raise ConfigurationError("the agreement sets a privacy budget but no budget ledger is configured")
     b = SqlBuilder(engine.dialect)
-    engine.set_consent(consent)
-    engine.materialise(b.cohort(spec))
+    relation = engine.set_consent(consent)
+    if plan == "auto" and light_plan(spec):
+        b.use_light(spec, relation)
+    else:
+        engine.materialise(b.cohort(spec, relation))
     if guard is not None:
         cohort_ids = engine.column(b.cohort_ids())
         n = len(cohort_ids)

@@ -63,7 +63,7 @@ class Event(_Model):
     """Records of one clinical domain, selected by source code (exact or prefix); `death` takes no codes."""
 
     domain: Literal["condition", "drug", "procedure", "measurement", "death"]
-    codes: list[Code] = Field(default_factory=list, max_length=200)
+    codes: list[Code] = Field(default_factory=list, max_length=1000)
     match: Literal["exact", "prefix"] = "exact"
     vocabulary: Annotated[str, Field(pattern=r"^[A-Za-z0-9\-]{1,32}$")] | None = None
     value_min: float | None = None

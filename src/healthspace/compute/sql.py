@@ -13,6 +13,7 @@ from healthspace.compute.spec import (
     AgeCriterion,
     AgeGroup,
     AgeVar,
+    CountAnalysis,
     CountVar,
     Criterion,
     Event,
@@ -24,13 +25,14 @@ from healthspace.compute.spec import (
     QuerySpec,
     SexCriterion,
     SexStratifier,
+    StratifiedCount,
     Stratifier,
     ValueVar,
     Variable,
     Window,
 )
 
-__all__ = ["COHORT_TABLE", "DOMAINS", "Dialect", "Domain", "Query", "SqlBuilder", "levels"]
+__all__ = ["COHORT_TABLE", "DOMAINS", "Dialect", "Domain", "Query", "SqlBuilder", "levels", "light_plan"]
 
 Dialect = Literal["duckdb", "postgresql"]
 
@@ -79,6 +81,9 @@ class SqlBuilder:
     dialect: Dialect
     params: dict[str, Any] = field(default_factory=dict)
     _n: int = 0
+    # Set by `use_light`: the cohort is then a subquery re-evaluated by each analysis, not a table.
+    _light: QuerySpec | None = None
+    _consent: str = "consenting"
 
     def bind(self, value: Any) -> str:
         name = f"p{self._n}"
@@ -180,12 +185,69 @@ class SqlBuilder:
             sql += " WHERE " + " AND ".join(where)
         return self.done(sql)
 
-    # --- analyses over the materialised cohort -----------------------------------------------------
+    # --- the light plan: no dates, no ages, no temporary table -----------------------------------------
+
+    def use_light(self, spec: QuerySpec, consent_table: str = "consenting") -> None:
+        """Read the cohort as one subquery (person_id, sex) instead of the materialised table.
+
+        Only for specs where `light_plan(spec)` holds: the subquery has no index date, end date or
+        age, so anything needing them would be wrong, and the methods that read them refuse.
+        """
+        if not light_plan(spec):
+            raise ValueError("this spec needs dates or ages: it cannot use the light plan")
+        self._light, self._consent = spec, consent_table
+
+    def _source(self) -> str:
+        """The cohort relation the analyses read, aliased `b` (fresh bound values on every call)."""
+        if self._light is None:
+            return f"{COHORT_TABLE} b"
+        return f"({self._light_cohort(self._light)}) b"
+
+    def _table(self) -> str:
+        if self._light is not None:
+            raise ValueError("the light plan has no dates or ages; this analysis needs the full cohort")
+        return COHORT_TABLE
+
+    def _semi(self, event: Event) -> str:
+        """The person ids with at least one such event, for `IN`/`NOT IN` (ids never NULL here)."""
+        d = DOMAINS[event.domain]
+        return (
+            f"SELECT e.person_id FROM {d.table} e"
+            f" WHERE e.person_id IS NOT NULL AND {self.event_filter(event, 'e')}"
+        )
+
+    def _light_criterion(self, c: Criterion) -> str:
+        if isinstance(c, EventCriterion):  # light_plan guarantees an unbounded window
+            return f"b.person_id IN ({self._semi(c.event)})"
+        if isinstance(c, SexCriterion):
+            return f"b.sex = {self.bind(c.sex)}"
+        raise TypeError(f"{type(c).__name__} is not part of the light plan")
+
+    def _light_cohort(self, spec: QuerySpec) -> str:
+        # The same persons as `cohort`: a person row, consent, at least one observation period (the
+        # full plan's inner join with the period aggregate) and, with a first_event index, one such
+        # event (its inner join); then the criteria as semi-joins, which DuckDB and PostgreSQL run as
+        # hash joins over each event table once.
+        where = ["p.person_id IN (SELECT o.person_id FROM observation_period o)"]
+        if spec.cohort.index.event is not None:
+            where.append(f"p.person_id IN ({self._semi(spec.cohort.index.event)})")
+        inner = (
+            "SELECT p.person_id,"
+            " CASE p.gender_concept_id WHEN 8507 THEN 'male' WHEN 8532 THEN 'female' ELSE 'other' END AS sex"
+            f" FROM person p JOIN {self._consent} c ON c.person_id = p.person_id WHERE {' AND '.join(where)}"
+        )
+        crit = [self._light_criterion(c) for c in spec.cohort.inclusion]
+        crit += [f"NOT ({self._light_criterion(c)})" for c in spec.cohort.exclusion]
+        sql = f"SELECT b.person_id, b.sex FROM ({inner}) b"
+        return sql + (" WHERE " + " AND ".join(crit) if crit else "")
+
+    # --- analyses over the cohort (the materialised table, or the light subquery) --------------------
 
     def stratum(self, s: Stratifier) -> str:
         if isinstance(s, SexStratifier):
             return "b.sex"
         if isinstance(s, AgeGroup):
+            self._table()  # ages exist only in the materialised cohort
             labels = s.labels()
             arms = " ".join(
                 f"WHEN b.age >= {self.float_(lo)} AND b.age < {self.float_(hi)} THEN {self.bind(label)}"
@@ -193,28 +255,31 @@ class SqlBuilder:
             )
             return f"CASE {arms} ELSE {self.bind('other')} END"
         if isinstance(s, Flag):
-            return f"CASE WHEN {self.criterion(s.criterion)} THEN 'yes' ELSE 'no' END"
+            crit = (
+                self._light_criterion(s.criterion) if self._light is not None else self.criterion(s.criterion)
+            )
+            return f"CASE WHEN {crit} THEN 'yes' ELSE 'no' END"
         raise TypeError(f"unknown stratifier {type(s).__name__}")
 
     def cohort_ids(self) -> Query:
-        return self.done(f"SELECT b.person_id FROM {COHORT_TABLE} b ORDER BY 1")
+        return self.done(f"SELECT b.person_id FROM {self._source()} ORDER BY 1")
 
     def count(self) -> Query:
-        return self.done(f"SELECT COUNT(*) FROM {COHORT_TABLE} b")
+        return self.done(f"SELECT COUNT(*) FROM {self._source()}")
 
     def stratified(self, by: list[Stratifier]) -> Query:
         keys = [self.stratum(s) for s in by]
         cols = ", ".join(f"{k} AS k{i}" for i, k in enumerate(keys))
         groups = ", ".join(f"k{i}" for i in range(len(keys)))
         return self.done(
-            f"SELECT {groups}, COUNT(*) FROM (SELECT {cols} FROM {COHORT_TABLE} b) t GROUP BY {groups}"
+            f"SELECT {groups}, COUNT(*) FROM (SELECT {cols} FROM {self._source()}) t GROUP BY {groups}"
         )
 
     def membership(self, by: list[Stratifier]) -> Query:
         """person_id and stratum keys of every cohort member (for the differencing guard)."""
         keys = [self.stratum(s) for s in by]
         cols = "".join(f", {k}" for k in keys)
-        return self.done(f"SELECT b.person_id{cols} FROM {COHORT_TABLE} b ORDER BY b.person_id")
+        return self.done(f"SELECT b.person_id{cols} FROM {self._source()} ORDER BY b.person_id")
 
     def _first_value(self, code: str, window: Window) -> str:
         """A relation (person_id, v): each cohort member's first value of `code` within `window`."""
@@ -223,7 +288,7 @@ class SqlBuilder:
             "(SELECT x.person_id, x.v FROM (SELECT m.person_id, m.value_as_number AS v,"
             " ROW_NUMBER() OVER (PARTITION BY m.person_id"
             " ORDER BY m.measurement_date, m.measurement_id) AS rn"
-            f" FROM measurement m JOIN {COHORT_TABLE} b ON b.person_id = m.person_id"
+            f" FROM measurement m JOIN {self._table()} b ON b.person_id = m.person_id"
             f" WHERE m.measurement_source_value = {self.bind(code)} AND m.value_as_number IS NOT NULL"
             f" AND {win}) x WHERE x.rn = 1)"
         )
@@ -250,7 +315,7 @@ class SqlBuilder:
         flt_next = self.event_filter(outcome, "e")
         first = (
             f"(SELECT e.person_id, MIN(e.{d.date}) AS first_date FROM {d.table} e"
-            f" JOIN {COHORT_TABLE} b2 ON b2.person_id = e.person_id"
+            f" JOIN {self._table()} b2 ON b2.person_id = e.person_id"
             f" WHERE {flt_next} AND e.{d.date} > b2.index_date GROUP BY e.person_id) f"
         )
         hit = "f.first_date IS NOT NULL AND f.first_date <= b.end_date"
@@ -258,7 +323,7 @@ class SqlBuilder:
             f"SELECT CASE WHEN {hit} THEN f.first_date - b.index_date"
             " ELSE b.end_date - b.index_date END AS t,"
             f" CASE WHEN {hit} THEN 1 ELSE 0 END AS ev"
-            f" FROM {COHORT_TABLE} b LEFT JOIN {first} ON f.person_id = b.person_id WHERE NOT {prevalent}"
+            f" FROM {self._table()} b LEFT JOIN {first} ON f.person_id = b.person_id WHERE NOT {prevalent}"
         )
 
     def incidence(self, outcome: Event) -> Query:
@@ -285,7 +350,7 @@ class SqlBuilder:
         joins: list[str] = []
         exprs = [self._variable(v, joins) for v in [outcome, *covariates]]
         cols = ", ".join(f"{e} AS v{i}" for i, e in enumerate(exprs))
-        sql = f"SELECT * FROM (SELECT {cols} FROM {COHORT_TABLE} b{''.join(joins)}) d"
+        sql = f"SELECT * FROM (SELECT {cols} FROM {self._table()} b{''.join(joins)}) d"
         sql += " WHERE " + " AND ".join(f"v{i} IS NOT NULL" for i in range(len(exprs)))
         return self.done(sql + " ORDER BY " + ", ".join(f"v{i}" for i in range(len(exprs))))
 
@@ -310,6 +375,34 @@ class SqlBuilder:
                 " AS DOUBLE PRECISION)"
             )
         raise TypeError(f"unknown variable {type(v).__name__}")
+
+
+def _light_criterion_ok(c: Criterion) -> bool:
+    if isinstance(c, SexCriterion):
+        return True
+    return isinstance(c, EventCriterion) and c.window.from_days is None and c.window.to_days is None
+
+
+def light_plan(spec: QuerySpec) -> bool:
+    """Whether the spec can run without index dates, ages or a cohort table (`SqlBuilder.use_light`).
+
+    True when every criterion is a sex or an event criterion without a window, and every analysis is a
+    count or a count stratified by sex and/or flags of such criteria: nothing then depends on when
+    follow-up starts or ends, only on who is in the cohort.
+    """
+    c = spec.cohort
+    if not all(_light_criterion_ok(x) for x in (*c.inclusion, *c.exclusion)):
+        return False
+    for a in spec.analyses:
+        if isinstance(a, StratifiedCount):
+            for s in a.by:
+                if not (
+                    isinstance(s, SexStratifier) or (isinstance(s, Flag) and _light_criterion_ok(s.criterion))
+                ):
+                    return False
+        elif not isinstance(a, CountAnalysis):
+            return False
+    return True
 
 
 def levels(s: Stratifier) -> list[str]:

@@ -1,0 +1,163 @@
+"""The light cohort plan (no dates, ages or cohort table) gives the full plan's and the truth's results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from healthspace.compute import (
+    DifferencingGuard,
+    DisclosureRules,
+    DuckDBEngine,
+    JobContext,
+    MemoryCohortHistory,
+    parse_spec,
+    run_job,
+)
+from healthspace.compute.spec import Event
+from healthspace.compute.sql import SqlBuilder, light_plan
+from healthspace.consent.filter import ConsentFilter
+from tests.compute.conftest import consenting_ids, omop
+
+OPEN = DisclosureRules(min_cell_size=1)
+T2D = {"type": "event", "event": {"domain": "condition", "codes": ["E11"], "match": "prefix"}}
+HTN = {"type": "event", "event": {"domain": "condition", "codes": ["I10"]}}
+CKD_FLAG = {
+    "var": "flag",
+    "name": "ckd",
+    "criterion": {"type": "event", "event": {"domain": "condition", "codes": ["N18"], "match": "prefix"}},
+}
+COUNT = {"type": "count", "id": "n"}
+BY_SEX = {"type": "stratified_count", "id": "s", "by": [{"var": "sex"}]}
+SEX_BY_CKD = {"type": "stratified_count", "id": "x", "by": [{"var": "sex"}, CKD_FLAG]}
+
+
+def thousand_codes() -> list[str]:
+    """1,000 exact ICD-10 codes: six cardiometabolic codes present in the synth data, 994 absent ones."""
+    present = ["E11.9", "I10", "I25.1", "N18.3", "N18.4", "N18.5"]
+    absent = [f"{chapter}{n:02d}.{d}" for chapter in "ABCDFGH" for n in range(15) for d in range(10)]
+    return present + absent[: 1000 - len(present)]
+
+
+LIGHT_COHORTS: dict[str, dict[str, Any]] = {
+    "everyone": {},
+    "t2d": {"inclusion": [T2D]},
+    "t2d-not-htn-women": {"inclusion": [T2D, {"type": "sex", "sex": "female"}], "exclusion": [HTN]},
+    "first-metformin-index": {
+        "index": {"kind": "first_event", "event": {"domain": "drug", "codes": ["A10BA02"]}},
+        "inclusion": [HTN],
+    },
+    "hba1c-over-8": {
+        "inclusion": [
+            {"type": "event", "event": {"domain": "measurement", "codes": ["4548-4"], "value_min": 8}}
+        ]
+    },
+    "icd10-vocabulary": {
+        "inclusion": [
+            {"type": "event", "event": {"domain": "condition", "codes": ["I10"], "vocabulary": "ICD10"}}
+        ]
+    },
+    "thousand-codes": {
+        "inclusion": [{"type": "event", "event": {"domain": "condition", "codes": thousand_codes()}}]
+    },
+}
+
+
+def spec_of(cohort: dict[str, Any], analyses: list[dict[str, Any]]) -> Any:
+    return parse_spec({"version": 1, "cohort": cohort, "analyses": analyses})
+
+
+@pytest.mark.parametrize(
+    ("cohort", "analyses", "light"),
+    [
+        ({"inclusion": [T2D]}, [COUNT], True),
+        ({"inclusion": [T2D], "exclusion": [HTN]}, [COUNT, BY_SEX, SEX_BY_CKD], True),
+        ({"inclusion": [T2D, {"type": "age", "min_years": 40}]}, [COUNT], False),
+        ({"inclusion": [{**T2D, "window": {"from_days": -365, "to_days": 0}}]}, [COUNT], False),
+        (
+            {"inclusion": [T2D]},
+            [{"type": "stratified_count", "id": "a", "by": [{"var": "age_group", "breaks": [0, 50, 130]}]}],
+            False,
+        ),
+        (
+            {"inclusion": [T2D]},
+            [
+                {
+                    "type": "stratified_count",
+                    "id": "f",
+                    "by": [{**CKD_FLAG, "criterion": {**CKD_FLAG["criterion"], "window": {"to_days": 0}}}],
+                }
+            ],  # type: ignore[dict-item]
+            False,
+        ),
+        (
+            {"inclusion": [T2D]},
+            [COUNT, {"type": "incidence_rate", "id": "d", "outcome": {"domain": "death"}}],
+            False,
+        ),
+    ],
+)
+def test_light_plan_is_chosen_only_when_no_date_or_age_is_needed(
+    cohort: dict[str, Any], analyses: list[dict[str, Any]], light: bool
+) -> None:
+    assert light_plan(spec_of(cohort, analyses)) is light
+
+
+def test_the_light_builder_refuses_what_needs_dates() -> None:
+    b = SqlBuilder("duckdb")
+    with pytest.raises(ValueError, match="light plan"):
+        b.use_light(spec_of({"inclusion": [T2D, {"type": "age", "min_years": 40}]}, [COUNT]))
+    b.use_light(spec_of({"inclusion": [T2D]}, [COUNT]))
+    with pytest.raises(ValueError, match="full cohort"):
+        b.incidence(Event(domain="death"))
+
+
+@pytest.mark.parametrize("name", sorted(LIGHT_COHORTS))
+def test_light_and_full_plans_give_identical_results(
+    name: str, gz_engine: DuckDBEngine, gz_consent: ConsentFilter
+) -> None:
+    spec = spec_of(LIGHT_COHORTS[name], [COUNT, BY_SEX, SEX_BY_CKD])
+    assert light_plan(spec)
+    results = []
+    for plan in ("auto", "full"):
+        # With a guard, so the person sets (cohort ids, strata memberships) are read through each plan too.
+        guard = DifferencingGuard(MemoryCohortHistory(), 10)
+        r = run_job(
+            spec, gz_engine, gz_consent, OPEN, JobContext(plan, "c", "s", "gz"), guard=guard, plan=plan
+        )
+        results.append((r.analyses, guard.history.rows))  # type: ignore[attr-defined]
+    (light, light_sets), (full, full_sets) = results
+    assert light == full
+    assert len(light_sets) == len(full_sets)
+    assert all((a[2] == b[2]).all() for a, b in zip(light_sets, full_sets, strict=True))
+    assert light["n"]["count"] > 0
+
+
+def test_count_by_1000_codes_equals_ground_truth(
+    gz_engine: DuckDBEngine, gz_consent: ConsentFilter, synth_dirs: dict[str, Path]
+) -> None:
+    codes = thousand_codes()
+    spec = spec_of(
+        {
+            "inclusion": [{"type": "event", "event": {"domain": "condition", "codes": codes}}],
+            "exclusion": [{"type": "event", "event": {"domain": "condition", "codes": ["E11.9"]}}],
+        },
+        [COUNT, BY_SEX],
+    )
+    r = run_job(spec, gz_engine, gz_consent, OPEN, JobContext("j", "c", "s", "gz")).analyses
+    site = synth_dirs["gz"]
+    cond, person, period = (
+        omop(site, "condition_occurrence"),
+        omop(site, "person"),
+        omop(site, "observation_period"),
+    )
+    has = set(cond.loc[cond.condition_source_value.isin(codes), "person_id"])
+    t2d = set(cond.loc[cond.condition_source_value == "E11.9", "person_id"])
+    ids = (has - t2d) & set(consenting_ids(site)) & set(period.person_id)
+    members = person[person.person_id.isin(ids)]
+    assert r["n"]["count"] == len(members) > 100
+    men = int((members.gender_concept_id == 8507).sum())
+    women = int((members.gender_concept_id == 8532).sum())
+    assert r["s"]["counts"] == [women, men, len(members) - men - women]
