@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from healthspace.compute import (
     DifferencingGuard,
@@ -21,6 +23,7 @@ from healthspace.compute import (
     run_job,
 )
 from healthspace.compute.guard import decode_ids, encode_ids
+from healthspace.compute.tables import CohortHistoryRow
 from healthspace.consent.filter import ConsentFilter
 from healthspace.core.db import Database
 
@@ -209,3 +212,34 @@ def test_guard_allows_repeating_a_table_whose_cells_are_close_to_each_other(
     assert any(a < b and len(b - a) < 10 for a in released for b in released), "no nested close groups"
     again = run_job(spec, gz_engine, gz_consent, RULES, JobContext("b", "m", "s", "gz"), guard=guard)
     assert again.analyses == first.analyses
+
+
+def test_sql_history_keeps_one_row_per_repeated_release_with_the_latest_time(
+    make_db: Callable[..., Database],
+) -> None:
+    db = make_db("compute")
+    history = SqlCohortHistory(db)
+    guard = DifferencingGuard(history, 10, window=timedelta(days=365))
+    ids = np.arange(100, dtype=np.int64)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    for day in (0, 100, 200):
+        guard.record("gz", "m", [ids], t0 + timedelta(days=day))
+    guard.record("gz", "other-consumer", [ids], t0)
+    guard.record("gz", "m", [ids[:50]], t0)
+    with db.session() as s:
+        rows = s.execute(select(CohortHistoryRow.consumer_id, CohortHistoryRow.size)).all()
+    assert sorted(rows) == [("m", 50), ("m", 100), ("other-consumer", 100)]
+    # The window runs from the latest release: 400 days after the first, the set still protects.
+    later = t0 + timedelta(days=400)
+    assert len(history.near("gz", 99, 10, later - timedelta(days=365))) == 1
+    with pytest.raises(DisclosureError):
+        guard.check("gz", [ids[1:]], later)
+
+
+def test_memory_history_keeps_one_entry_per_repeated_release() -> None:
+    history = MemoryCohortHistory()
+    ids = np.arange(100, dtype=np.int64)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    history.record("gz", "m", [ids], t0)
+    history.record("gz", "m", [ids.copy()], t0 + timedelta(days=1))
+    assert [(ds, at) for ds, at, _ in history.rows] == [("gz", t0 + timedelta(days=1))]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from healthspace.bench.suites.compute import thousand_codes
 from healthspace.compute import (
     DifferencingGuard,
     DisclosureRules,
@@ -32,13 +33,6 @@ CKD_FLAG = {
 COUNT = {"type": "count", "id": "n"}
 BY_SEX = {"type": "stratified_count", "id": "s", "by": [{"var": "sex"}]}
 SEX_BY_CKD = {"type": "stratified_count", "id": "x", "by": [{"var": "sex"}, CKD_FLAG]}
-
-
-def thousand_codes() -> list[str]:
-    """1,000 exact ICD-10 codes: six cardiometabolic codes present in the synth data, 994 absent ones."""
-    present = ["E11.9", "I10", "I25.1", "N18.3", "N18.4", "N18.5"]
-    absent = [f"{chapter}{n:02d}.{d}" for chapter in "ABCDFGH" for n in range(15) for d in range(10)]
-    return present + absent[: 1000 - len(present)]
 
 
 LIGHT_COHORTS: dict[str, dict[str, Any]] = {

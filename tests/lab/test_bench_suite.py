@@ -5,7 +5,16 @@ from __future__ import annotations
 from healthspace.bench.suites import federated
 
 
-def test_federated_suite_quick_reports_p50_and_p99_against_the_raw_query() -> None:
+def test_federated_suite_quick_reports_latencies_and_job_cost_against_the_engine() -> None:
     figures = federated.run(quick=True)
-    assert [f.name.split()[2] for f in figures] == ["p50", "p99"]
+    names = [f.name for f in figures]
+    assert [n.split(" (")[0] for n in names] == [
+        "federated count p50",
+        "federated count p99",
+        "count by 1,000 codes p50",
+        "count by 1,000 codes p99",
+        "one job end to end",
+        "one job: everything but the engine",
+    ]
     assert all(f.baseline_samples and f.ratio is not None and f.ratio > 0 for f in figures)
+    assert [f.target for f in figures][:3] == [100.0, None, 300.0]
