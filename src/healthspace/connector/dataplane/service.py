@@ -51,11 +51,14 @@ from healthspace.core.errors import (
 from healthspace.identity.keys import SigningKey
 from healthspace.policy import (
     DEFAULT_RULES,
+    CompiledPolicy,
     ExportApproval,
     Facts,
     JurisdictionRules,
     Phase,
+    PolicyError,
     Request,
+    compile_policy,
     cross_border_fact,
     decide_transfer,
     evaluate,
@@ -261,6 +264,7 @@ class JobService:
         self._glm_max = glm_max_iterations
         self._engine_lock = threading.Lock()
         self._sessions: dict[str, _GlmSession] = {}
+        self._policies: dict[bytes, CompiledPolicy] = {}
         self.ledger = BudgetLedger(db)
         self.history = SqlCohortHistory(db)
 
@@ -426,7 +430,7 @@ class JobService:
             agreement_start=agreement.signed_at,
             cross_border=cross_border_fact(xb),
         )
-        decision = evaluate(agreement.policy, request, facts, now)
+        decision = evaluate(self._compiled(agreement.policy), request, facts, now)
         outcome = Outcome.ALLOWED if decision.allowed else Outcome.DENIED
         reasons = list(decision.reasons)
         self._record(
@@ -444,6 +448,24 @@ class JobService:
             raise PolicyDeniedError(
                 "the agreement's policy does not allow this job", reasons=reasons, job_id=job_id
             )
+
+    def _compiled(self, policy: Mapping[str, Any]) -> CompiledPolicy | Mapping[str, Any]:
+        """The policy compiled once: schema validation is most of an evaluation's cost.
+
+        Keyed by the document's bytes, so a different document is compiled afresh; one that does not
+        compile (or serialise) is passed on as it is, and `evaluate` denies with its problems.
+        """
+        try:
+            key = orjson.dumps(policy, option=orjson.OPT_SORT_KEYS)
+            compiled = self._policies.get(key)
+            if compiled is None:
+                compiled = compile_policy(policy)
+                if len(self._policies) >= 256:  # bounded: agreements are few, documents never change
+                    self._policies.clear()
+                self._policies[key] = compiled
+        except (PolicyError, TypeError, ValueError):
+            return policy
+        return compiled
 
     def _end_on_error(
         self, job_id: str, agreement_id: str, scenario: str, consumer: str, exc: Exception
