@@ -24,10 +24,9 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -37,6 +36,7 @@ import orjson
 import pyarrow as pa
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy import text
 
 from healthspace.audit.log import AuditLog
 from healthspace.bench.harness import Figure
@@ -46,7 +46,6 @@ from healthspace.connector.dataplane.store import lazy_store_connection
 from healthspace.connector.dsp.dataplane import mint_access_token
 from healthspace.consent.fhir import PatientRefs
 from healthspace.consent.service import ConsentService
-from healthspace.consent.store import SqlConsentStore
 from healthspace.core.clock import FixedClock
 from healthspace.core.db import Database
 from healthspace.core.errors import ConfigurationError, NotFoundError, install_problem_handlers
@@ -212,32 +211,38 @@ def _replicate(store_path: Path, keys_dir: Path, synth: Path, copies: int) -> No
 
 
 def _replicate_consents(db: Database, copies: int) -> None:
-    """Copies 1..copies-1 of every imported consent record, for patient `P-r<k>`.
+    """Copies 1..copies-1 of every imported consent record, for patient `P-r<k>` (same times, scope).
 
-    Written with the registry's own store in batches: importing the same 190,000 resources as FHIR
-    NDJSON takes minutes per site (parsing and checking each resource), which would be measured here
-    for no purpose; the base 10,000 patients' consents do go through the NDJSON import.
+    Copied inside the database: importing 190,000 more resources as FHIR NDJSON (or through the ORM)
+    takes minutes per site and is not what is measured here; the base 10,000 patients' consents did go
+    through the NDJSON import. SQLite only (the bench connector's database).
     """
-    store = SqlConsentStore()
     with db.session() as s:
-        base = list(store.scan(s))
-    for k in range(1, copies):
-        copy = []
-        for r in base:
-            if r.patient_id is None:
-                raise ConfigurationError("an imported consent record has no patient id")
-            pid = f"{r.patient_id}-r{k}"
-            copy.append(
-                replace(
-                    r,
-                    person_id=person_id_for(pid),
-                    patient_id=pid,
-                    fhir_id=f"{r.fhir_id}-r{k}",
-                    decision_id=uuid.uuid4().hex,
-                )
+        patients = s.execute(text("SELECT DISTINCT person_id, patient_id FROM consent_decisions")).all()
+        if any(p is None for _, p in patients):
+            raise ConfigurationError("an imported consent record has no patient id")
+        s.execute(
+            text("CREATE TEMP TABLE bench_remap (old_id BIGINT, k INTEGER, new_id BIGINT, patient TEXT)")
+        )
+        s.execute(
+            text("INSERT INTO bench_remap VALUES (:o, :k, :n, :p)"),
+            [
+                {"o": old, "k": k, "n": person_id_for(f"{p}-r{k}"), "p": f"{p}-r{k}"}
+                for k in range(1, copies)
+                for old, p in patients
+            ],
+        )
+        s.execute(
+            text(
+                "INSERT INTO consent_decisions (decision_id, fhir_id, person_id, patient_id, scenario_id,"
+                " decision, decided_at, valid_from, valid_until, class_mask, recorded_at, source, actor)"
+                " SELECT lower(hex(randomblob(16))), d.fhir_id || '-r' || m.k, m.new_id, m.patient,"
+                " d.scenario_id, d.decision, d.decided_at, d.valid_from, d.valid_until, d.class_mask,"
+                " d.recorded_at, d.source, d.actor"
+                " FROM consent_decisions d JOIN bench_remap m ON m.old_id = d.person_id ORDER BY m.k, d.seq"
             )
-        with db.session() as s:
-            store.append(s, copy)
+        )
+        s.execute(text("DROP TABLE bench_remap"))
 
 
 def _hospital(root: Path, site: str, patients: int, seed: int, copies: int = 1) -> _Hospital:
