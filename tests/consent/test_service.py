@@ -191,3 +191,45 @@ def test_pseudonyms_are_stable_distinct_and_keyed(
     assert "987654" not in service.pseudonym(pat(987654))
     other = ConsentService(db, audit, SigningKey.generate(), "other", service.refs)  # type: ignore[arg-type]
     assert other.pseudonym(pat(987654)) != service.pseudonym(pat(987654))
+
+
+def test_an_unchanged_registry_reuses_the_cohort(service: ConsentService) -> None:
+    service.grant(pat(30), DIABETES, actor=STAFF, source=Source.STAFF)
+    first = service.cohort(DIABETES, LAB, actor="job")
+    again = service.cohort(DIABETES, LAB, actor="job")
+    assert again.person_ids is first.person_ids  # not re-ranked: the same Arrow array
+    assert again.person_ids.to_pylist() == [person(30)]
+
+
+def test_a_decision_recorded_by_another_service_on_the_same_database_is_seen_at_once(
+    service: ConsentService, db: object, audit: AuditLog, clock: FixedClock
+) -> None:
+    """Another process (the CLI importing, a second worker) writes to the registry: the cache must miss."""
+    service.grant(pat(31), DIABETES, actor=STAFF, source=Source.STAFF)
+    assert service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist() == [person(31)]
+    other = ConsentService(db, audit, SigningKey.generate(), "other", service.refs, clock=clock)  # type: ignore[arg-type]
+    other.withdraw(pat(31), DIABETES, actor=STAFF, source=Source.STAFF)
+    assert service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist() == []
+
+
+def test_a_grant_starting_later_counts_from_its_start(service: ConsentService, clock: FixedClock) -> None:
+    service.grant(pat(32), DIABETES, actor=STAFF, source=Source.STAFF, valid_from=T0 + timedelta(days=2))
+    assert service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist() == []
+    clock.advance(timedelta(days=2))
+    assert service.cohort(DIABETES, LAB, actor="job").person_ids.to_pylist() == [person(32)]
+    # An earlier instant than the cached cohort's is computed for that instant, not served from the cache.
+    assert service.cohort(DIABETES, LAB, actor="job", at=T0).person_ids.to_pylist() == []
+
+
+def test_a_failing_version_read_raises_instead_of_serving_a_cached_cohort(
+    service: ConsentService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service.grant(pat(33), DIABETES, actor=STAFF, source=Source.STAFF)
+    service.cohort(DIABETES, LAB, actor="job")
+
+    def boom(*_: object, **__: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(service._store, "version", boom)
+    with pytest.raises(OSError, match="disk gone"):
+        service.cohort(DIABETES, LAB, actor="job")

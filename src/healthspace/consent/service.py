@@ -65,6 +65,14 @@ class Change:
     receipt_id: str
 
 
+@dataclass(frozen=True)
+class _CachedCohort:
+    version: int
+    since: datetime
+    until: datetime | None
+    cohort: ConsentFilter
+
+
 class ConsentService:
     """The consent registry of one hospital connector.
 
@@ -100,6 +108,9 @@ class ConsentService:
         self._token_ttl = token_ttl
         self._callbacks: list[WithdrawalCallback] = []
         self._chain_lock = threading.Lock()
+        # Cohorts by (scenario, classes): reused while no decision was committed and no recorded
+        # validity period started or ended since (a job per second must not re-rank the registry).
+        self._cohorts: dict[tuple[str, frozenset[str]], _CachedCohort] = {}
 
     @property
     def public_key(self) -> tuple[str, str]:
@@ -354,8 +365,26 @@ class ConsentService:
             raise ValidationError("name the data classes the use reads (at least one)")
         mask_of(classes)
         at = aware(at, "at") if at is not None else self._clock.now()
+        key = (scenario_id, classes)
         with self._db.session() as s:
-            ids = self._store.cohort(s, scenario_id, at, classes)
+            # The version is read first: a decision committed after this read changes it, so a cohort
+            # computed from newer rows is only ever filed under an older version (a miss next time).
+            version = self._store.version(s)
+            hit = self._cohorts.get(key)
+            if (
+                hit is not None
+                and hit.version == version
+                and hit.since <= at
+                and (hit.until is None or at < hit.until)
+            ):
+                cohort = replace(hit.cohort, at=at)
+            else:
+                cohort = ConsentFilter.of(
+                    scenario_id, at, classes, self._store.cohort(s, scenario_id, at, classes)
+                )
+                until = self._store.next_change(s, scenario_id, at)
+                self._cohorts[key] = _CachedCohort(version, at, until, cohort)
+        ids = cohort.person_ids
         self._audit.record(
             actor,
             "consent.cohort",
@@ -364,7 +393,7 @@ class ConsentService:
             scenario_id=scenario_id,
             details={"patients": len(ids), "data_classes": sorted(classes), "at": format_time(at)},
         )
-        return ConsentFilter.of(scenario_id, at, classes, ids)
+        return cohort
 
     def consenting_count(self, scenario_id: str, *, actor: str, at: datetime | None = None) -> int:
         """How many patients have a permit for `scenario_id` in force at `at`, for any data class.

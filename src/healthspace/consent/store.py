@@ -52,6 +52,14 @@ class ConsentStore(Protocol):
 
     def cohort(self, s: Session, scenario_id: str, at: datetime, classes: Iterable[str]) -> list[int]: ...
 
+    def version(self, s: Session) -> int:
+        """A number that changes whenever a decision is committed (read it before the cohort it guards)."""
+        ...
+
+    def next_change(self, s: Session, scenario_id: str, at: datetime) -> datetime | None:
+        """The first instant after `at` at which a recorded decision of the scenario starts or stops."""
+        ...
+
     def by_fhir_ids(self, s: Session, fhir_ids: Iterable[str]) -> dict[str, ConsentRecord]: ...
 
     def scan(self, s: Session, person_id: int | None = None, page: int = 5000) -> Iterator[ConsentRecord]: ...
@@ -176,6 +184,26 @@ class SqlConsentStore:
             .order_by(in_force.c.person_id)
         )
         return list(s.execute(q).scalars())
+
+    def version(self, s: Session) -> int:
+        # Decisions are only ever inserted. On SQLite one transaction writes at a time and takes its seq
+        # under the write lock, so seqs become visible in order and the largest one moves on every
+        # commit (an index lookup). On PostgreSQL concurrent writers may commit out of seq order, so the
+        # largest seq could stay put while a smaller one appears: the row count cannot.
+        if s.get_bind().dialect.name == "sqlite":
+            return int(s.execute(select(func.coalesce(func.max(_D.c.seq), 0))).scalar_one())
+        return int(s.execute(select(func.count()).select_from(_D)).scalar_one())
+
+    def next_change(self, s: Session, scenario_id: str, at: datetime) -> datetime | None:
+        aware(at, "at")
+        starts = select(func.min(_D.c.valid_from)).where(
+            _D.c.scenario_id == scenario_id, _D.c.valid_from > at
+        )
+        ends = select(func.min(_D.c.valid_until)).where(
+            _D.c.scenario_id == scenario_id, _D.c.valid_until > at
+        )
+        found = [v for v in (s.execute(starts).scalar_one(), s.execute(ends).scalar_one()) if v is not None]
+        return min(aware(v, "valid time") for v in found) if found else None
 
     def by_fhir_ids(self, s: Session, fhir_ids: Iterable[str]) -> dict[str, ConsentRecord]:
         ids = list(dict.fromkeys(fhir_ids))
