@@ -154,8 +154,9 @@ class DifferencingGuard:
     def record(
         self, dataset_id: str, consumer_id: str, sets: list[np.ndarray], now: datetime | None = None
     ) -> None:
-        unique: dict[bytes, np.ndarray] = {}
+        unique: list[np.ndarray] = []
         for s in sets:
-            if len(s):
-                unique.setdefault(encode_ids(s), s)
-        self.history.record(dataset_id, consumer_id, list(unique.values()), now or utcnow())
+            # Compared as arrays (a few per job), not by encoding: the history encodes each set once.
+            if len(s) and not any(len(u) == len(s) and np.array_equal(u, s) for u in unique):
+                unique.append(s)
+        self.history.record(dataset_id, consumer_id, unique, now or utcnow())
