@@ -42,7 +42,6 @@ from healthspace.audit.log import AuditLog
 from healthspace.bench.harness import Figure
 from healthspace.bench.suites.compute import thousand_codes
 from healthspace.connector.dataplane import ConsumerProfile, JobService, make_dataplane_router
-from healthspace.connector.dataplane.store import lazy_store_connection
 from healthspace.connector.dsp.dataplane import mint_access_token
 from healthspace.consent.fhir import PatientRefs
 from healthspace.consent.service import ConsentService
@@ -162,6 +161,7 @@ class _Hospital:
     site: Site
     connect: Any
     timed: _TimedConnection
+    store: ClinicalStore
     db: Database
     audit: AuditLog
     app: FastAPI
@@ -289,8 +289,14 @@ def _hospital(root: Path, site: str, patients: int, seed: int, copies: int = 1) 
             raise NotFoundError(transfer_id)
         return transfer
 
-    opened = lazy_store_connection(store_path, keys_dir)
-    timed = _TimedConnection(opened())
+    store = ClinicalStore.open(store_path, LocalKeyStore(keys_dir))
+    # Read one row through pyarrow first: pyarrow creates its KMS client (Python code) on the first
+    # decryption under a lock of its own; when that first decryption happens inside a DuckDB scan, the
+    # thread running it can wait for that lock while holding the GIL the creating thread needs, and both
+    # hang (seen twice at 200,000 patients). Created here, the client is cached for the scans.
+    store.dataset("person").head(1)
+    con = store.connect()
+    timed = _TimedConnection(con)
     service = JobService(
         db,
         provider_id=pid,
@@ -313,7 +319,9 @@ def _hospital(root: Path, site: str, patients: int, seed: int, copies: int = 1) 
         return {"id": pid, "public_key": key.public_key_b64}
 
     token = mint_access_token(key, pid, CONSUMER, agreement.id, transfer.id, AS_OF, timedelta(days=1))
-    return _Hospital(Site(pid, "", token, agreement.id, key.public_key_b64), opened, timed, db, audit, app)
+    return _Hospital(
+        Site(pid, "", token, agreement.id, key.public_key_b64), lambda: con, timed, store, db, audit, app
+    )
 
 
 @contextmanager
@@ -430,6 +438,7 @@ def run(quick: bool) -> list[Figure]:
         for h in hospitals:
             h.audit.close()
             h.db.dispose()
+            h.store.close()
     size = f"3 sites x {patients * copies:,} patients ({rows:,} OMOP rows at the first)"
     note = (
         f"{size}, {len(lab_ms)} studies; consenting E11 cohort counted (raw E11 persons, all consents: "
