@@ -191,6 +191,11 @@ class GlmSite:
         _check(self.family, x, y, self.n_params, rules)
         self._x, self._y = x, y
 
+    @property
+    def n(self) -> int:
+        """Complete cases in the site's design (also in every `SiteStats` it releases)."""
+        return len(self._y)
+
     def __call__(self, beta: np.ndarray) -> SiteStats:
         beta = np.asarray(beta, dtype=np.float64)
         if beta.shape != (self.n_params,) or not np.all(np.isfinite(beta)):

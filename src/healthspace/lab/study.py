@@ -251,8 +251,33 @@ def _pooled_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _summed_histogram(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Histograms with the same bands and strata add cell by cell (each person is at one site); a cell
+    some site suppressed makes the sum a lower bound (`exact` False)."""
+    layout = [(p.get("code"), p.get("bands"), p.get("dims"), p.get("levels")) for p in parts]
+    if any(x != layout[0] for x in layout):
+        return {"type": "measurement_histogram", "note": "the sites' bands or strata differ; not combined"}
+    out: dict[str, Any] = {
+        "type": "measurement_histogram",
+        "code": parts[0]["code"],
+        "bands": parts[0]["bands"],
+        "dims": parts[0]["dims"],
+        "levels": parts[0]["levels"],
+    }
+    exact = True
+    for key in ("counts", "band_totals", "stratum_totals"):
+        if key in parts[0]:
+            out[key], e = _add_lists([p[key] for p in parts])
+            exact = exact and e
+    out["total"], e = _add([p.get("total") for p in parts])
+    out["exact"] = exact and e
+    return out
+
+
 def _combine_one(parts: list[dict[str, Any]]) -> dict[str, Any]:
     kind = parts[0].get("type")
+    if kind == "measurement_histogram":
+        return _summed_histogram(parts)
     if kind == "count":
         value, exact = _add([p.get("count") for p in parts])
         return {"type": "count", "count": value, "exact": exact}

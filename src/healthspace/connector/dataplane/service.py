@@ -622,6 +622,7 @@ class JobService:
                     "family": site.family,
                     "names": site.names,
                     "iterations": session.iterations,
+                    "n": site.n,
                 }
                 for aid, site in session.sites.items()
             },
