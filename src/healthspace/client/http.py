@@ -93,6 +93,10 @@ class AuthorityClient(_Client):
         result: list[dict[str, Any]] = self._call("GET", "/scenarios")
         return result
 
+    def register_export_approval(self, approval: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/admin/export-approvals", json=approval)
+        return result
+
     def publish_standard(self, standard: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._call("POST", "/admin/standards", json=standard)
         return result
