@@ -361,3 +361,14 @@ def test_histograms_with_different_bands_are_not_combined() -> None:
     combined = combine([_site("a", a), _site("b", b)])["h"]
     assert "counts" not in combined
     assert "differ" in combined["note"]
+
+
+def test_bench_suite_reports_the_histogram_job_against_same_run_baselines() -> None:
+    from healthspace.bench.suites import histogram
+
+    figures = histogram.run(quick=True)
+    assert [f.baseline_name for f in figures] == [
+        "stratified_count job (DP, sex x age)",
+        "hand-written DuckDB histogram (no consent, noise or suppression)",
+    ]
+    assert all(len(f.samples) == len(f.baseline_samples) == 5 for f in figures)
