@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +29,7 @@ from healthspace.connector.dsp.tables import (
     AgreementRow,
     DatasetRow,
     NegotiationRow,
+    OutboxRow,
     TransferRow,
 )
 from healthspace.core.apikeys import Role as StaffRole
@@ -227,10 +228,26 @@ def new_pid() -> str:
 class _Tx:
     s: Session
     audits: list[tuple[str, str, str, Outcome, str]] = field(default_factory=list)
-    owes_work: bool = False  # a message was queued or a step became pending: wake the manager
 
     def audit(self, actor: str, action: str, subject: str, outcome: Outcome, reason: str = "") -> None:
         self.audits.append((actor, action, subject, outcome, reason))
+
+
+Work = tuple[str, str, str]
+"""A hint for the manager: ("step", kind, pid) = a step is owed on pid; ("send", kind, pid) = pid has a
+message waiting in the outbox. Hints only say where to look; the rows say whether there is work."""
+
+
+def _work_in(s: Session) -> list[Work]:
+    work: list[Work] = []
+    for o in s.identity_map.values():
+        if isinstance(o, NegotiationRow) and o.pending:
+            work.append(("step", "negotiation", o.id))
+        elif isinstance(o, TransferRow) and o.pending:
+            work.append(("step", "transfer", o.id))
+        elif isinstance(o, OutboxRow) and o.status == "pending":
+            work.append(("send", o.kind, o.process_id))
+    return work
 
 
 Recorder = Callable[[str, str, str, Outcome, str], None]
@@ -260,10 +277,11 @@ class DspService:
         self.clock = clock
         self._record = record
         self._changed = threading.Condition()
-        self._wake: Callable[[], None] = lambda: None
+        self._versions: dict[str, int] = {}  # pid -> commits that touched it (what waiters watch)
+        self._wake: Callable[[Sequence[Work]], None] = lambda _: None
 
-    def on_work(self, wake: Callable[[], None]) -> None:
-        """Register the manager's wake-up call (invoked after each commit that may owe work)."""
+    def on_work(self, wake: Callable[[Sequence[Work]], None]) -> None:
+        """Register the manager's wake-up call, invoked after each commit that leaves work owed."""
         self._wake = wake
 
     @contextmanager
@@ -271,14 +289,19 @@ class DspService:
         with self.store.writing() as s:
             tx = _Tx(s)
             yield tx
-            if any(getattr(o, "pending", None) for o in s.identity_map.values()):
-                tx.owes_work = True
+            s.flush()
+            work = _work_in(s)
+            touched = [o.id for o in s.identity_map.values() if isinstance(o, (NegotiationRow, TransferRow))]
+        # The manager first: its work is what the peer is waiting for; audit and waiters come after.
+        if work:
+            self._wake(work)
         for entry in tx.audits:
             self._record(*entry)
-        with self._changed:
-            self._changed.notify_all()
-        if tx.owes_work:
-            self._wake()
+        if touched:
+            with self._changed:
+                for pid in touched:
+                    self._versions[pid] = self._versions.get(pid, 0) + 1
+                self._changed.notify_all()
 
     # --- catalog (provider) ------------------------------------------------------------------------
 
@@ -841,7 +864,6 @@ class DspService:
         msg: DspMessage,
         body: bytes | None = None,
     ) -> None:
-        tx.owes_work = True
         self.store.enqueue(
             tx.s,
             process_id=row.id,
@@ -877,7 +899,7 @@ class DspService:
             in_state = not states or n.state in states or final
             return in_state and (not acknowledged or n.provider_pid is not None or final)
 
-        found: NegotiationPublic = self._wait(lambda: self.negotiation(pid), done, timeout_s)
+        found: NegotiationPublic = self._wait(pid, lambda: self.negotiation(pid), done, timeout_s)
         return found
 
     def wait_transfer(
@@ -888,18 +910,24 @@ class DspService:
             in_state = not states or t.state in states or final
             return in_state and (not acknowledged or t.provider_pid is not None or final)
 
-        found: TransferPublic = self._wait(lambda: self.transfer(pid), done, timeout_s)
+        found: TransferPublic = self._wait(pid, lambda: self.transfer(pid), done, timeout_s)
         return found
 
-    def _wait(self, read: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float) -> Any:
+    def _wait(self, pid: str, read: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float) -> Any:
+        # Re-read only when a commit of this process touched `pid` (a cheap version check under
+        # the condition), not on every commit of every process.
         deadline = time.monotonic() + max(0.0, min(timeout_s, 60.0))
-        with self._changed:
-            while True:
-                current = read()
-                left = deadline - time.monotonic()
-                if done(current) or left <= 0:
-                    return current
-                self._changed.wait(left)
+        while True:
+            with self._changed:
+                seen = self._versions.get(pid, 0)
+            current = read()
+            left = deadline - time.monotonic()
+            if done(current) or left <= 0:
+                return current
+            with self._changed:
+                while self._versions.get(pid, 0) == seen and left > 0:
+                    self._changed.wait(left)
+                    left = deadline - time.monotonic()
 
     # --- management: agreements -----------------------------------------------------------------------
 
