@@ -129,7 +129,8 @@ class DspManager:
     def _take(self, work: Work) -> None:
         what, kind, pid = work
         if what == "step":
-            self.service.run_pending(kind, pid)
+            for sent in self.service.run_pending(kind, pid, lease=self.lease):
+                self._deliver_row(sent)
         elif what == "send":
             row = self.service.store.claim_next(pid, self.service.clock.now(), self.lease)
             if row is not None:
@@ -151,7 +152,8 @@ class DspManager:
         with self.service.db.session() as s:
             owed = self.service.store.pending_ids(s)
         for kind, pid in owed:
-            self.service.run_pending(kind, pid)
+            for row in self.service.run_pending(kind, pid, lease=self.lease):
+                self._deliver_row(row)
             done += 1
         now = self.service.clock.now()
         for row in self.service.store.claim_outbox(now, self.lease):

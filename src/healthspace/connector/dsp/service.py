@@ -14,12 +14,13 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, Field
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from healthspace.audit.models import Outcome
@@ -228,6 +229,11 @@ def new_pid() -> str:
 class _Tx:
     s: Session
     audits: list[tuple[str, str, str, Outcome, str]] = field(default_factory=list)
+    # Set when a manager worker takes the step and will deliver what it sends itself: messages are
+    # written already leased to it (one transaction less per hop; after a crash the lease runs out
+    # and the next full pass sends them).
+    lease_until: datetime | None = None
+    leased: list[OutboxRow] = field(default_factory=list)
 
     def audit(self, actor: str, action: str, subject: str, outcome: Outcome, reason: str = "") -> None:
         self.audits.append((actor, action, subject, outcome, reason))
@@ -238,16 +244,23 @@ Work = tuple[str, str, str]
 message waiting in the outbox. Hints only say where to look; the rows say whether there is work."""
 
 
-def _work_in(s: Session) -> list[Work]:
-    work: list[Work] = []
-    for o in s.identity_map.values():
-        if isinstance(o, NegotiationRow) and o.pending:
-            work.append(("step", "negotiation", o.id))
-        elif isinstance(o, TransferRow) and o.pending:
-            work.append(("step", "transfer", o.id))
-        elif isinstance(o, OutboxRow) and o.status == "pending":
+def _note_work(session: Session, _: Any) -> None:
+    """After each flush of a DSP transaction, note the work it leaves owed.
+
+    At flush time the session still holds the changed rows strongly (its identity map is weak, so a
+    row nobody else references may be gone by commit); stale notes are harmless: they are hints.
+    """
+    work: list[Work] | None = session.info.get("dsp_work")
+    if work is None:
+        return
+    for o in (*session.new, *session.dirty):
+        if isinstance(o, NegotiationRow | TransferRow) and o.pending:
+            work.append(("step", "negotiation" if isinstance(o, NegotiationRow) else "transfer", o.id))
+        elif isinstance(o, OutboxRow) and o.status == "pending" and o.lease_until is None:
             work.append(("send", o.kind, o.process_id))
-    return work
+
+
+event.listen(Session, "before_flush", lambda s, _c, _i: _note_work(s, None))
 
 
 Recorder = Callable[[str, str, str, Outcome, str], None]
@@ -287,14 +300,18 @@ class DspService:
     @contextmanager
     def _tx(self) -> Iterator[_Tx]:
         with self.store.writing() as s:
+            work: list[Work] = []
+            s.info["dsp_work"] = work
             tx = _Tx(s)
             yield tx
             s.flush()
-            work = _work_in(s)
-            touched = [o.id for o in s.identity_map.values() if isinstance(o, (NegotiationRow, TransferRow))]
+            touched = {pid for _, _, pid in work}
+            touched.update(
+                o.id for o in s.identity_map.values() if isinstance(o, NegotiationRow | TransferRow)
+            )
         # The manager first: its work is what the peer is waiting for; audit and waiters come after.
         if work:
-            self._wake(work)
+            self._wake(list(dict.fromkeys(work)))
         for entry in tx.audits:
             self._record(*entry)
         if touched:
@@ -864,7 +881,10 @@ class DspService:
         msg: DspMessage,
         body: bytes | None = None,
     ) -> None:
-        self.store.enqueue(
+        # Leased to the worker only when nothing of this process is still waiting to go out: its
+        # messages leave in order.
+        lease = tx.lease_until if not self.store.has_pending(tx.s, row.id) else None
+        out = self.store.enqueue(
             tx.s,
             process_id=row.id,
             kind=kind,
@@ -873,7 +893,10 @@ class DspService:
             message_type=message_key(msg),
             body=body if body is not None else to_json(msg),
             now=self.clock.now(),
+            lease_until=lease,
         )
+        if lease is not None:
+            tx.leased.append(out)
 
     def list_negotiations(self, limit: int = 100, offset: int = 0) -> list[NegotiationPublic]:
         with self.db.session() as s:
@@ -1097,10 +1120,15 @@ class DspService:
 
     # --- work the manager does -----------------------------------------------------------------------
 
-    def run_pending(self, kind: str, pid: str) -> None:
-        """Take the step this side owes on `pid`, if it still owes it (another worker may have)."""
+    def run_pending(self, kind: str, pid: str, *, lease: timedelta | None = None) -> list[OutboxRow]:
+        """Take the step this side owes on `pid`, if it still owes it (another worker may have).
+
+        With `lease`, the messages the step sends are written leased to the caller for that long and
+        returned: the caller delivers them (see `_Tx.lease_until`)."""
         actor = f"connector:{self.me}"
         with self._tx() as tx:
+            if lease is not None:
+                tx.lease_until = self.clock.now() + lease
             row: NegotiationRow | TransferRow
             if kind == "negotiation":
                 row = self.store.negotiation(tx.s, pid, lock=True)
@@ -1108,7 +1136,7 @@ class DspService:
                 row = self.store.transfer(tx.s, pid, lock=True)
             owed, row.pending = row.pending, None
             if owed is None:
-                return
+                return []
             try:
                 with tx.s.begin_nested():
                     if isinstance(row, TransferRow):
@@ -1118,7 +1146,9 @@ class DspService:
                     else:
                         self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
             except HealthspaceError as exc:
+                tx.leased.clear()  # rolled back with the savepoint
                 tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, exc.detail)
+        return tx.leased
 
     def _decide(self, tx: _Tx, row: NegotiationRow, actor: str) -> None:
         dataset = self.store.dataset(tx.s, row.dataset_id or "")

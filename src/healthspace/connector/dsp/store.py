@@ -198,23 +198,25 @@ class DspStore:
         message_type: str,
         body: bytes,
         now: datetime,
-    ) -> None:
-        s.add(
-            OutboxRow(
-                process_id=process_id,
-                kind=kind,
-                peer_id=peer_id,
-                url=url,
-                message_type=message_type,
-                body=body.decode(),
-                status="pending",
-                attempts=0,
-                next_at=now,
-                lease_until=None,
-                last_error=None,
-                created_at=now,
-            )
+        lease_until: datetime | None = None,
+    ) -> OutboxRow:
+        """Queue a message; with `lease_until`, already leased to the worker that will send it."""
+        row = OutboxRow(
+            process_id=process_id,
+            kind=kind,
+            peer_id=peer_id,
+            url=url,
+            message_type=message_type,
+            body=body.decode(),
+            status="pending",
+            attempts=0 if lease_until is None else 1,
+            next_at=now,
+            lease_until=lease_until,
+            last_error=None,
+            created_at=now,
         )
+        s.add(row)
+        return row
 
     def claim_outbox(self, now: datetime, lease: timedelta, limit: int = 20) -> list[OutboxRow]:
         """Lease due messages, at most one per process (the oldest), so a process's messages stay in order.
@@ -266,6 +268,9 @@ class DspStore:
             update(OutboxRow)
             .where(
                 OutboxRow.seq == oldest,
+                # Repeated here: PostgreSQL re-checks only these conditions on a row that another
+                # worker settled while we waited for its lock (the subquery keeps its old answer).
+                OutboxRow.status == "pending",
                 OutboxRow.next_at <= now,
                 or_(OutboxRow.lease_until.is_(None), OutboxRow.lease_until < now),
             )
@@ -275,6 +280,12 @@ class DspStore:
         )
         with self.writing() as s:
             return s.scalars(stmt).one_or_none()
+
+    @staticmethod
+    def has_pending(s: Session, process_id: str) -> bool:
+        """Whether a message of the process is still waiting to be delivered."""
+        q = select(OutboxRow.seq).where(OutboxRow.process_id == process_id, OutboxRow.status == "pending")
+        return s.scalars(q.limit(1)).first() is not None
 
     @staticmethod
     def _has_earlier_pending(s: Session, row: OutboxRow) -> bool:
