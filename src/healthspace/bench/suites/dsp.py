@@ -283,7 +283,7 @@ def _measure(kind: str, quick: bool) -> list[Figure]:
                     client.get(f"{provider.url}/health").raise_for_status()
                 health_rates.append(per_round / (time.perf_counter() - t0))
     backend = "SQLite" if kind == "sqlite" else "PostgreSQL"
-    note = f"{n} negotiations, 4 DSP messages each, {backend} on both sides, audit on, provider in own process"
+    note = f"{n} negotiations, 4 DSP messages each, {backend} both sides, audit on, provider in own process"
     return [
         Figure(
             name=f"dsp negotiation request→FINALIZED p50 ({backend})",
