@@ -124,7 +124,7 @@ def test_tampered_result_fails_verification(gz: Provider) -> None:
 def test_successful_job_is_audited_with_scenario_agreement_and_job(gz: Provider) -> None:
     job = post_job(gz, gz.token("agr-plain"), COUNT_SPEC).json()
     runs = [e for e in entries(gz, "dataplane.job.run") if e.subject == f"job:{job['id']}"]
-    decided = [e for e in entries(gz, "dataplane.job.decide") if e.subject == f"job:{job['id']}"]
+    decided = [e for e in entries(gz, "policy.decision") if e.subject == f"job:{job['id']}"]
     assert [(e.outcome, e.scenario_id, e.agreement_id) for e in runs] == [
         (Outcome.SUCCESS, SCENARIO, "agr-plain")
     ]
@@ -137,7 +137,7 @@ def test_wrong_scenario_is_refused_403_with_reasons_and_audited(gz: Provider) ->
     problem = r.json()
     assert problem["code"] == "policy-denied"
     assert any("purpose" in reason for reason in problem["reasons"])
-    denied = [e for e in entries(gz, "dataplane.job.decide") if e.subject == f"job:{problem['job_id']}"]
+    denied = [e for e in entries(gz, "policy.decision") if e.subject == f"job:{problem['job_id']}"]
     assert [(e.outcome, e.agreement_id) for e in denied] == [(Outcome.DENIED, "agr-plain")]
 
 
