@@ -70,8 +70,10 @@ def agreement_policy(
     max_uses: int | None = None,
     consumer: str = CONSUMER,
     scenario: str = SCENARIO,
+    review_output: bool = False,
 ) -> dict[str, Any]:
-    """The aggregate-research agreement, without a privacy budget unless `epsilon`, allowing models too."""
+    """The aggregate-research agreement, without a privacy budget unless `epsilon`, allowing models too;
+    with `review_output` its permission carries the `reviewOutput` duty (results wait for review)."""
     policy = template(
         "aggregate-research",
         policy_type="Agreement",
@@ -89,6 +91,8 @@ def agreement_policy(
     for c in cons:
         if c["leftOperand"] == "outputType":
             c["operator"], c["rightOperand"] = "isAnyOf", ["aggregate", "model"]
+    if review_output:
+        policy["permission"][0].setdefault("duty", []).append({"action": "reviewOutput"})
     return policy
 
 
