@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -186,3 +187,28 @@ def test_a_glm_under_a_review_duty_is_refused(providers: dict[str, Provider]) ->
     hk.add_agreement("agr-review-glm", review_output=True)
     r = submit(hk, "agr-review-glm", GLM_SPEC)
     assert (r.status_code, r.json().get("reason")) == (403, "review-required"), r.text
+
+
+def test_the_review_cli_lists_approves_and_rejects(sz: Provider, keys: dict[str, IssuedKey]) -> None:
+    from typer.testing import CliRunner
+
+    from healthspace.cli.review import review_app
+
+    runner = CliRunner()
+    first, second = held_job(sz)["review"]["id"], held_job(sz)["review"]["id"]
+
+    def run(key: IssuedKey, *args: str) -> Any:
+        return runner.invoke(review_app, [*args, "--url", sz.url, "--api-key", key.secret, "--json"])
+
+    listed = run(keys["steward1"], "list")
+    assert listed.exit_code == 0, listed.output
+    assert {first, second} <= {r["id"] for r in json.loads(listed.output)}
+    shown = json.loads(run(keys["steward1"], "show", first).output)
+    assert shown["result"]["payload"]["job_id"] == shown["job_id"]
+    assert json.loads(run(keys["steward1"], "approve", first).output)["state"] == "HELD"
+    assert json.loads(run(keys["steward2"], "approve", first).output)["state"] == "RELEASED"
+    rejected = run(keys["reviewer"], "reject", second, "--reason", "re-identification risk")
+    assert json.loads(rejected.output)["state"] == "REJECTED"
+    refused = run(keys["researcher"], "approve", second)
+    assert refused.exit_code == 1
+    assert "may not do this" in refused.output
