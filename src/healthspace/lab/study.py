@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -345,7 +346,134 @@ def _pooled_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "mean": mean,
         "variance": (within + between) / (n - 1) if n > 1 else None,
         "exact": len(usable) == len(parts),
-        "note": "quantiles are not poolable from summaries; see each site",
+        "quantiles": _pooled_quantiles(usable),
+    }
+
+
+def _pooled_quantiles(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Pooled quantiles from per-site quantiles: approximate, with a bracket that always holds.
+
+    Exact pooling needs the values; a site publishes only a few quantiles. What is certain: at each
+    level q the pooled q-quantile lies between the smallest and the largest site q-quantile (if every
+    site has at least a share q of its values at or below x, so has the pool), up to the linear
+    interpolation between neighbouring values that `percentile_cont` does. The estimate inverts the
+    n-weighted mixture of the sites' CDFs (`_site_cdf`: piecewise linear through the published
+    points, extended linearly at the ends) and is kept inside that bracket. See docs/lab.md.
+    """
+    with_q = [p for p in parts if p.get("values") and p.get("quantiles")]
+    if not with_q:
+        return None
+    levels = [float(q) for q in with_q[0]["quantiles"]]
+    if any([float(q) for q in p["quantiles"]] != levels for p in with_q) or len(with_q) != len(parts):
+        return {"levels": levels, "note": "sites published different quantile levels: see each site"}
+    values = np.asarray([[float(v) for v in p["values"]] for p in with_q])  # site x level
+    weights = np.asarray([float(p["n"]) for p in with_q])
+    lower, upper = values.min(axis=0), values.max(axis=0)
+    # The answer lies inside [min lower, max upper]; a fine grid there, plus every published value.
+    grid = np.unique(np.concatenate([values.ravel(), np.linspace(lower.min(), upper.max(), 512)]))
+    mixed = np.zeros_like(grid)
+    for row, w in zip(values, weights, strict=True):
+        mixed += w * _site_cdf(grid, row, levels)
+    mixed /= weights.sum()
+    estimates: list[float] = []
+    for j, q in enumerate(levels):
+        # The mixture CDF is non-decreasing: the first grid point where it reaches q, interpolated.
+        k = int(np.searchsorted(mixed, q, side="left"))
+        if k <= 0:
+            est = float(grid[0])
+        elif k >= len(grid):
+            est = float(grid[-1])
+        else:
+            x0, x1, f0, f1 = grid[k - 1], grid[k], mixed[k - 1], mixed[k]
+            est = float(x1 if f1 == f0 else x0 + (q - f0) * (x1 - x0) / (f1 - f0))
+        estimates.append(float(min(max(est, lower[j]), upper[j])))
+    return {
+        "levels": levels,
+        "estimate": estimates,
+        "lower": lower.tolist(),
+        "upper": upper.tolist(),
+        "exact": len(with_q) == 1,
+        "method": "estimate: inverse of the n-weighted mixture of per-site piecewise-linear CDFs; "
+        "lower/upper: smallest and largest site quantile (always brackets the pooled quantile)",
+    }
+
+
+def _site_cdf(x: np.ndarray, values: np.ndarray, levels: list[float]) -> np.ndarray:
+    """A site's CDF taken as piecewise linear through its (quantile value, level) points, extended
+    beyond the outermost ones with the slope of the nearest segment, within [0, 1]."""
+    lv = np.asarray(levels, dtype=np.float64)
+    v = np.maximum.accumulate(np.asarray(values, dtype=np.float64))  # quantiles never decrease
+    out = np.interp(x, v, lv)
+    if len(v) >= 2:
+        if v[1] > v[0]:
+            slope = (lv[1] - lv[0]) / (v[1] - v[0])
+            out = np.where(x < v[0], lv[0] + (x - v[0]) * slope, out)
+        if v[-1] > v[-2]:
+            slope = (lv[-1] - lv[-2]) / (v[-1] - v[-2])
+            out = np.where(x > v[-1], lv[-1] + (x - v[-1]) * slope, out)
+    clipped: np.ndarray = np.clip(out, 0.0, 1.0)
+    return clipped
+
+
+def _km_rows(part: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    """A site's published life-table rows, and whether it hid a tail (a suppressed interval)."""
+    rows: list[dict[str, Any]] = []
+    for r in part.get("intervals") or []:
+        if r.get("at_risk") is None or r.get("events") is None or r.get("censored") is None:
+            return rows, True
+        rows.append(r)
+    return rows, False
+
+
+def _combined_km(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Kaplan-Meier (life table) over sites from summed at-risk, event and censored counts.
+
+    Sites may have merged bins differently (a site merges bins until every count is 0 or ≥ k), so
+    the combined table uses the boundaries every site has; within a common interval a site's events
+    and censorings are summed, and its at-risk count is the one at the interval's start. The product
+    S = Π (1 - d/n) over the summed counts is then exactly the same life-table estimator on the
+    pooled data with those intervals. It stops where the first site stopped publishing.
+    """
+    tables = [_km_rows(p) for p in parts]
+    if not tables or any(not rows for rows, _ in tables):
+        return {"type": "kaplan_meier", "intervals": [], "exact": False, "note": "a site published no table"}
+    end = min(int(rows[-1]["to_day"]) for rows, _ in tables)
+    common = set.intersection(
+        *({int(r["from_day"]) for r in rows} | {int(rows[-1]["to_day"])} for rows, _ in tables)
+    )
+    bounds = sorted(b for b in common if b <= end)
+    out: list[dict[str, Any]] = []
+    surv = 1.0
+    for lo, hi in itertools.pairwise(bounds):
+        at_risk = events = censored = 0
+        for rows, _ in tables:
+            inside = [r for r in rows if lo <= int(r["from_day"]) < hi]
+            at_risk += int(inside[0]["at_risk"])
+            events += sum(int(r["events"]) for r in inside)
+            censored += sum(int(r["censored"]) for r in inside)
+        surv *= 1.0 - events / at_risk if at_risk else 1.0
+        out.append(
+            {
+                "from_day": lo,
+                "to_day": hi,
+                "at_risk": at_risk,
+                "events": events,
+                "censored": censored,
+                "survival": surv,
+            }
+        )
+    shared = all(len(rows) == len(out) for rows, _ in tables)
+    hidden = any(tail for _, tail in tables) or any(int(rows[-1]["to_day"]) > end for rows, _ in tables)
+    return {
+        "type": "kaplan_meier",
+        "persons": sum(int(p.get("persons") or 0) for p in parts),
+        "intervals": out,
+        "exact": True,
+        "intervals_shared": shared,
+        "truncated": hidden,
+        "note": "life table on the intervals every site shares"
+        + ("" if shared else " (some sites' intervals were merged into coarser ones)")
+        + ("; ends where the first site stopped publishing" if hidden else ""),
     }
 
 
@@ -367,6 +495,8 @@ def _combine_one(parts: list[dict[str, Any]]) -> dict[str, Any]:
         }
     if kind == "measurement_summary":
         return _pooled_summary(parts)
+    if kind == "kaplan_meier":
+        return _combined_km(parts)
     if kind == "incidence_rate":
         events, exact = _add([p.get("events") for p in parts])
         py = sum(float(p.get("person_years") or 0.0) for p in parts)
@@ -383,7 +513,8 @@ def _combine_one(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def combine(outcomes: Sequence[SiteOutcome]) -> dict[str, Any]:
-    """Combine the verified results per analysis: sums of counts and cells, pooled moments, rates.
+    """Combine the verified results per analysis: sums of counts and cells, pooled moments, rates,
+    Kaplan-Meier life tables from summed counts, and approximate pooled quantiles with their bounds.
 
     `exact` is False where some site suppressed a figure (the combined value then counts only the
     sites that published it). Only sites with status ok contribute.
