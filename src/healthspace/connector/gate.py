@@ -11,8 +11,10 @@ parameters and counters) and audits it with the same `record_decision`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import httpx
+import orjson
 
 from healthspace.audit.log import AuditLog
 from healthspace.audit.models import Outcome
@@ -32,11 +35,12 @@ from healthspace.core.errors import (
     ConflictError,
     HealthspaceError,
 )
-from healthspace.policy.compiler import compile_policy
+from healthspace.policy.compiler import CompiledPolicy, compile_policy
 from healthspace.policy.gate import UseDecision, decide_use, scenarios_of
 from healthspace.policy.models import Decision, Facts, Phase
 from healthspace.policy.models import Request as UseRequest
 from healthspace.policy.registry import CrossBorderSet
+from healthspace.policy.schema import PolicyError
 from healthspace.protocol.states import Role as DspRole
 
 __all__ = [
@@ -52,6 +56,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Compiled policies kept by the gate: agreements are few and their documents never change, and
+# compiling (schema validation included) costs milliseconds, paid on every job without the cache.
+_COMPILED_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +192,31 @@ class PolicyGate:
         self.cross_border = cross_border
         self.clock = clock
         self.has_consent_registry = has_consent_registry
+        self._compiled: OrderedDict[bytes, CompiledPolicy] = OrderedDict()
+        self._compiled_lock = threading.Lock()
+
+    def _compile(self, policy: Mapping[str, Any]) -> CompiledPolicy | Mapping[str, Any]:
+        """`policy` compiled, once per distinct document (keyed by a digest of its canonical JSON).
+        A document that does not compile is handed on as it is: `decide_use` denies it with the
+        problems, exactly as without the cache."""
+        try:
+            key = hashlib.sha256(orjson.dumps(policy, option=orjson.OPT_SORT_KEYS)).digest()
+        except TypeError:
+            return policy
+        with self._compiled_lock:
+            hit = self._compiled.get(key)
+            if hit is not None:
+                self._compiled.move_to_end(key)
+                return hit
+        try:
+            compiled = compile_policy(policy)
+        except PolicyError:
+            return policy
+        with self._compiled_lock:
+            self._compiled[key] = compiled
+            while len(self._compiled) > _COMPILED_MAX:
+                self._compiled.popitem(last=False)
+        return compiled
 
     def decide(
         self,
@@ -235,7 +268,7 @@ class PolicyGate:
                 consent_obtained=self.has_consent_registry,
             )
             return decide_use(
-                policy,
+                self._compile(policy),
                 request,
                 facts,
                 provider_jurisdiction=self.jurisdiction,
