@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 
 from healthspace.audit.models import Outcome
@@ -148,3 +149,19 @@ def test_a_rejected_result_is_reported_refused_with_the_reviewers_reason(
         "output review rejected: cells too small to publish",
     )
     assert after.combined["n"]["count"] == result.combined["n"]["count"]
+
+
+def test_a_newer_data_address_token_replaces_the_chain_held(providers: dict[str, Provider]) -> None:
+    from healthspace.connector.dsp.dataplane import mint_access_token
+
+    gz = providers["gz"]
+    old = mint_access_token(gz.key, gz.id, "hk-university", "agr-x", "tr-x", gz.clock.now())
+    new = mint_access_token(
+        gz.key, gz.id, "hk-university", "agr-x", "tr-x", gz.clock.now() + timedelta(minutes=1)
+    )
+    keeper = TokenKeeper()
+    with httpx.Client() as http:
+        first = keeper.token(http, Site(gz.id, f"{gz.url}/dataplane", old, "agr-x"))
+        second = keeper.token(http, Site(gz.id, f"{gz.url}/dataplane", new, "agr-x"))
+        again_old = keeper.token(http, Site(gz.id, f"{gz.url}/dataplane", old, "agr-x"))
+    assert (first, second, again_old) == (old, new, new)

@@ -106,23 +106,30 @@ class TokenRefreshError(HealthspaceError):
         self.reasons = reasons or []
 
 
-def _lifetime_s(token: str) -> tuple[str, float | None]:
-    """The transfer a token is for and its lifetime in seconds (exp - iat), read without verifying:
-    the lab only schedules refreshes with it; the provider verifies every use."""
+def _claims(token: str) -> tuple[str, float, float | None]:
+    """The transfer a token is for, when it was issued and its lifetime in seconds (exp - iat), read
+    without verifying: the lab only schedules refreshes with them; the provider verifies every use."""
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
         transfer = str(claims.get("transfer") or "")
-        lifetime = float(claims["exp"]) - float(claims["iat"])
+        iat = float(claims["iat"])
+        lifetime = float(claims["exp"]) - iat
     except (jwt.PyJWTError, KeyError, TypeError, ValueError):
-        return "", None
-    return transfer, lifetime if lifetime > 0 else None
+        return "", 0.0, None
+    return transfer, iat, lifetime if lifetime > 0 else None
 
 
 @dataclass
 class _Held:
     token: str
     seen_at: float
+    issued_at: float
     lifetime_s: float | None
+
+    @classmethod
+    def of(cls, token: str, seen_at: float) -> _Held:
+        _, iat, lifetime = _claims(token)
+        return cls(token, seen_at, iat, lifetime)
 
 
 class TokenKeeper:
@@ -144,15 +151,17 @@ class TokenKeeper:
         self._lock = threading.Lock()
 
     def _key(self, site: Site) -> tuple[str, str]:
-        transfer, _ = _lifetime_s(site.token)
+        transfer = _claims(site.token)[0]
         return site.endpoint, transfer or site.token
 
     def _current(self, site: Site) -> _Held:
         key = self._key(site)
         with self._lock:
             held = self._held.get(key)
-            if held is None:
-                held = _Held(site.token, self._clock(), _lifetime_s(site.token)[1])
+            # A site token issued after the one held (the transfer was restarted and handed out a
+            # new data address) starts a new chain.
+            if held is None or (site.token != held.token and _claims(site.token)[1] > held.issued_at):
+                held = _Held.of(site.token, self._clock())
                 self._held[key] = held
             return held
 
@@ -200,7 +209,7 @@ class TokenKeeper:
                     f"token refresh at {site.id}: malformed answer", http_status=r.status_code
                 ) from exc
             with self._lock:
-                self._held[key] = _Held(fresh, self._clock(), _lifetime_s(fresh)[1])
+                self._held[key] = _Held.of(fresh, self._clock())
             return fresh
 
     def call(
