@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from healthspace.audit.models import Outcome
@@ -165,3 +166,46 @@ def test_a_newer_data_address_token_replaces_the_chain_held(providers: dict[str,
         second = keeper.token(http, Site(gz.id, f"{gz.url}/dataplane", new, "agr-x"))
         again_old = keeper.token(http, Site(gz.id, f"{gz.url}/dataplane", old, "agr-x"))
     assert (first, second, again_old) == (old, new, new)
+
+
+GLM_SPEC: dict[str, Any] = {
+    "version": 1,
+    "analyses": [
+        {
+            "type": "glm",
+            "id": "death",
+            "family": "binomial",
+            "outcome": {"kind": "has", "criterion": {"type": "event", "event": {"domain": "death"}}},
+            "covariates": [{"kind": "age", "center": 60, "scale": 10}, {"kind": "male"}],
+        }
+    ],
+}
+
+
+def test_a_federated_fit_outlives_its_tokens(providers: dict[str, Provider]) -> None:
+    from healthspace.lab import fit_federated_glm
+    from healthspace.policy import ExportApproval
+
+    sites = []
+    for p in providers.values():
+        p.add_agreement("agr-lab-long-fit")
+        p.approvals.append(
+            ExportApproval(
+                "CAC-LONG", p.dataset_id, "hk-university", SCENARIO, p.clock.now() + timedelta(days=30)
+            )
+        )
+        sites.append(Site(p.id, f"{p.url}/dataplane", p.token("agr-lab-long-fit"), "agr-lab-long-fit"))
+    now = [0.0]
+
+    def slow_clock() -> float:
+        now[0] += 120.0  # each look at the clock is two minutes later: tokens age fast
+        return now[0]
+
+    study = Study(SCENARIO, GLM_SPEC, sites)
+    long = fit_federated_glm(study, "death", tokens=TokenKeeper(clock=slow_clock))
+    plain = fit_federated_glm(study, "death", tokens=TokenKeeper())
+    assert long.fit is not None, long.detail
+    assert plain.fit is not None, plain.detail
+    np.testing.assert_allclose(long.fit.coef, plain.fit.coef, rtol=0, atol=1e-12)
+    assert [s.status for s in long.sites] == ["ok", "ok", "ok"]
+    assert all(len(refreshes(p, "tr-agr-lab-long-fit")) >= 2 for p in providers.values())
