@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -196,3 +197,18 @@ def test_a_session_whose_data_changed_is_closed_not_mixed(plane: Plane) -> None:
     assert (r.status_code, r.json()["reason"]) == (409, "glm-data-changed")
     assert job["state"] == "FAILED"
     assert "changed since the session opened" in job["reason"]
+
+
+def test_an_abandoned_session_is_closed_when_another_opens(plane: Plane) -> None:
+    idle_job, token = open_session(plane, f"agr-idle-{len(plane.p.agreements)}")
+    plane.p.clock.advance(timedelta(hours=25))
+    try:
+        open_session(plane, f"agr-next-{len(plane.p.agreements)}")
+    finally:
+        plane.p.clock.advance(-timedelta(hours=25))
+    job = httpx.get(
+        f"{plane.base}/dataplane/jobs/{idle_job}", headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ).json()
+    assert job["state"] == "FAILED"
+    assert "idle" in job["reason"]
+    assert "dataplane.glm.close" in plane.actions()

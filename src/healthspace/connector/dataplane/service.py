@@ -303,6 +303,7 @@ class JobService:
         crossborder_rules: Mapping[str, JurisdictionRules] = DEFAULT_RULES,
         default_min_cell_size: int = 10,
         glm_max_iterations: int = 100,
+        glm_idle: timedelta = timedelta(hours=24),
         gate: PolicyGate | None = None,
         token_ttl: timedelta = DEFAULT_ACCESS_TTL,
         refresh_grace: timedelta = DEFAULT_REFRESH_GRACE,
@@ -328,6 +329,7 @@ class JobService:
         )
         self._k_default = default_min_cell_size
         self._glm_max = glm_max_iterations
+        self._glm_idle = glm_idle
         self._ttl = token_ttl
         self._grace = refresh_grace
         self._engine_lock = threading.Lock()
@@ -553,6 +555,7 @@ class JobService:
             )
             ctx = JobContext(job_id, grant.consumer, body.scenario, agreement.dataset_id)
             if kind == "glm":
+                self.close_idle_glm_sessions()
                 return self._open_glm(job_id, spec, consent, rules, glms)
             with self._engine_lock:
                 result = run_job(
@@ -807,6 +810,40 @@ class JobService:
             out = _public(row, _glm_public(analyses))
         self._sessions[job_id] = _GlmSession(sites)
         return out
+
+    def close_idle_glm_sessions(self, limit: int = 100) -> list[str]:
+        """Fail the open GLM sessions untouched for `glm_idle` (at most `limit` per call; called when
+        a session opens, so abandoned ones do not stay RUNNING for ever). Returns their job ids."""
+        cutoff = self._clock.now() - self._glm_idle
+        with self.db.session() as s:
+            stale = list(
+                s.execute(
+                    select(JobRow.id, JobRow.agreement_id, JobRow.scenario_id, JobRow.consumer_id)
+                    .join(GlmSessionRow, GlmSessionRow.job_id == JobRow.id)
+                    .where(JobRow.state == JobState.RUNNING.value, GlmSessionRow.updated_at < cutoff)
+                    .limit(max(1, limit))
+                )
+            )
+        closed: list[str] = []
+        why = f"GLM session idle for more than {self._glm_idle}; closed"
+        for job_id, agreement_id, scenario, consumer in stale:
+            try:
+                self._move(job_id, JobState.FAILED, why)
+            except ConflictError:
+                continue  # finished or cancelled meanwhile: nothing to close
+            self._sessions.pop(job_id, None)
+            self._record(
+                f"connector:{self.provider_id}",
+                "dataplane.glm.close",
+                f"job:{job_id}",
+                Outcome.SUCCESS,
+                why,
+                scenario_id=scenario,
+                agreement_id=agreement_id,
+                details={"job_id": job_id, "consumer_id": consumer},
+            )
+            closed.append(job_id)
+        return closed
 
     def _glm_record(self, job_id: str) -> GlmSessionRow | None:
         with self.db.session() as s:
