@@ -221,6 +221,28 @@ class ConnectorClient(_Client):
         )
         return result
 
+    # --- output review (management API) ---
+
+    def reviews(self, state: str = "HELD", limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Results in the provider's output-review airlock; `state` HELD, RELEASED, REJECTED or all."""
+        params = {"state": state, "limit": limit, "offset": offset}
+        result: list[dict[str, Any]] = self._call("GET", "/management/reviews", params=params)
+        return result
+
+    def review(self, review_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/management/reviews/{review_id}")
+        return result
+
+    def approve_review(self, review_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/management/reviews/{review_id}/approve")
+        return result
+
+    def reject_review(self, review_id: str, reason: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "POST", f"/management/reviews/{review_id}/reject", json={"reason": reason}
+        )
+        return result
+
     # --- clinical data (management API) ---
 
     def create_dataset(self, dataset_id: str) -> dict[str, Any]:
