@@ -17,9 +17,8 @@ The store never commits: the service's `Database.session()` is the transaction.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -46,17 +45,10 @@ _NEGOTIATION_INITIAL = frozenset({NegotiationState.REQUESTED, NegotiationState.O
 class DspStore:
     def __init__(self, db: Database) -> None:
         self.db = db
-        # SQLite has one writer at a time and makes the others retry with sleeps of 1, 2, 5, ... ms;
-        # queueing this process's DSP writers on a lock hands the write over at once instead.
-        self._write_lock: AbstractContextManager[object] = (
-            threading.Lock() if db.dialect == "sqlite" else nullcontext()
-        )
 
-    @contextmanager
-    def writing(self) -> Iterator[Session]:
-        """A write transaction (see `_write_lock`)."""
-        with self._write_lock, self.db.session() as s:
-            yield s
+    def writing(self) -> AbstractContextManager[Session]:
+        """A write transaction (see `Database.write_lock`)."""
+        return self.db.writing()
 
     # --- datasets ------------------------------------------------------------------------------------
 
