@@ -36,7 +36,20 @@ __all__ = ["DspManager", "peer_http_client"]
 
 log = logging.getLogger(__name__)
 
-_ACK_OF = {"ContractRequestMessage": ContractNegotiation, "TransferRequestMessage": TransferProcess}
+_ACK_OF = {
+    "ContractRequestMessage": ContractNegotiation,
+    "TransferRequestMessage": TransferProcess,
+    "ContractOfferMessage": ContractNegotiation,  # only a provider's initial offer: see `_ack_type`
+}
+
+
+def _ack_type(message_type: str, url: str) -> type[DspMessage] | None:
+    """The acknowledgement an initial message is answered with (a counter-offer gets none)."""
+    if message_type == "ContractOfferMessage" and not url.endswith("/negotiations/offers"):
+        return None
+    return _ACK_OF.get(message_type)
+
+
 _SWEEP: Work = ("sweep", "", "")
 
 
@@ -129,8 +142,7 @@ class DspManager:
     def _take(self, work: Work) -> None:
         what, kind, pid = work
         if what == "step":
-            for sent in self.service.run_pending(kind, pid, lease=self.lease):
-                self._deliver_row(sent)
+            self._take_step(kind, pid)
         elif what == "send":
             row = self.service.store.claim_next(pid, self.service.clock.now(), self.lease)
             if row is not None:
@@ -152,14 +164,21 @@ class DspManager:
         with self.service.db.session() as s:
             owed = self.service.store.pending_ids(s)
         for kind, pid in owed:
-            for row in self.service.run_pending(kind, pid, lease=self.lease):
-                self._deliver_row(row)
+            self._take_step(kind, pid)
             done += 1
         now = self.service.clock.now()
         for row in self.service.store.claim_outbox(now, self.lease):
             self._deliver_row(row)
             done += 1
         return done
+
+    def _take_step(self, kind: str, pid: str) -> None:
+        step = self.service.run_pending(kind, pid, lease=self.lease)
+        try:
+            for row in step.sent:
+                self._deliver_row(row)
+        finally:
+            self.service.record_all(step.audits)
 
     def _deliver_row(self, row: OutboxRow) -> None:
         pid = row.process_id
@@ -194,7 +213,7 @@ class DspManager:
             return
         if 200 <= r.status_code < 300:
             answer: DspMessage | None = None
-            ack = _ACK_OF.get(mtype)
+            ack = _ack_type(mtype, url)
             if ack is not None:
                 try:
                     answer = parse_as(r.content, ack)
@@ -221,7 +240,7 @@ class DspManager:
         That is the case when we crashed after delivering a message but before settling it, so the
         repeat is refused as "not allowed in this state". Then the message counts as delivered.
         """
-        if mtype in _ACK_OF:
+        if _ack_type(mtype, url) is not None:
             return False  # initial requests are idempotent at the receiver; a refusal is a refusal
         marker = "/negotiations/" if kind == "negotiation" else "/transfers/"
         base, found, rest = url.rpartition(marker)

@@ -263,6 +263,14 @@ def _note_work(session: Session, _: Any) -> None:
 event.listen(Session, "before_flush", lambda s, _c, _i: _note_work(s, None))
 
 
+@dataclass(frozen=True)
+class Step:
+    """What a step taken for a manager worker left to do: deliver `sent`, then record `audits`."""
+
+    sent: list[OutboxRow]
+    audits: list[tuple[str, str, str, Outcome, str]]
+
+
 Recorder = Callable[[str, str, str, Outcome, str], None]
 
 
@@ -312,8 +320,10 @@ class DspService:
         # The manager first: its work is what the peer is waiting for; audit and waiters come after.
         if work:
             self._wake(list(dict.fromkeys(work)))
-        for entry in tx.audits:
-            self._record(*entry)
+        if not tx.leased:
+            self.record_all(tx.audits)
+        # else: the worker delivers first and records after (`run_pending`); a crash in between
+        # loses the entries just as a crash between this commit and the audit append would.
         if touched:
             with self._changed:
                 for pid in touched:
@@ -743,6 +753,52 @@ class DspService:
             tx.audit(actor, "dsp.negotiation.request", own, Outcome.SUCCESS, f"{provider_id} {parsed.target}")
             return _negotiation_public(row)
 
+    def offer_negotiation(
+        self,
+        actor: str,
+        consumer_id: str,
+        consumer_url: str,
+        dataset_id: str,
+        offer: Mapping[str, Any] | None = None,
+    ) -> NegotiationPublic:
+        """Provider: begin a negotiation by offering a dataset to a consumer (a ContractOfferMessage
+        to its `/negotiations/offers`). The offer is the dataset's own unless a steward gives one at
+        least as restrictive; after the consumer accepts, the agreement goes through the same steps
+        (and the same policy gate) as one the consumer requested."""
+        now = self.clock.now()
+        own = new_pid()
+        with self._tx() as tx:
+            dataset = self.store.dataset(tx.s, dataset_id)
+            policy = dict(offer) if offer is not None else dict(dataset.offer)
+            parsed = Offer.model_validate({**policy, "@type": "Offer", "target": dataset.id})
+            if offer is not None:
+                ok, reasons = policy_acceptable(_offer_json(parsed), dataset.offer)
+                if not ok:
+                    why = "; ".join(reasons) or "it is broader than the dataset's offer"
+                    raise ValidationError(f"the offer is not at least as restrictive as the dataset's: {why}")
+            msg = ContractOfferMessage(provider_pid=own, offer=parsed, callback_address=self.public_url)
+            row = NegotiationRow(
+                id=own,
+                role=_P.value,
+                provider_pid=own,
+                consumer_pid=None,  # the consumer's ACK names it
+                state=_N.OFFERED.value,
+                counterparty_id=consumer_id,
+                counterparty_address=consumer_url.rstrip("/"),
+                dataset_id=dataset.id,
+                offer=_offer_json(parsed),
+                agreement_id=None,
+                auto=True,
+                pending=None,
+                terminal_reason=None,
+                created_at=now,
+                updated_at=now,
+            )
+            self.store.create_negotiation(tx.s, row)
+            self._send(tx, row, "negotiation", f"{row.counterparty_address}/negotiations/offers", msg)
+            tx.audit(actor, "dsp.negotiation.offer", own, Outcome.SUCCESS, f"{consumer_id} {dataset.id}")
+            return _negotiation_public(row)
+
     def negotiation_action(
         self,
         actor: str,
@@ -920,7 +976,8 @@ class DspService:
         def done(n: NegotiationPublic) -> bool:
             final = NEGOTIATION.is_final(n.state)
             in_state = not states or n.state in states or final
-            return in_state and (not acknowledged or n.provider_pid is not None or final)
+            known = n.provider_pid is not None and n.consumer_pid is not None
+            return in_state and (not acknowledged or known or final)
 
         found: NegotiationPublic = self._wait(pid, lambda: self.negotiation(pid), done, timeout_s)
         return found
@@ -1120,11 +1177,16 @@ class DspService:
 
     # --- work the manager does -----------------------------------------------------------------------
 
-    def run_pending(self, kind: str, pid: str, *, lease: timedelta | None = None) -> list[OutboxRow]:
+    def record_all(self, entries: Sequence[tuple[str, str, str, Outcome, str]]) -> None:
+        for entry in entries:
+            self._record(*entry)
+
+    def run_pending(self, kind: str, pid: str, *, lease: timedelta | None = None) -> Step:
         """Take the step this side owes on `pid`, if it still owes it (another worker may have).
 
         With `lease`, the messages the step sends are written leased to the caller for that long and
-        returned: the caller delivers them (see `_Tx.lease_until`)."""
+        returned with the step's audit entries: the caller delivers, then records (`record_all`), so
+        the peer's next move does not wait for the audit log's durable commit."""
         actor = f"connector:{self.me}"
         with self._tx() as tx:
             if lease is not None:
@@ -1136,7 +1198,7 @@ class DspService:
                 row = self.store.transfer(tx.s, pid, lock=True)
             owed, row.pending = row.pending, None
             if owed is None:
-                return []
+                return Step([], [])
             try:
                 with tx.s.begin_nested():
                     if isinstance(row, TransferRow):
@@ -1148,7 +1210,7 @@ class DspService:
             except HealthspaceError as exc:
                 tx.leased.clear()  # rolled back with the savepoint
                 tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, exc.detail)
-        return tx.leased
+        return Step(tx.leased, tx.audits if tx.leased else [])
 
     def _decide(self, tx: _Tx, row: NegotiationRow, actor: str) -> None:
         dataset = self.store.dataset(tx.s, row.dataset_id or "")
@@ -1168,6 +1230,7 @@ class DspService:
             self.store.settle_outbox(seq, sent=True, error=None, retry_at=None)
             return
         provider_pid = getattr(answer, "provider_pid", None)
+        consumer_pid = getattr(answer, "consumer_pid", None)
         with self._tx() as tx:
             self.store.settle_sent(tx.s, seq)
             row: NegotiationRow | TransferRow
@@ -1177,6 +1240,8 @@ class DspService:
                 row = self.store.transfer(tx.s, pid, lock=True)
             if row.provider_pid is None:
                 row.provider_pid = provider_pid
+            if row.consumer_pid is None:  # we offered first (provider-initiated)
+                row.consumer_pid = consumer_pid
 
     def undeliverable(self, kind: str, pid: str, message_type: str, why: str) -> None:
         """A message we owed could not be delivered: our side stops (TERMINATED) with the reason."""
