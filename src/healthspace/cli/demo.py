@@ -574,7 +574,7 @@ def _model(university: Service, space: dict[str, Any]) -> dict[str, Any]:
     rows = {}
     for o in result.sites:
         analyses = ((o.result or {}).get("result") or {}).get("analyses") or {}
-        rows[o.site] = (analyses.get("death") or {}).get("n")
+        rows[o.site] = (analyses.get("death") or {}).get("rows")
     out: dict[str, Any] = {
         "ok": result.fit is not None and result.fit.converged,
         "family": "binomial",

@@ -94,7 +94,12 @@ def _print(result: StudyResult) -> None:
         value = {k: v for k, v in a.items() if k not in ("type", "exact")}
         combined.add_row(aid, str(a.get("type")), json.dumps(value), str(a.get("exact", "-")))
     console.print(combined)
-    if not result.complete:
+    if result.provenance["held"]:
+        console.print(
+            f"[yellow]held for output review at {', '.join(result.provenance['held'])}: not combined; "
+            "once released, `lab.fetch_released` collects them (job ids in --json)[/yellow]"
+        )
+    if result.provenance["missing"]:
         console.print(
             f"[yellow]partial: {', '.join(result.provenance['missing'])} did not contribute[/yellow]"
         )
