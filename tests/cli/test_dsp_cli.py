@@ -354,6 +354,66 @@ def test_publish_browse_negotiate_and_transfer_from_the_command_line(space: Spac
     assert started["data_address"]["endpoint"] == f"{space.connectors[GZ].url}/dataplane"
 
 
+def test_a_steward_offers_a_narrower_policy_first_and_the_researcher_accepts(
+    space: Space, space_file: Path
+) -> None:
+    dataset_id = _publish(space_file, epsilon="3")
+    offered = _invoke(
+        "negotiation",
+        "propose",
+        "--consumer",
+        space.connectors[HKU].url,
+        "--dataset",
+        dataset_id,
+        "--template",
+        "aggregate-research",
+        "--scenario",
+        SCENARIO,
+        "--k",
+        "10",
+        "--epsilon",
+        "1",
+        "--days",
+        "365",
+        "--wait",
+        *_staff(space_file, GZ),
+    )
+    assert offered.exit_code == 0, offered.output
+    row = json.loads(offered.stdout)
+    assert (row["role"], row["state"]) == ("provider", "OFFERED")
+    assert row["consumer_pid"] is not None  # --wait: the consumer has acknowledged it
+    theirs = row["consumer_pid"]
+    for action in ("accept", "verify"):
+        wait_for = "AGREED" if action == "accept" else "FINALIZED"
+        done = _invoke(
+            "negotiation", action, theirs, "--wait", "--wait-for", wait_for, *_staff(space_file, HKU)
+        )
+        assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["state"] == "FINALIZED"
+
+    broader = _invoke(
+        "negotiation",
+        "propose",
+        "--consumer",
+        space.connectors[HKU].url,
+        "--dataset",
+        dataset_id,
+        "--template",
+        "aggregate-research",
+        "--scenario",
+        SCENARIO,
+        "--k",
+        "10",
+        "--epsilon",
+        "9",
+        "--days",
+        "365",
+        *_staff(space_file, GZ),
+    )
+    assert broader.exit_code == 1
+    assert "at least as restrictive" in broader.output
+
+
 def test_published_dataset_is_listed_with_its_template_policy(space_file: Path) -> None:
     dataset_id = _publish(space_file, epsilon="2")
     listed = _invoke("dataset", "list", *_staff(space_file, GZ))

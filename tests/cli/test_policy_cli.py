@@ -59,3 +59,15 @@ def test_an_unknown_template_is_a_clear_error() -> None:
     result = runner.invoke(app, ["policy", "template", "everything-goes", "--scenario", "x"])
     assert result.exit_code == 1
     assert "unknown policy template" in result.output
+
+
+def test_no_budget_builds_a_federated_model_offer_without_a_privacy_budget() -> None:
+    args = ["policy", "template", "federated-model", "--scenario", "diabetes-outcomes-research"]
+    made = runner.invoke(app, [*args, "--no-budget"])
+    assert made.exit_code == 0, made.output
+    lefts = [c["leftOperand"] for c in json.loads(made.output)["permission"][0]["constraint"]]
+    assert "privacyBudget" not in lefts
+    assert "outputType" in lefts
+    both = runner.invoke(app, [*args, "--no-budget", "--epsilon", "1"])
+    assert both.exit_code == 1
+    assert "--no-budget" in both.output

@@ -7,18 +7,24 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import pyarrow.parquet as pq
 from fastapi import FastAPI
 
 from healthspace.audit.log import AuditLog
-from healthspace.connector.dataplane import ConsumerProfile, JobService, make_dataplane_router
+from healthspace.connector.dataplane import (
+    ConsumerProfile,
+    JobService,
+    make_dataplane_router,
+    make_review_router,
+)
 from healthspace.connector.dataplane.store import lazy_store_connection
 from healthspace.connector.dsp.dataplane import mint_access_token
 from healthspace.consent.fhir import PatientRefs
 from healthspace.consent.service import ConsentService
+from healthspace.core.apikeys import ApiKeyStore, IssuedKey, Role, role_guard
 from healthspace.core.clock import FixedClock
 from healthspace.core.db import Database
 from healthspace.core.errors import NotFoundError, install_problem_handlers
@@ -64,8 +70,10 @@ def agreement_policy(
     max_uses: int | None = None,
     consumer: str = CONSUMER,
     scenario: str = SCENARIO,
+    review_output: bool = False,
 ) -> dict[str, Any]:
-    """The aggregate-research agreement, without a privacy budget unless `epsilon`, allowing models too."""
+    """The aggregate-research agreement, without a privacy budget unless `epsilon`, allowing models too;
+    with `review_output` its permission carries the `reviewOutput` duty (results wait for review)."""
     policy = template(
         "aggregate-research",
         policy_type="Agreement",
@@ -83,6 +91,8 @@ def agreement_policy(
     for c in cons:
         if c["leftOperand"] == "outputType":
             c["operator"], c["rightOperand"] = "isAnyOf", ["aggregate", "model"]
+    if review_output:
+        policy["permission"][0].setdefault("duty", []).append({"action": "reviewOutput"})
     return policy
 
 
@@ -104,6 +114,12 @@ class Provider:
     transfers: dict[str, Transfer] = field(default_factory=dict)
     approvals: list[ExportApproval] = field(default_factory=list)
     url: str = ""
+    api_keys: ApiKeyStore | None = None
+
+    def staff_key(self, role: Role, label: str = "") -> IssuedKey:
+        if self.api_keys is None:
+            self.api_keys = ApiKeyStore(self.db)
+        return self.api_keys.issue(role, label or f"{role.value} of {self.id}")
 
     def add_agreement(self, agreement_id: str, *, consumer: str = CONSUMER, **policy: Any) -> str:
         """A FINALIZED agreement with a STARTED transfer; returns the transfer id."""
@@ -130,6 +146,11 @@ class Provider:
         app = FastAPI()
         install_problem_handlers(app)
         app.include_router(make_dataplane_router(lambda: self.service))
+
+        def staff(*roles: Role) -> Any:
+            return role_guard(lambda _: self.api_keys or ApiKeyStore(self.db), *roles)
+
+        app.include_router(make_review_router(lambda: self.service, staff))
 
         @app.get("/.well-known/healthspace")
         def describe() -> dict[str, str]:
@@ -179,38 +200,7 @@ def build_provider(root: Path, site: str, patients: int, seed: int) -> Provider:
     provider_id = f"{site}-hospital"
     clock = FixedClock(AS_OF)
     key = SigningKey.generate()
-    db = Database(f"sqlite:///{home / 'connector.db'}", branches=("audit", "consent", "compute", "jobs"))
-    audit = AuditLog(db, key, clock)
-    consent = ConsentService(db, audit, key, provider_id, PatientRefs(f"{site}-pat-"), clock=clock)
-    consent.import_ndjson((synth / "fhir" / "Consent.ndjson").read_bytes().splitlines(), actor="steward")
-    holder: dict[str, Provider] = {}
-
-    def agreement(agreement_id: str) -> Agreement:
-        found = holder["p"].agreements.get(agreement_id)
-        if found is None:
-            raise NotFoundError(f"no agreement {agreement_id!r}")
-        return found
-
-    def transfer(transfer_id: str) -> Transfer:
-        found = holder["p"].transfers.get(transfer_id)
-        if found is None:
-            raise NotFoundError(f"no transfer {transfer_id!r}")
-        return found
-
-    service = JobService(
-        db,
-        provider_id=provider_id,
-        provider_jurisdiction=JURISDICTION[site],
-        key=key,
-        agreement=agreement,
-        transfer=transfer,
-        consent=lambda: consent,
-        connect=lazy_store_connection(store_path, keys_dir),
-        record=audit.record,
-        clock=clock,
-        consumer=lambda cid: ConsumerProfile(jurisdiction="HK", participant_type="university"),
-        approvals=lambda: holder["p"].approvals,
-    )
+    db, audit, consent = control_plane(f"sqlite:///{home / 'connector.db'}", site, synth, key, clock)
     p = Provider(
         site,
         provider_id,
@@ -221,12 +211,57 @@ def build_provider(root: Path, site: str, patients: int, seed: int) -> Provider:
         db,
         audit,
         consent,
-        service,
+        cast(JobService, None),
         store_path,
         keys_dir,
     )
-    holder["p"] = p
+    p.service = job_service(p, db, audit, consent)
     return p
+
+
+BRANCHES = ("apikeys", "audit", "consent", "compute", "jobs")
+
+
+def control_plane(
+    url: str, site: str, synth: Path, key: SigningKey, clock: FixedClock
+) -> tuple[Database, AuditLog, ConsentService]:
+    """The connector database of a site (any URL): audit log and the synth's consents imported."""
+    db = Database(url, branches=BRANCHES)
+    audit = AuditLog(db, key, clock)
+    consent = ConsentService(db, audit, key, f"{site}-hospital", PatientRefs(f"{site}-pat-"), clock=clock)
+    consent.import_ndjson((synth / "fhir" / "Consent.ndjson").read_bytes().splitlines(), actor="steward")
+    return db, audit, consent
+
+
+def job_service(p: Provider, db: Database, audit: AuditLog, consent: ConsentService) -> JobService:
+    """A data plane for `p` on `db`: a new one on the same database is what a restart leaves."""
+
+    def find_agreement(agreement_id: str) -> Agreement:
+        found = p.agreements.get(agreement_id)
+        if found is None:
+            raise NotFoundError(f"no agreement {agreement_id!r}")
+        return found
+
+    def find_transfer(transfer_id: str) -> Transfer:
+        found = p.transfers.get(transfer_id)
+        if found is None:
+            raise NotFoundError(f"no transfer {transfer_id!r}")
+        return found
+
+    return JobService(
+        db,
+        provider_id=p.id,
+        provider_jurisdiction=JURISDICTION[p.site],
+        key=p.key,
+        agreement=find_agreement,
+        transfer=find_transfer,
+        consent=lambda: consent,
+        connect=lazy_store_connection(p.store_path, p.keys_dir),
+        record=audit.record,
+        clock=p.clock,
+        consumer=lambda cid: ConsumerProfile(jurisdiction="HK", participant_type="university"),
+        approvals=lambda: p.approvals,
+    )
 
 
 @contextmanager

@@ -124,7 +124,7 @@ def test_tampered_result_fails_verification(gz: Provider) -> None:
 def test_successful_job_is_audited_with_scenario_agreement_and_job(gz: Provider) -> None:
     job = post_job(gz, gz.token("agr-plain"), COUNT_SPEC).json()
     runs = [e for e in entries(gz, "dataplane.job.run") if e.subject == f"job:{job['id']}"]
-    decided = [e for e in entries(gz, "dataplane.job.decide") if e.subject == f"job:{job['id']}"]
+    decided = [e for e in entries(gz, "policy.decision") if e.subject == f"job:{job['id']}"]
     assert [(e.outcome, e.scenario_id, e.agreement_id) for e in runs] == [
         (Outcome.SUCCESS, SCENARIO, "agr-plain")
     ]
@@ -137,7 +137,7 @@ def test_wrong_scenario_is_refused_403_with_reasons_and_audited(gz: Provider) ->
     problem = r.json()
     assert problem["code"] == "policy-denied"
     assert any("purpose" in reason for reason in problem["reasons"])
-    denied = [e for e in entries(gz, "dataplane.job.decide") if e.subject == f"job:{problem['job_id']}"]
+    denied = [e for e in entries(gz, "policy.decision") if e.subject == f"job:{problem['job_id']}"]
     assert [(e.outcome, e.agreement_id) for e in denied] == [(Outcome.DENIED, "agr-plain")]
 
 
@@ -250,3 +250,52 @@ def test_glm_session_opens_running_and_cancels(providers: dict[str, Provider]) -
     assert (job["state"], job["glm"]["m"]["n_params"]) == ("RUNNING", 2)
     assert cancelled.json()["state"] == JobState.CANCELLED
     assert step.status_code == 409
+
+
+def test_job_phase_denial_is_audited_as_a_policy_decision_like_contract_and_transfer(gz: Provider) -> None:
+    problem = post_job(gz, gz.token("agr-plain"), COUNT_SPEC, scenario="marketing-analytics").json()
+    decided = [e for e in entries(gz, "policy.decision") if e.subject == f"job:{problem['job_id']}"]
+    assert len(decided) == 1
+    e = decided[0]
+    assert (e.outcome, e.actor, e.agreement_id, e.scenario_id) == (
+        Outcome.DENIED,
+        CONSUMER,
+        "agr-plain",
+        "marketing-analytics",
+    )
+    # the keys a regulator filters every policy decision on (connector.gate.record_decision)
+    assert {k: e.details[k] for k in ("phase", "check", "dataset_id", "consumer_id", "output_types")} == {
+        "phase": "job",
+        "check": "job",
+        "dataset_id": gz.dataset_id,
+        "consumer_id": CONSUMER,
+        "output_types": [],
+    }
+    assert "purpose" in e.reason
+
+
+def test_an_error_inside_the_gate_denies_the_job(
+    providers: dict[str, Provider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sz = providers["sz"]
+    sz.add_agreement("agr-gate-error")
+
+    class Broken:
+        def get(self, participant_id: str) -> None:
+            raise RuntimeError("directory defect")
+
+    monkeypatch.setattr(sz.service.gate, "directory", Broken())
+    r = post_job(sz, sz.token("agr-gate-error"), COUNT_SPEC)
+    assert r.status_code == 403
+    assert r.json()["reasons"] == ["policy gate error (RuntimeError); denied"]
+
+
+def test_an_unknown_consumer_is_denied_at_the_job_phase(
+    providers: dict[str, Provider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sz = providers["sz"]
+    sz.add_agreement("agr-unknown-consumer")
+    monkeypatch.setattr(sz.service.gate.directory, "get", lambda participant_id: None)
+    r = post_job(sz, sz.token("agr-unknown-consumer"), COUNT_SPEC)
+    assert r.status_code == 403
+    assert "not an active member" in r.json()["reasons"][0]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
 from healthspace.connector.dsp.store import DspStore
-from healthspace.connector.dsp.tables import NegotiationRow, TransferRow
+from healthspace.connector.dsp.tables import NegotiationRow, OutboxRow, TransferRow
 from healthspace.core.db import Database
 from healthspace.core.errors import ConflictError, InvalidTransitionError, NotFoundError
 from healthspace.protocol.states import NegotiationState, TransferState
@@ -159,3 +162,39 @@ def test_a_message_given_up_on_is_never_claimed(store: DspStore) -> None:
     (row,) = store.claim_outbox(T0, timedelta(seconds=30))
     store.settle_outbox(row.seq, sent=False, error="HTTP 400", retry_at=None)
     assert store.claim_outbox(T0 + timedelta(hours=1), timedelta(seconds=30)) == []
+
+
+def test_claim_next_leases_the_oldest_due_message_of_one_process_once(store: DspStore) -> None:
+    _enqueue(store, "urn:n:1", 2)
+    _enqueue(store, "urn:n:2", 1)
+    lease = timedelta(seconds=30)
+    first = store.claim_next("urn:n:1", T0, lease)
+    assert first is not None
+    assert (first.url, first.attempts) == ("http://127.0.0.1:1/0", 1)
+    assert store.claim_next("urn:n:1", T0, lease) is None  # leased, and the next waits for it
+    store.settle_outbox(first.seq, sent=True, error=None, retry_at=None)
+    second = store.claim_next("urn:n:1", T0, lease)
+    assert second is not None
+    assert second.url == "http://127.0.0.1:1/1"
+    assert store.claim_next("urn:n:3", T0, lease) is None
+
+
+def test_claim_next_does_not_take_a_message_settled_while_it_waited(store: DspStore) -> None:
+    """A worker that finds the oldest message locked by the worker settling it must not send it again."""
+    _enqueue(store, "urn:n:1", 1)
+    (row,) = store.claim_outbox(T0, timedelta(seconds=1))
+    later = T0 + timedelta(seconds=5)  # the first lease has run out by then
+    claimed: list[object] = []
+    with store.writing() as s:
+        if store.db.dialect == "postgresql":
+            s.execute(select(OutboxRow).where(OutboxRow.seq == row.seq).with_for_update())
+        waiter = threading.Thread(
+            target=lambda: claimed.append(store.claim_next("urn:n:1", later, timedelta(seconds=30)))
+        )
+        waiter.start()
+        time.sleep(0.3)  # the waiter is now blocked on the row lock (PostgreSQL) or the write lock
+        settled = s.get(OutboxRow, row.seq)
+        assert settled is not None
+        settled.status, settled.lease_until = "sent", None
+    waiter.join(10)
+    assert claimed == [None]

@@ -118,3 +118,15 @@ def test_agreement_template_needs_parties() -> None:
         assignee="b",
     )
     assert doc["assignee"] == "b"
+
+
+def test_federated_model_without_a_budget_allows_a_model_without_dp() -> None:
+    policy = template("federated-model", scenario="diabetes-outcomes-research", epsilon=None)
+    lefts = [c["leftOperand"] for c in policy["permission"][0]["constraint"]]
+    assert "privacyBudget" not in lefts
+    assert "outputType" in lefts
+    d = evaluate(policy, job(output_type="model", epsilon=None, consumer_type="university"), OK_FACTS, NOW)
+    assert d.allowed, d.reasons
+    # The default keeps its budget: a model without DP is then outside the agreement's terms downstream.
+    default = template("federated-model", scenario="diabetes-outcomes-research")
+    assert "privacyBudget" in [c["leftOperand"] for c in default["permission"][0]["constraint"]]

@@ -532,12 +532,13 @@ class AuditLog:
         # SQLAlchemy's statement and transaction layers cost as much as the insert itself.
         conn = self._writer()
         try:
-            cur = conn.cursor()
-            try:
-                cur.executemany(self._insert_sql, rows)
-            finally:
-                cur.close()
-            conn.commit()
+            with self._db.write_lock:
+                cur = conn.cursor()
+                try:
+                    cur.executemany(self._insert_sql, rows)
+                finally:
+                    cur.close()
+                conn.commit()
         except self._driver_errors as exc:
             try:
                 conn.rollback()

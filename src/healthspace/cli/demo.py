@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from healthspace.client import AuthorityClient, ConnectorClient
 from healthspace.connector.app import init_connector, install_credential, public_key_of
 from healthspace.connector.config import ConnectorConfig
 from healthspace.core.apikeys import Role
+from healthspace.core.clock import utcnow
+from healthspace.core.errors import HealthspaceError
 from healthspace.core.settings import Settings
 from healthspace.data.profile import default_profile
 from healthspace.policy.templates import template
@@ -285,57 +288,109 @@ def _import_consents(root: Path, hospitals: list[Service]) -> dict[str, dict[str
     return counts
 
 
+SCENARIO = "diabetes-outcomes-research"
+# Each hospital offers the same clinical data twice: for aggregates under a privacy budget (DP counts
+# and histograms), and for fitting models without a budget under the provider's disclosure checks.
+AGGREGATE_DATASET = "t2d-cohort"
+MODEL_DATASET = "t2d-model"
+
+
+def _offers(hospital_id: str) -> list[dict[str, Any]]:
+    """The two datasets each hospital publishes, with offers from the steward templates."""
+    aggregate = template(
+        "aggregate-research",
+        scenario=SCENARIO,
+        k=10,
+        epsilon=3.0,
+        valid_for_days=365,
+        uid=f"urn:healthspace:{hospital_id}:offer:t2d-aggregate",
+        assigner=hospital_id,
+    )
+    model = template(
+        "federated-model",
+        scenario=SCENARIO,
+        epsilon=None,  # no DP budget: GLMs run under the disclosure checks instead
+        valid_for_days=365,
+        uid=f"urn:healthspace:{hospital_id}:offer:t2d-model",
+        assigner=hospital_id,
+    )
+    return [
+        {
+            "id": f"urn:healthspace:{hospital_id}:{AGGREGATE_DATASET}",
+            "title": "Type 2 diabetes cohort",
+            "description": "Adults with type 2 diabetes, with HbA1c, eGFR and treatments; aggregates only.",
+            "keywords": ["diabetes", "cohort"],
+            "offer": aggregate,
+        },
+        {
+            "id": f"urn:healthspace:{hospital_id}:{MODEL_DATASET}",
+            "title": "Diabetes outcomes: federated model fitting",
+            "description": "The same adults' demographics, problem list, HbA1c and deaths, for models "
+            "fitted where the data live (only coefficients leave); disclosure-checked, no privacy budget.",
+            "keywords": ["diabetes", "model", "federated"],
+            "offer": model,
+        },
+    ]
+
+
+def _register_export_approvals(admin: AuthorityClient, university_id: str) -> list[dict[str, Any]]:
+    """Models count as record-level output under PIPL: the mainland hospitals' model datasets may go to
+    Hong Kong only with a registered export approval (docs/policy), which the authority records."""
+    out = []
+    for p in DEMO_PARTICIPANTS:
+        if p.site is None or p.jurisdiction != "CN-GD":
+            continue
+        approval = admin.register_export_approval(
+            {
+                "provider_id": p.id,
+                "dataset_id": f"urn:healthspace:{p.id}:{MODEL_DATASET}",
+                "consumer_id": university_id,
+                "scenario_id": SCENARIO,
+                "reference": f"CAC-DEMO-{p.site.upper()}-2026-001",
+                "expires_at": (utcnow() + timedelta(days=365)).isoformat(),
+            }
+        )
+        out.append({"provider": p.id, "dataset": approval["dataset_id"], "reference": approval["reference"]})
+    return out
+
+
 def _contracts(hospitals: list[Service], university: Service) -> dict[str, Any]:
-    """Each hospital publishes its diabetes cohort under an aggregate-research offer; the university
-    finds it in the hospital's catalog, negotiates over DSP and starts a compute-to-data transfer.
-    Then one request that asks for more than the offer allows, refused with the reason."""
-    scenario = "diabetes-outcomes-research"
+    """Each hospital publishes its diabetes cohort under an aggregate-research offer and again under a
+    federated-model offer; the university finds both in the hospital's catalog, negotiates each over
+    DSP and starts a compute-to-data transfer. Then one request that asks for more than the offer
+    allows, refused with the reason."""
     results: list[dict[str, Any]] = []
     researcher = ConnectorClient(university.url, university.api_keys[Role.RESEARCHER.value], timeout=30)
     with researcher:
         for h in hospitals:
-            dataset_id = f"urn:healthspace:{h.id}:t2d-cohort"
-            offer = template(
-                "aggregate-research",
-                scenario=scenario,
-                k=10,
-                epsilon=3.0,
-                valid_for_days=365,
-                uid=f"urn:healthspace:{h.id}:offer:t2d-aggregate",
-                assigner=h.id,
-            )
             with ConnectorClient(h.url, h.api_keys[Role.STEWARD.value]) as steward:
-                steward.publish_dataset(
-                    {
-                        "id": dataset_id,
-                        "title": "Type 2 diabetes cohort",
-                        "description": "Adults with type 2 diabetes, with HbA1c, eGFR and "
-                        "treatments; aggregates only.",
-                        "keywords": ["diabetes", "cohort"],
-                        "offer": offer,
-                    }
-                )
-            found = researcher.query_catalog(h.url, [{"id": dataset_id}])["dataset"][0]
-            policy = {**found["hasPolicy"][0], "target": dataset_id}
-            neg = researcher.start_negotiation(h.url, policy)
-            neg = researcher.negotiation(neg["id"], ["FINALIZED", "TERMINATED"])
-            entry: dict[str, Any] = {
-                "provider": h.id,
-                "dataset": dataset_id,
-                "negotiation": neg["state"],
-                "agreement": neg["agreement_id"],
-                "transfer": None,
-            }
-            if neg["state"] == "FINALIZED":
-                t = researcher.start_transfer(neg["agreement_id"])
-                t = researcher.transfer(t["id"], ["STARTED", "TERMINATED"])
-                entry["transfer"] = t["state"]
-                entry["data_address"] = (t.get("data_address") or {}).get("endpoint")
-            results.append(entry)
+                for dataset in _offers(h.id):
+                    steward.publish_dataset(dataset)
+            for dataset in _offers(h.id):
+                dataset_id = dataset["id"]
+                found = researcher.query_catalog(h.url, [{"id": dataset_id}])["dataset"][0]
+                policy = {**found["hasPolicy"][0], "target": dataset_id}
+                neg = researcher.start_negotiation(h.url, policy)
+                neg = researcher.negotiation(neg["id"], ["FINALIZED", "TERMINATED"])
+                entry: dict[str, Any] = {
+                    "provider": h.id,
+                    "dataset": dataset_id,
+                    "negotiation": neg["state"],
+                    "agreement": neg["agreement_id"],
+                    "transfer": None,
+                }
+                if neg["state"] == "FINALIZED":
+                    t = researcher.start_transfer(neg["agreement_id"])
+                    t = researcher.transfer(t["id"], ["STARTED", "TERMINATED"])
+                    entry["transfer"] = t["state"]
+                    entry["data_address"] = (t.get("data_address") or {}).get("endpoint")
+                else:
+                    entry["reason"] = neg.get("terminal_reason")
+                results.append(entry)
 
         # Asking for more than offered: the same policy without its output restriction.
         h = hospitals[0]
-        dataset_id = f"urn:healthspace:{h.id}:t2d-cohort"
+        dataset_id = f"urn:healthspace:{h.id}:{AGGREGATE_DATASET}"
         broader = researcher.query_catalog(h.url, [{"id": dataset_id}])["dataset"][0]["hasPolicy"][0]
         for rule in broader["permission"]:
             rule["constraint"] = [c for c in rule["constraint"] if c["leftOperand"] != "outputType"]
@@ -388,36 +443,102 @@ def _print_contracts(contracts: dict[str, Any], console: Console) -> None:
     )
 
 
-# The demo's example study: adults with type 2 diabetes (ICD-10 E11*), how many per site, and by sex and
-# age band. The agreements allow aggregates under a privacy budget of ε 3, so the counts are released
-# with differential privacy (ε 0.5 per study) after suppression of cells below 10.
+# The demo's example study: adults with type 2 diabetes (ICD-10 E11*), how many per site, by sex and age
+# band, and their HbA1c at the index visit (LOINC 4548-4) by band x sex x age band. The aggregate
+# agreements set a privacy budget of ε 3, so every figure is released with differential privacy: ε 1.5
+# per study, ε 0.5 per release (discrete Laplace, scale 2), after which noisy cells below 10 are hidden.
+HBA1C_BANDS = [4.0, 6.5, 7.0, 8.0, 9.0, 10.0, 15.0]  # %: at target < 7, then each point above
+AGE_BREAKS = [18, 45, 65, 120]
+# The index date is the first HbA1c test: the hospitals' first (index) visit, where every patient has
+# one. The start of observation would not do: loaded records reach back to old problem-list entries.
+INDEX_VISIT: dict[str, Any] = {
+    "kind": "first_event",
+    "event": {"domain": "measurement", "codes": ["4548-4"]},
+}
 DEMO_STUDY: dict[str, Any] = {
     "version": 1,
     "cohort": {
+        "index": INDEX_VISIT,
         "inclusion": [
             {"type": "event", "event": {"domain": "condition", "codes": ["E11"], "match": "prefix"}}
-        ]
+        ],
     },
     "analyses": [
         {"type": "count", "id": "t2d_patients"},
         {
             "type": "stratified_count",
             "id": "by_sex_and_age",
-            "by": [{"var": "sex"}, {"var": "age_group", "breaks": [18, 45, 65, 120]}],
+            "by": [{"var": "sex"}, {"var": "age_group", "breaks": AGE_BREAKS}],
+        },
+        {
+            "type": "measurement_histogram",
+            "id": "hba1c_by_sex_and_age",
+            "code": "4548-4",
+            "window": {"from_days": 0, "to_days": 0},
+            "bands": HBA1C_BANDS,
+            "by": [{"var": "sex"}, {"var": "age_group", "breaks": AGE_BREAKS}],
         },
     ],
-    "privacy": {"epsilon": 0.5, "mechanism": "laplace"},
+    "privacy": {"epsilon": 1.5, "mechanism": "laplace"},
 }
 
 
+def _has(prefix: str) -> dict[str, Any]:
+    """1 when the condition is on the problem list at the index visit (as the generator's outcome model)."""
+    return {
+        "kind": "has",
+        "criterion": {
+            "type": "event",
+            "event": {"domain": "condition", "codes": [prefix], "match": "prefix"},
+            "window": {"to_days": 0},
+        },
+    }
+
+
+# The demo's model: death during follow-up, logistic in what was known at the index visit. The synthetic
+# hospitals draw deaths from exactly this model (healthspace.synth.model.OUTCOME_COEFFICIENTS), so the
+# fit should recover those coefficients within its standard errors.
+DEMO_MODEL: dict[str, Any] = {
+    "version": 1,
+    "cohort": {"index": INDEX_VISIT},
+    "analyses": [
+        {
+            "type": "glm",
+            "id": "death",
+            "family": "binomial",
+            "outcome": {"kind": "has", "criterion": {"type": "event", "event": {"domain": "death"}}},
+            "covariates": [
+                {"kind": "age", "center": 60, "scale": 10},
+                {"kind": "male"},
+                {"kind": "value", "code": "4548-4", "window": {"from_days": 0, "to_days": 0}, "center": 6.0},
+                _has("N18"),
+                _has("I25"),
+                _has("J44"),
+            ],
+        }
+    ],
+}
+# Readable names of the model's terms, and the generator's coefficient for each.
+MODEL_TERMS: tuple[tuple[str, str], ...] = (
+    ("intercept", "intercept"),
+    ("age, per 10 years from 60", "age_per_10y"),
+    ("male", "male"),
+    ("HbA1c, per % from 6.0", "hba1c_per_pct"),
+    ("chronic kidney disease", "ckd"),
+    ("ischaemic heart disease", "ihd"),
+    ("COPD", "copd"),
+)
+
+
 def _study(university: Service, space: dict[str, Any]) -> dict[str, Any]:
-    """The university runs the example study over its STARTED transfers: the lab fans the job out, each
-    hospital checks policy and consent, runs it, applies disclosure control and signs; the lab combines."""
+    """The university runs the example study over its STARTED aggregate transfers: the lab fans the job
+    out, each hospital checks policy and consent, runs it, applies disclosure control and signs; the
+    lab combines."""
     from healthspace.cli.study import load_sites
     from healthspace.lab import Study, run_study
 
-    sites = load_sites(space, university.id)
-    result = run_study(Study("diabetes-outcomes-research", DEMO_STUDY, sites), timeout_s=60)
+    sites = load_sites(space, university.id, datasets=[AGGREGATE_DATASET])
+    result = run_study(Study(SCENARIO, DEMO_STUDY, sites), timeout_s=60)
     return {
         "complete": result.complete,
         "combined": result.combined,
@@ -430,10 +551,153 @@ def _study(university: Service, space: dict[str, Any]) -> dict[str, Any]:
                 "ms": round(o.elapsed_ms, 1),
                 "detail": o.detail,
                 "reasons": o.reasons,
+                # the site's signed, verified release (noisy and suppressed as published)
+                "analyses": (o.result or {}).get("result", {}).get("analyses"),
             }
             for o in result.sites
         ],
     }
+
+
+def _model(university: Service, space: dict[str, Any]) -> dict[str, Any]:
+    """The university fits the logistic model across the hospitals over its STARTED model transfers:
+    each hospital builds its design matrix once and answers every Newton step with signed aggregates."""
+    from healthspace.cli.study import load_sites
+    from healthspace.lab import Study, fit_federated_glm
+    from healthspace.synth import OUTCOME_COEFFICIENTS
+
+    sites = load_sites(space, university.id, datasets=[MODEL_DATASET])
+    try:
+        result = fit_federated_glm(Study(SCENARIO, DEMO_MODEL, sites), "death", timeout_s=60)
+    except HealthspaceError as exc:  # a site failing mid-fit: report it, the rest of the demo stands
+        return {"ok": False, "detail": exc.detail, "sites": [], "site_rows": {}}
+    rows = {}
+    for o in result.sites:
+        analyses = ((o.result or {}).get("result") or {}).get("analyses") or {}
+        rows[o.site] = (analyses.get("death") or {}).get("rows")
+    out: dict[str, Any] = {
+        "ok": result.fit is not None and result.fit.converged,
+        "family": "binomial",
+        "outcome": "death during follow-up",
+        "detail": result.detail,
+        "sites": [{"site": o.site, "status": o.status, "detail": o.detail} for o in result.sites],
+        "site_rows": rows,
+    }
+    if result.fit is None:
+        return out
+    fit = result.fit
+    out.update(
+        n=fit.n,
+        iterations=fit.iterations,
+        converged=fit.converged,
+        deviance=fit.deviance,
+        terms=[
+            {
+                "term": label,
+                "name": name,
+                "coef": float(c),
+                "se": float(se),
+                "generator": OUTCOME_COEFFICIENTS[key],
+            }
+            for (label, key), name, c, se in zip(MODEL_TERMS, fit.names, fit.coef, fit.se, strict=True)
+        ],
+    )
+    return out
+
+
+def _cell(v: Any) -> str:
+    return "·" if v is None else f"{v:,}"
+
+
+def _combined_cell(study: dict[str, Any], analysis: str, *path: int | str) -> str:
+    """A combined figure as text: '·' when every hospital hid it, '≥n' when some did (the sum then
+    counts only the hospitals that published it), else n."""
+
+    def at(doc: Any) -> Any:
+        for key in path:
+            doc = doc[key]
+        return doc
+
+    combined = at(study["combined"][analysis])
+    hidden = any(
+        at((s.get("analyses") or {})[analysis]) is None for s in study["sites"] if s["status"] == "ok"
+    )
+    if combined is None or (hidden and combined == 0):
+        return "·"
+    return f"≥{combined:,}" if hidden else f"{combined:,}"
+
+
+def _print_results(study: dict[str, Any], model: dict[str, Any], console: Console) -> None:
+    """The combined study and the model as tables: what a researcher reads."""
+    combined = study["combined"]
+    sites = Table("hospital", "status", "ε spent", "T2D patients (DP)", title="example study, per hospital")
+    for s in study["sites"]:
+        n = ((s.get("analyses") or {}).get("t2d_patients") or {}).get("count")
+        sites.add_row(s["site"], s["status"], f"{s['epsilon_spent']:g}", _cell(n))
+    total = combined.get("t2d_patients", {})
+    sites.add_row(
+        "[bold]combined[/bold]", "", "", _combined_cell(study, "t2d_patients", "count") if total else "-"
+    )
+    console.print(sites)
+
+    strat = combined.get("by_sex_and_age")
+    if strat and "counts" in strat:
+        ages = strat["levels"][1]
+        t = Table("sex", *ages, title="T2D patients by sex and age band (combined, DP)")
+        for i, sex in enumerate(strat["levels"][0]):
+            t.add_row(
+                sex, *(_combined_cell(study, "by_sex_and_age", "counts", i, j) for j in range(len(ages)))
+            )
+        console.print(t)
+
+    aid = "hba1c_by_sex_and_age"
+    hist = combined.get(aid)
+    if hist and "counts" in hist:
+        sexes, ages = hist["levels"]
+        t = Table(
+            "sex",
+            "age",
+            *(f"{b} %" if b != "other" else b for b in hist["bands"]),
+            title="HbA1c at the index visit: T2D patients by band, sex and age (combined, DP)",
+        )
+        for i, sex in enumerate(sexes):
+            for j, age in enumerate(ages):
+                row = [hist["counts"][b][i][j] for b in range(len(hist["bands"]))]
+                if all(v in (None, 0) for v in row):
+                    continue  # e.g. sex 'other' or ages outside the bands: nothing to show
+                cells = (_combined_cell(study, aid, "counts", b, i, j) for b in range(len(hist["bands"])))
+                t.add_row(sex, age, *cells)
+        bands = range(len(hist["bands"]))
+        t.add_row("[bold]all[/bold]", "", *(_combined_cell(study, aid, "band_totals", b) for b in bands))
+        console.print(t)
+    console.print(
+        "· = hidden at every hospital (noisy count below 10); ≥n = hidden at some, n sums the others."
+    )
+
+    if not model.get("terms"):
+        console.print(f"[red]model not fitted[/red]: {model.get('detail')}")
+        return
+    m = Table(
+        "term",
+        "coefficient",
+        "SE",
+        "95% CI",
+        "generator",
+        title=f"logistic regression of {model['outcome']} (n = {model['n']:,}, "
+        f"{model['iterations']} Newton steps)",
+    )
+    for term in model["terms"]:
+        lo, hi = term["coef"] - 1.96 * term["se"], term["coef"] + 1.96 * term["se"]
+        m.add_row(
+            term["term"],
+            f"{term['coef']:+.3f}",
+            f"{term['se']:.3f}",
+            f"{lo:+.2f} to {hi:+.2f}",
+            f"{term['generator']:+.2f}",
+        )
+    console.print(m)
+    rows = ", ".join(f"{site}: {_cell(n)}" for site, n in model["site_rows"].items())
+    console.print(f"rows per hospital (complete cases): {rows}")
 
 
 def _interrupt(*_: object) -> None:
@@ -506,6 +770,9 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
             _start(svc)
         for svc in connectors:
             _wait_healthy(svc)
+        approvals = _register_export_approvals(
+            admin, next(p.id for p in DEMO_PARTICIPANTS if p.type == "university")
+        )
         admin.close()
 
         pairs = list(zip(DEMO_PARTICIPANTS, connectors, strict=True))
@@ -517,6 +784,7 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
             populations[hospital_id]["consenting"] = counts
         console.print("the university negotiates with each hospital over DSP ...")
         contracts = _contracts(hospitals, university)
+        contracts["export_approvals"] = approvals
 
         space = {
             "authority": {
@@ -554,11 +822,14 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
 
         console.print("the university runs the example study across the three hospitals ...")
         study = _study(university, space)
+        console.print("... and fits a logistic regression of death across them ...")
+        model = _model(university, space)
+        _print_results(study, model, console)
 
         if once:
             check = _self_check(authority, connectors)
             summary = {
-                "ok": check["ok"] and contracts["ok"] and study["complete"],
+                "ok": check["ok"] and contracts["ok"] and study["complete"] and model["ok"],
                 "space": str(space_file),
                 "authority": authority.url,
                 "participants": {svc.id: svc.url for svc in connectors},
@@ -566,6 +837,7 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
                 "populations": populations,
                 "contracts": contracts,
                 "study": study,
+                "model": model,
                 "self_check": check,
             }
             console.print_json(json.dumps(summary))
@@ -573,12 +845,11 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
 
         _print_space(space, console)
         _print_contracts(contracts, console)
-        console.print_json(json.dumps({"example study": study["combined"]}))
         spec_file = data_dir / "example-study.json"
         spec_file.write_text(json.dumps(DEMO_STUDY, indent=2))
         console.print(
-            f"run it again: healthspace study run {spec_file} --scenario diabetes-outcomes-research "
-            f"--space {space_file} --as {university.id}"
+            f"run it again: healthspace study run {spec_file} --scenario {SCENARIO} "
+            f"--space {space_file} --as {university.id} --dataset {AGGREGATE_DATASET}"
         )
         console.print(f"space description: {space_file}   (Ctrl-C stops everything)")
         signal.signal(signal.SIGTERM, _interrupt)

@@ -708,6 +708,61 @@ def negotiation_start(
     _finish("negotiation", row, wanted, as_json)
 
 
+@negotiation_app.command("propose")
+def negotiation_propose(
+    consumer: Annotated[str, typer.Option("--consumer", help="The consumer connector's base URL.")],
+    dataset_id: Annotated[str, typer.Option("--dataset", help="One of your published datasets.")],
+    offer: OfferFileOpt = None,
+    template_name: TemplateOpt = None,
+    scenario: ScenarioOpt = None,
+    k: KOpt = None,
+    epsilon: EpsOpt = None,
+    days: DaysOpt = None,
+    max_uses: UsesOpt = None,
+    jurisdiction: JurOpt = None,
+    offer_id: OfferIdOpt = None,
+    consumer_id: Annotated[
+        str | None, typer.Option(help="Consumer's participant id (default: asked).")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until the consumer has acknowledged the offer.")
+    ] = False,
+    timeout: TimeoutOpt = 30.0,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+    space: SpaceOpt = None,
+    as_: AsOpt = None,
+    role: RoleOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Provider: begin a negotiation by offering a dataset to a consumer (its published offer, or a
+    narrower one of yours); `offer PID` is the counter-offer within a negotiation.
+
+    The consumer's researcher sees it in OFFERED and accepts or terminates; a policy broader than the
+    dataset's own offer is refused."""
+    with _errors(), _conn(url, api_key, space, as_, role).client(StaffRole.STEWARD, timeout + 30) as c:
+        policy = _policy(
+            offer,
+            template_name,
+            scenario=scenario,
+            k=k,
+            epsilon=epsilon,
+            days=days,
+            max_uses=max_uses,
+            jurisdictions=jurisdiction,
+            offer_id=offer_id,
+        )
+        row = c.offer_to(consumer, dataset_id, policy, consumer_id=consumer_id)
+        if wait:
+            deadline = time.monotonic() + timeout
+            while row["consumer_pid"] is None and row["state"] not in _NEGOTIATION_FINAL:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _fail(f"negotiation {row['id']}: the consumer has not acknowledged it yet")
+                row = c.negotiation(row["id"], acknowledged=True, timeout_s=min(left, 55.0))
+    _finish("negotiation", row, None, as_json)
+
+
 @negotiation_app.command("list")
 def negotiation_list(
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,

@@ -300,6 +300,7 @@ def _register_optional() -> None:
     from healthspace.audit.cli import audit_app
     from healthspace.cli.dsp import register as register_dsp
     from healthspace.cli.policy import policy_app
+    from healthspace.cli.review import review_app
     from healthspace.cli.study import study_app
     from healthspace.data.cli import data_app
     from healthspace.synth.cli import synth_command
@@ -309,6 +310,7 @@ def _register_optional() -> None:
     app.command("synth")(synth_command)
     register_dsp(app)
     app.add_typer(policy_app, name="policy")
+    app.add_typer(review_app, name="review")
     app.add_typer(
         study_app, name="study", help="Run a federated study across the hospitals you have agreements with."
     )

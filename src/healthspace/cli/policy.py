@@ -49,6 +49,14 @@ def make_template(
     scenario: Annotated[str, typer.Option(help="The registered usage scenario the policy is for.")],
     k: Annotated[int | None, typer.Option(help="Minimum cell size / anonymisation level.")] = None,
     epsilon: Annotated[float | None, typer.Option(help="Total privacy budget ε.")] = None,
+    no_budget: Annotated[
+        bool,
+        typer.Option(
+            "--no-budget",
+            help="federated-model only: no privacy budget, so models without a DP release (GLMs) may run "
+            "under the provider's disclosure checks.",
+        ),
+    ] = False,
     days: Annotated[int | None, typer.Option(help="Valid for this many days from the agreement.")] = None,
     target: Annotated[str | None, typer.Option(help="The dataset the offer is for.")] = None,
     assigner: Annotated[str | None, typer.Option(help="The provider's participant id.")] = None,
@@ -60,6 +68,11 @@ def make_template(
     for key, value in (("k", k), ("epsilon", epsilon), ("valid_for_days", days)):
         if value is not None:
             params[key] = value
+    if no_budget:
+        if name != "federated-model" or epsilon is not None:
+            err.print("[red]error:[/red] --no-budget applies to federated-model, without --epsilon")
+            raise typer.Exit(1)
+        params["epsilon"] = None
     try:
         policy = template(name, target=target, assigner=assigner, **params)
     except HealthspaceError as exc:

@@ -30,8 +30,23 @@ def _group() -> None:
     """Federated studies: fan a query spec out to providers' data planes, verify and combine."""
 
 
-def load_sites(space: dict[str, Any], participant: str, only: list[str] | None = None) -> list[Site]:
-    """Sites from `participant`'s STARTED consumer transfers, read with its researcher key from space.json."""
+def _dataset_matches(dataset_id: str, wanted: list[str]) -> bool:
+    # A local name (the part after the last ':') picks the same kind of dataset at every provider.
+    return dataset_id in wanted or dataset_id.rsplit(":", 1)[-1] in wanted
+
+
+def load_sites(
+    space: dict[str, Any],
+    participant: str,
+    only: list[str] | None = None,
+    datasets: list[str] | None = None,
+) -> list[Site]:
+    """Sites from `participant`'s STARTED consumer transfers, read with its researcher key from space.json.
+
+    `only` keeps these providers; `datasets` keeps transfers under agreements for these datasets (full
+    ids, or local names such as `t2d-cohort` matching `urn:healthspace:<provider>:t2d-cohort`), which
+    matters when a provider offers several datasets (one for aggregates, one for models).
+    """
     found = [p for p in space.get("participants", []) if p.get("id") == participant]
     if not found:
         raise ValidationError(f"{participant!r} is not a participant of this space file")
@@ -41,16 +56,20 @@ def load_sites(space: dict[str, Any], participant: str, only: list[str] | None =
         raise ValidationError(f"the space file holds no researcher key for {participant!r}")
     with ConnectorClient(me["url"], key, timeout=30) as client:
         transfers = client.transfers(limit=1000)
+        dataset_of = {a["id"]: a["dataset_id"] for a in client.agreements()} if datasets else {}
     sites: dict[str, Site] = {}
     for t in transfers:
         if t.get("role") != "consumer" or t.get("state") != "STARTED" or not t.get("data_address"):
+            continue
+        if datasets and not _dataset_matches(dataset_of.get(t.get("agreement_id", ""), ""), datasets):
             continue
         site = site_from_transfer(t)
         if only and site.id not in only:
             continue
         sites[site.id] = site  # the newest transfer per provider wins (the list is newest first or last)
     if not sites:
-        raise ValidationError(f"{participant!r} has no STARTED compute-to-data transfer to use")
+        which = f" for {', '.join(datasets)}" if datasets else ""
+        raise ValidationError(f"{participant!r} has no STARTED compute-to-data transfer{which} to use")
     return list(sites.values())
 
 
@@ -75,7 +94,12 @@ def _print(result: StudyResult) -> None:
         value = {k: v for k, v in a.items() if k not in ("type", "exact")}
         combined.add_row(aid, str(a.get("type")), json.dumps(value), str(a.get("exact", "-")))
     console.print(combined)
-    if not result.complete:
+    if result.provenance["held"]:
+        console.print(
+            f"[yellow]held for output review at {', '.join(result.provenance['held'])}: not combined; "
+            "once released, `lab.fetch_released` collects them (job ids in --json)[/yellow]"
+        )
+    if result.provenance["missing"]:
         console.print(
             f"[yellow]partial: {', '.join(result.provenance['missing'])} did not contribute[/yellow]"
         )
@@ -96,6 +120,14 @@ def run_command(
     site: Annotated[
         list[str] | None, typer.Option("--site", help="Only these providers (repeatable).")
     ] = None,
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dataset",
+            help="Only transfers under agreements for this dataset: an id, or a local name such as "
+            "t2d-cohort for every provider's urn:healthspace:<provider>:t2d-cohort (repeatable).",
+        ),
+    ] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds each site has to answer.")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -103,7 +135,7 @@ def run_command(
     try:
         spec = json.loads(spec_file.read_text())
         space = json.loads(space_file.read_text())
-        sites = load_sites(space, participant, site)
+        sites = load_sites(space, participant, site, dataset)
         result = run_study(Study(scenario, spec, sites), timeout_s=timeout)
     except (HealthspaceError, ApiError) as exc:
         err.print(f"[red]error:[/red] {getattr(exc, 'detail', exc)}")

@@ -93,6 +93,10 @@ class AuthorityClient(_Client):
         result: list[dict[str, Any]] = self._call("GET", "/scenarios")
         return result
 
+    def register_export_approval(self, approval: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/admin/export-approvals", json=approval)
+        return result
+
     def publish_standard(self, standard: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._call("POST", "/admin/standards", json=standard)
         return result
@@ -130,10 +134,20 @@ class ConnectorClient(_Client):
         return result
 
     def negotiation(
-        self, pid: str, wait_for: list[str] | None = None, timeout_s: float = 10
+        self,
+        pid: str,
+        wait_for: list[str] | None = None,
+        timeout_s: float = 10,
+        *,
+        acknowledged: bool = False,
     ) -> dict[str, Any]:
-        """A negotiation; with `wait_for`, long-polls until it reaches one of those states or a final one."""
-        params: dict[str, Any] = {"wait_for": wait_for, "timeout_s": timeout_s} if wait_for else {}
+        """A negotiation; with `wait_for` (states) and/or `acknowledged` (both sides' pids known),
+        long-polls until that holds or the negotiation is final."""
+        params: dict[str, Any] = {"timeout_s": timeout_s} if wait_for or acknowledged else {}
+        if wait_for:
+            params["wait_for"] = wait_for
+        if acknowledged:
+            params["acknowledged"] = True
         result: dict[str, Any] = self._call("GET", f"/management/negotiations/{pid}", params=params)
         return result
 
@@ -179,6 +193,21 @@ class ConnectorClient(_Client):
         result: dict[str, Any] = self._call("POST", "/management/negotiations", json=body)
         return result
 
+    def offer_to(
+        self,
+        consumer_url: str,
+        dataset_id: str,
+        offer: dict[str, Any] | None = None,
+        *,
+        consumer_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Provider: begin a negotiation by offering a dataset (its own offer, or a narrower one)."""
+        body: dict[str, Any] = {"consumer_url": consumer_url, "dataset_id": dataset_id, "offer": offer}
+        if consumer_id is not None:
+            body["consumer_id"] = consumer_id
+        result: dict[str, Any] = self._call("POST", "/management/negotiations/offers", json=body)
+        return result
+
     def negotiations(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         params = {"limit": limit, "offset": offset}
         result: list[dict[str, Any]] = self._call("GET", "/management/negotiations", params=params)
@@ -218,6 +247,28 @@ class ConnectorClient(_Client):
         """start (or resume), suspend, complete, terminate."""
         result: dict[str, Any] = self._call(
             "POST", f"/management/transfers/{pid}/{action}", json={"reason": reason}
+        )
+        return result
+
+    # --- output review (management API) ---
+
+    def reviews(self, state: str = "HELD", limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Results in the provider's output-review airlock; `state` HELD, RELEASED, REJECTED or all."""
+        params = {"state": state, "limit": limit, "offset": offset}
+        result: list[dict[str, Any]] = self._call("GET", "/management/reviews", params=params)
+        return result
+
+    def review(self, review_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/management/reviews/{review_id}")
+        return result
+
+    def approve_review(self, review_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/management/reviews/{review_id}/approve")
+        return result
+
+    def reject_review(self, review_id: str, reason: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "POST", f"/management/reviews/{review_id}/reject", json={"reason": reason}
         )
         return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -190,6 +191,17 @@ class GlmSite:
         x = np.column_stack([np.ones(n), data[:, 1:]]) if n else np.zeros((0, self.n_params))
         _check(self.family, x, y, self.n_params, rules)
         self._x, self._y = x, y
+
+    @property
+    def rows(self) -> int:
+        return int(self._x.shape[0])
+
+    def design_digest(self) -> str:
+        """SHA-256 of the design (outcome and covariates) in row-order-free form: a session rebuilt
+        after a restart can prove it iterates on the same data (a query returns rows in any order)."""
+        data = np.column_stack([self._y, self._x]) if self.rows else np.zeros((0, self.n_params + 1))
+        ordered = data[np.lexsort(data.T[::-1])] if self.rows else data
+        return hashlib.sha256(np.ascontiguousarray(ordered, dtype=np.float64).tobytes()).hexdigest()
 
     def __call__(self, beta: np.ndarray) -> SiteStats:
         beta = np.asarray(beta, dtype=np.float64)

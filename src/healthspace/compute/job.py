@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +30,7 @@ from healthspace.compute.spec import (
     GlmAnalysis,
     IncidenceAnalysis,
     KaplanMeierAnalysis,
+    MeasurementHistogram,
     MeasurementSummary,
     QuerySpec,
     SexStratifier,
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 # Analyses with a differentially private release (sensitivity 1 counts of disjoint groups).
-DP_ANALYSES = frozenset({"count", "stratified_count"})
+DP_ANALYSES = frozenset({"count", "stratified_count", "measurement_histogram"})
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -163,6 +165,14 @@ def _stratifier_name(s: Stratifier) -> str:
     raise TypeError(type(s).__name__)
 
 
+def _nest(values: list[Any], lv: list[list[str]]) -> list[Any]:
+    """Values in the order of `itertools.product(*lv)` as nested lists, one level per stratifier."""
+    if len(lv) <= 1:
+        return values
+    width = len(lv[1])
+    return [values[i * width : (i + 1) * width] for i in range(len(lv[0]))]
+
+
 @dataclass
 class _Job:
     spec: QuerySpec
@@ -256,6 +266,95 @@ class _Job:
             "variance": float(row[2]) if row[2] is not None else None,
             "values": [float(v) for v in row[3:]],
         }
+
+    def histogram_sets(self, a: MeasurementHistogram) -> list[np.ndarray]:
+        """The persons behind every published figure of a histogram: total, bands, strata and cells."""
+        cols = self.engine.columns(self.b.histogram_membership(a))
+        if not cols:
+            return []
+        ids = np.asarray(cols[0], dtype=np.int64)
+        keys = [np.asarray(c).astype(str) for c in cols[1:]]
+        strata = keys[1:]
+        out = [ids]
+        out += [ids[keys[0] == lv] for lv in np.unique(keys[0])]
+        if strata:
+            combo = strata[0]
+            for k in strata[1:]:
+                combo = np.char.add(np.char.add(combo, "\x1f"), k)
+            cell = np.char.add(np.char.add(keys[0], "\x1e"), combo)
+            out += [ids[combo == lv] for lv in np.unique(combo)]
+            out += [ids[cell == lv] for lv in np.unique(cell)]
+        return out
+
+    def histogram(self, a: MeasurementHistogram) -> dict[str, Any]:
+        """Counts by value band (rows) x stratum (columns, every level combination), with margins.
+
+        Under DP every cell of the full grid, empty ones included, gets noise (a person is in one
+        cell: sensitivity 1); each margin is the sum of its unclamped noisy cells, clamped at 0 once
+        (clamping each cell first would add the positive part of every cell's noise and bias the
+        margins upwards); both are post-processing. Cells and margins below k are then hidden.
+        Without DP, primary and secondary suppression treat the table as a cross-tab of bands x
+        strata with its margins.
+        """
+        bands = a.labels()
+        lv = [levels(s) for s in a.by]
+        combos = list(itertools.product(*lv))  # [()] without stratifiers: a one-way table
+        where = {c: j for j, c in enumerate(combos)}
+        cells = [[0] * len(combos) for _ in bands]
+        for r in self.engine.rows(self.b.histogram(a)):
+            cells[bands.index(str(r[0]))][where[tuple(str(x) for x in r[1:-1])]] = int(r[-1])
+        out: dict[str, Any] = {
+            "type": "measurement_histogram",
+            "code": a.code,
+            "bands": bands,
+            "dims": [_stratifier_name(s) for s in a.by],
+            "levels": lv,
+        }
+        # rows: one per band; then the band totals, the stratum totals and the grand total
+        table, band_totals, stratum_totals, total = self._histogram_release(cells)
+        if not a.by:
+            return out | {"counts": [row[0] for row in table], "total": total}
+        return out | {
+            "counts": [_nest(row, lv) for row in table],
+            "band_totals": band_totals,
+            "stratum_totals": _nest(stratum_totals, lv),
+            "total": total,
+        }
+
+    def _histogram_release(
+        self, cells: list[list[int]]
+    ) -> tuple[list[list[int | None]], list[int | None], list[int | None], int | None]:
+        """Published cells, band totals, stratum totals and total of a bands x strata table."""
+        rows, cols = len(cells), len(cells[0])
+        p = self.spec.privacy
+        if self.eps_each is not None and p is not None:
+            raw = dp_counts([v for row in cells for v in row], self.eps_each, p.mechanism, p.delta)
+            noisy = [raw[i * cols : (i + 1) * cols] for i in range(rows)]
+            return (
+                [[self.publish(max(0, v)) for v in row] for row in noisy],
+                [self.publish(max(0, sum(row))) for row in noisy],
+                [self.publish(max(0, sum(noisy[i][j] for i in range(rows)))) for j in range(cols)],
+                self.publish(max(0, sum(raw))),
+            )
+        # A one-way table is one Grid row (the bands), its only margin the total.
+        grid = Grid(cells if cols > 1 else [[row[0] for row in cells]])
+        primary_suppression(grid, self.rules.min_cell_size)
+        secondary_suppression(grid)
+        self.suppressed += len(grid.hidden)
+        base = self.rules.rounding_base
+
+        def pub(r: int, c: int) -> int | None:
+            return None if (r, c) in grid.hidden else round_to(grid.value(r, c), base)
+
+        gr, gc = grid.shape
+        if cols == 1:
+            return [[pub(0, c)] for c in range(gc)], [], [], pub(0, gc)
+        return (
+            [[pub(r, c) for c in range(gc)] for r in range(gr)],
+            [pub(r, gc) for r in range(gr)],
+            [pub(gr, c) for c in range(gc)],
+            pub(gr, gc),
+        )
 
     def incidence(self, a: IncidenceAnalysis) -> dict[str, Any]:
         persons, events, days = self.engine.rows(self.b.incidence(a.outcome))[0]
@@ -385,6 +484,8 @@ def run_job(
                 sets += job.strata_sets(a, cohort_ids)
             elif isinstance(a, MeasurementSummary):
                 sets.append(np.sort(engine.column(b.measurement_values(a.code, a.window))))
+            elif isinstance(a, MeasurementHistogram):
+                sets += job.histogram_sets(a)
         guard.check(ctx.dataset_id, sets, now)
     spent = 0.0
     if rules.epsilon_total is not None and ledger is not None and spec.privacy is not None:
@@ -408,6 +509,8 @@ def run_job(
             analyses[a.id] = job.incidence(a)
         elif isinstance(a, KaplanMeierAnalysis):
             analyses[a.id] = job.kaplan_meier(a)
+        elif isinstance(a, MeasurementHistogram):
+            analyses[a.id] = job.histogram(a)
     if guard is not None:
         guard.record(ctx.dataset_id, ctx.consumer_id, sets, now)
     disclosure: dict[str, Any] = {

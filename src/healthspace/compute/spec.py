@@ -24,6 +24,7 @@ __all__ = [
     "IncidenceAnalysis",
     "Index",
     "KaplanMeierAnalysis",
+    "MeasurementHistogram",
     "MeasurementSummary",
     "Privacy",
     "QuerySpec",
@@ -245,6 +246,39 @@ class MeasurementSummary(_Model):
     quantiles: list[Quantile] = Field(default_factory=list, max_length=9)
 
 
+# A band edge of a measurement histogram: finite, in the units the store records (HbA1c in %, eGFR in
+# mL/min/1.73 m2, ...); the bound only keeps absurd numbers out of the SQL parameters.
+BandEdge = Annotated[float, Field(ge=-1e9, le=1e9, allow_inf_nan=False)]
+
+
+class MeasurementHistogram(_Model):
+    """Persons by band of their first value of `code` within the window, optionally crossed with one or two
+    stratifiers (e.g. sex and age group).
+
+    Bands are [b0, b1), [b1, b2), ...; a value outside every band falls in 'other'; persons without a
+    value are not counted. Each person is in at most one cell, so the cells are counts of disjoint
+    groups (sensitivity 1) and the table has a differentially private release like `stratified_count`.
+    """
+
+    type: Literal["measurement_histogram"] = "measurement_histogram"
+    id: Name
+    code: Code
+    window: Window = Window()
+    bands: list[BandEdge] = Field(min_length=2, max_length=30)
+    by: list[Stratifier] = Field(default_factory=list, max_length=2)
+
+    @field_validator("bands")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if any(hi <= lo for lo, hi in itertools.pairwise(v)):
+            raise ValueError("bands must be strictly increasing")
+        return v
+
+    def labels(self) -> list[str]:
+        """One label per band, '[lo]-[hi]', then 'other' (values below the first or from the last edge)."""
+        return [f"{_num(a)}-{_num(b)}" for a, b in itertools.pairwise(self.bands)] + ["other"]
+
+
 class IncidenceAnalysis(_Model):
     """First `outcome` event after the index date per person-time at risk (to the event or end of follow-up).
 
@@ -279,6 +313,7 @@ Analysis = Annotated[
     CountAnalysis
     | StratifiedCount
     | MeasurementSummary
+    | MeasurementHistogram
     | IncidenceAnalysis
     | KaplanMeierAnalysis
     | GlmAnalysis,

@@ -22,6 +22,7 @@ from healthspace.compute.spec import (
     HasVar,
     Index,
     MaleVar,
+    MeasurementHistogram,
     QuerySpec,
     SexCriterion,
     SexStratifier,
@@ -375,6 +376,34 @@ class SqlBuilder:
                 " AS DOUBLE PRECISION)"
             )
         raise TypeError(f"unknown variable {type(v).__name__}")
+
+    # --- measurement histograms ------------------------------------------------------------------------
+
+    def _histogram_keys(self, a: MeasurementHistogram) -> tuple[list[str], str]:
+        """Key expressions (value band, then each stratifier) and the relation they read: every cohort
+        member with a first value of `a.code` in the window, once (so each person is in one cell)."""
+        labels = a.labels()
+        arms = " ".join(
+            f"WHEN fv.v >= {self.float_(lo)} AND fv.v < {self.float_(hi)} THEN {self.bind(label)}"
+            for lo, hi, label in zip(a.bands, a.bands[1:], labels, strict=False)
+        )
+        keys = [f"CASE {arms} ELSE {self.bind('other')} END"]
+        rel = f"{self._table()} b JOIN {self._first_value(a.code, a.window)} fv ON fv.person_id = b.person_id"
+        keys += [self.stratum(s) for s in a.by]
+        return keys, rel
+
+    def histogram(self, a: MeasurementHistogram) -> Query:
+        """Rows (band label, stratum labels..., persons) for the non-empty cells of the histogram."""
+        keys, rel = self._histogram_keys(a)
+        cols = ", ".join(f"{k} AS k{i}" for i, k in enumerate(keys))
+        groups = ", ".join(f"k{i}" for i in range(len(keys)))
+        return self.done(f"SELECT {groups}, COUNT(*) FROM (SELECT {cols} FROM {rel}) t GROUP BY {groups}")
+
+    def histogram_membership(self, a: MeasurementHistogram) -> Query:
+        """person_id, band and stratum labels of every person counted (for the differencing guard)."""
+        keys, rel = self._histogram_keys(a)
+        cols = "".join(f", {k}" for k in keys)
+        return self.done(f"SELECT b.person_id{cols} FROM {rel} ORDER BY b.person_id")
 
 
 def _light_criterion_ok(c: Criterion) -> bool:

@@ -34,6 +34,7 @@ from healthspace.connector.dataplane import (
     JobService,
     lazy_store_connection,
     make_dataplane_router,
+    make_review_router,
 )
 from healthspace.connector.dsp.api import DspComponents, make_dsp_routers
 from healthspace.connector.dsp.manager import DspManager, peer_http_client
@@ -242,6 +243,7 @@ def _make_jobs(
         clock=rt.clock,
         consumer=consumer,
         approvals=lambda: gate.cross_border.current().approvals,
+        gate=gate,
     )
 
 
@@ -533,6 +535,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     if rt.jobs is not None:
         jobs = rt.jobs
         app.include_router(make_dataplane_router(lambda: jobs))
+        app.include_router(make_review_router(lambda: jobs, _staff))
     app.include_router(
         make_audit_router(lambda: rt.audit, role_guard(lambda _: rt.api_keys, Role.ADMIN, Role.REGULATOR))
     )

@@ -5,19 +5,24 @@ start with `policy.gate.decide_use` (the agreement's policy, the consumer's cred
 authority's directory, and the authority's signed cross-border rules and export approvals as facts),
 refuses what is denied and writes every decision with its reasons to the audit log (`policy.decision`).
 A consent withdrawal retires the agreements it can no longer support (`WithdrawalRetirer`).
+The data plane decides each job through the same `PolicyGate.decide` (phase JOB, with the job's
+parameters and counters) and audits it with the same `record_decision`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
+import orjson
 
 from healthspace.audit.log import AuditLog
 from healthspace.audit.models import Outcome
@@ -30,16 +35,31 @@ from healthspace.core.errors import (
     ConflictError,
     HealthspaceError,
 )
-from healthspace.policy.compiler import compile_policy
+from healthspace.policy.compiler import CompiledPolicy, compile_policy
 from healthspace.policy.gate import UseDecision, decide_use, scenarios_of
 from healthspace.policy.models import Decision, Facts, Phase
 from healthspace.policy.models import Request as UseRequest
-from healthspace.policy.registry import CrossBorderCache
+from healthspace.policy.registry import CrossBorderSet
+from healthspace.policy.schema import PolicyError
 from healthspace.protocol.states import Role as DspRole
 
-__all__ = ["Directory", "GatedDspService", "Member", "PolicyGate", "WithdrawalRetirer"]
+__all__ = [
+    "CrossBorderSource",
+    "DecisionRecorder",
+    "Directory",
+    "GatedDspService",
+    "Member",
+    "MemberDirectory",
+    "PolicyGate",
+    "WithdrawalRetirer",
+    "record_decision",
+]
 
 log = logging.getLogger(__name__)
+
+# Compiled policies kept by the gate: agreements are few and their documents never change, and
+# compiling (schema validation included) costs milliseconds, paid on every job without the cache.
+_COMPILED_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +70,58 @@ class Member:
     type: str
     jurisdiction: str
     roles: frozenset[str]
+
+
+class MemberDirectory(Protocol):
+    """Where the gate reads a consumer's registered attributes; None means unknown (denied)."""
+
+    def get(self, participant_id: str) -> Member | None: ...
+
+
+class CrossBorderSource(Protocol):
+    """Where the gate reads the verified cross-border rules and export approvals (raises if none)."""
+
+    def current(self) -> CrossBorderSet: ...
+
+
+class DecisionRecorder(Protocol):
+    def __call__(
+        self,
+        actor: str,
+        action: str,
+        subject: str,
+        outcome: Outcome,
+        reason: str = "",
+        *,
+        scenario_id: str | None = None,
+        agreement_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> object: ...
+
+
+def record_decision(
+    record: DecisionRecorder,
+    actor: str,
+    subject: str,
+    decision: Decision,
+    *,
+    scenario_id: str | None,
+    agreement_id: str | None,
+    details: dict[str, Any],
+) -> None:
+    """The one audit shape of every policy decision: action `policy.decision`, outcome allowed/denied,
+    the reasons, and `details` with at least `phase`, `check`, `dataset_id`, `consumer_id`,
+    `output_types` (a regulator filters on them)."""
+    record(
+        actor,
+        "policy.decision",
+        subject,
+        Outcome.ALLOWED if decision.allowed else Outcome.DENIED,
+        "; ".join(decision.reasons)[:4000],
+        scenario_id=scenario_id,
+        agreement_id=agreement_id,
+        details=details,
+    )
 
 
 class Directory:
@@ -109,8 +181,8 @@ class PolicyGate:
         self,
         me: str,
         jurisdiction: str,
-        directory: Directory,
-        cross_border: CrossBorderCache,
+        directory: MemberDirectory,
+        cross_border: CrossBorderSource,
         clock: Clock,
         has_consent_registry: bool,
     ) -> None:
@@ -120,6 +192,31 @@ class PolicyGate:
         self.cross_border = cross_border
         self.clock = clock
         self.has_consent_registry = has_consent_registry
+        self._compiled: OrderedDict[bytes, CompiledPolicy] = OrderedDict()
+        self._compiled_lock = threading.Lock()
+
+    def _compile(self, policy: Mapping[str, Any]) -> CompiledPolicy | Mapping[str, Any]:
+        """`policy` compiled, once per distinct document (keyed by a digest of its canonical JSON).
+        A document that does not compile is handed on as it is: `decide_use` denies it with the
+        problems, exactly as without the cache."""
+        try:
+            key = hashlib.sha256(orjson.dumps(policy, option=orjson.OPT_SORT_KEYS)).digest()
+        except TypeError:
+            return policy
+        with self._compiled_lock:
+            hit = self._compiled.get(key)
+            if hit is not None:
+                self._compiled.move_to_end(key)
+                return hit
+        try:
+            compiled = compile_policy(policy)
+        except PolicyError:
+            return policy
+        with self._compiled_lock:
+            self._compiled[key] = compiled
+            while len(self._compiled) > _COMPILED_MAX:
+                self._compiled.popitem(last=False)
+        return compiled
 
     def decide(
         self,
@@ -129,7 +226,19 @@ class PolicyGate:
         phase: Phase,
         agreement_start: datetime | None = None,
         output_type: str | None = None,
+        *,
+        purpose: str | None = None,
+        epsilon: float | None = None,
+        cell_size: int | None = None,
+        execution_location: str | None = None,
+        use_count: int = 0,
+        epsilon_spent: float = 0.0,
     ) -> UseDecision:
+        """Decide one use of `dataset_id` by `consumer_id` at `phase`; never raises (errors deny).
+
+        At JOB the caller passes the job's own terms (purpose = the job's scenario, output type, ε,
+        cell size, where it runs) and the counters (`use_count` uses so far, `epsilon_spent`).
+        """
         try:
             member = self.directory.get(consumer_id)
             if member is None:
@@ -146,11 +255,20 @@ class PolicyGate:
                 consumer_roles=member.roles,
                 consumer_jurisdiction=member.jurisdiction,
                 output_type=output_type,
+                purpose=purpose,
+                epsilon=epsilon,
+                cell_size=cell_size,
+                execution_location=execution_location,
                 phase=phase,
             )
-            facts = Facts(agreement_start=agreement_start, consent_obtained=self.has_consent_registry)
+            facts = Facts(
+                use_count=use_count,
+                epsilon_spent=epsilon_spent,
+                agreement_start=agreement_start,
+                consent_obtained=self.has_consent_registry,
+            )
             return decide_use(
-                policy,
+                self._compile(policy),
                 request,
                 facts,
                 provider_jurisdiction=self.jurisdiction,
@@ -185,12 +303,11 @@ class GatedDspService(DspService):
             pending.append(entry)
 
     def _write(self, e: _Noted) -> None:
-        self._audit_log.record(
+        record_decision(
+            self._audit_log.record,
             e.actor,
-            "policy.decision",
             e.subject,
-            Outcome.ALLOWED if e.decision.allowed else Outcome.DENIED,
-            "; ".join(e.decision.reasons)[:4000],
+            e.decision,
             scenario_id=e.scenario_id,
             agreement_id=e.agreement_id,
             details=e.details,

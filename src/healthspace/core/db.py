@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -113,6 +113,13 @@ class Database:
         self.url = url
         self.engine = create(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer per file and makes the others retry with sleeps of 1, 2, 5, 10 ... ms.
+        # Writers of this process that share the file (DSP state, audit log, replay guard) queue on
+        # this lock instead and get the file the moment it is free. Re-entrant, so a writer that
+        # nests another keeps working as before. PostgreSQL has row locks: nothing to queue on.
+        self.write_lock: AbstractContextManager[object] = (
+            threading.RLock() if self.engine.dialect.name == "sqlite" else nullcontext()
+        )
         branches = list(branches)
         if branches:
             migrate(self.engine, branches)
@@ -129,6 +136,12 @@ class Database:
                 yield s
         finally:
             s.close()
+
+    @contextmanager
+    def writing(self) -> Iterator[Session]:
+        """A write transaction, queued behind this process's other writers on SQLite (`write_lock`)."""
+        with self.write_lock, self.session() as s:
+            yield s
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -23,8 +23,9 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,11 @@ class _DataKeyKms(pqe.KmsClient):  # type: ignore[misc]
             raise WrongKeyError("a segment was not encrypted under this dataset's key") from None
 
 
+# pyarrow's caches of KMS clients and unwrapped key-encryption keys must not expire while a store is
+# open: see `_Crypto.warm`.
+_KEY_CACHE_LIFETIME = timedelta(days=3650)
+
+
 class _Crypto:
     def __init__(self, dataset_id: str, data_key: bytes) -> None:
         self._factory = pqe.CryptoFactory(lambda _cfg: _DataKeyKms(data_key))
@@ -96,10 +102,29 @@ class _Crypto:
             double_wrapping=True,
             internal_key_material=True,
         )
-        decryption = pads.ParquetDecryptionConfig(self._factory, self._kms, pqe.DecryptionConfiguration())
+        self._dec = pqe.DecryptionConfiguration(cache_lifetime=_KEY_CACHE_LIFETIME)
+        decryption = pads.ParquetDecryptionConfig(self._factory, self._kms, self._dec)
         self.read_format = pads.ParquetFileFormat(
             default_fragment_scan_options=pads.ParquetFragmentScanOptions(decryption_config=decryption)
         )
+        self._warmed: set[str] = set()
+
+    def warm(self, paths: Iterable[Path]) -> None:
+        """Open each file's footer now, on the calling thread, so its keys are in pyarrow's cache.
+
+        Why: DuckDB scanning a pyarrow dataset asks pyarrow for a reader while holding the GIL, and
+        pyarrow opens the files on its IO threads; a key not yet cached is unwrapped there by our
+        Python KMS client, which needs the GIL: a deadlock (seen as a data-plane job that never
+        returned, its connector frozen). With every file's key-encryption key cached, and the cache
+        not expiring while the store is open, no scan calls into Python.
+        """
+        for p in paths:
+            if str(p) in self._warmed:
+                continue
+            props = self._factory.file_decryption_properties(self._kms, self._dec)
+            with pq.ParquetFile(p, decryption_properties=props):
+                pass  # opening reads and decrypts the footer: the keys are now cached
+            self._warmed.add(str(p))
 
     def write(self, table: pa.Table, path: Path) -> None:
         props = self._factory.file_encryption_properties(self._kms, self._enc)
@@ -269,6 +294,7 @@ class ClinicalStore:
         return self._con
 
     def _register(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._crypto.warm(self.path / f for t in [*CDM_TABLES, "quarantine"] for f in self.segment_files(t))
         for t in [*CDM_TABLES, "quarantine"]:
             con.register(t, self.dataset(t))
 

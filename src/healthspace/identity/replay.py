@@ -77,7 +77,7 @@ class SqlReplayGuard:
         # SQLite keeps no zone, so every time is stored in UTC to keep comparisons meaningful.
         values = {"issuer": issuer, "token_id": token_id, "expires_at": expires_at.astimezone(UTC)}
         dialect = self._db.dialect
-        with self._db.session() as s:
+        with self._db.writing() as s:
             if dialect in ("sqlite", "postgresql"):
                 insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
                 stmt = insert(SeenTokenRow).values(**values).on_conflict_do_nothing()
@@ -92,7 +92,7 @@ class SqlReplayGuard:
 
     def prune(self, now: datetime) -> int:
         """Delete entries that expired before `now`; returns how many."""
-        with self._db.session() as s:
+        with self._db.writing() as s:
             result = cast(
                 CursorResult[Any],
                 s.execute(delete(SeenTokenRow).where(SeenTokenRow.expires_at < now.astimezone(UTC))),

@@ -1,18 +1,31 @@
-"""Study sites: a provider's data-plane endpoint and token, from the consumer's STARTED transfers."""
+"""Study sites: a provider's data-plane endpoint and token, from the consumer's STARTED transfers, and
+the keeper that refreshes their short-lived tokens."""
 
 from __future__ import annotations
 
 import base64
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import jwt
 
 from healthspace.compute import canonical_json
-from healthspace.core.errors import AuthenticationError, ValidationError
+from healthspace.core.errors import AuthenticationError, HealthspaceError, ValidationError
 from healthspace.identity.keys import key_id_of, verify_signature
 
-__all__ = ["Site", "fetch_public_key", "site_from_transfer", "verify_envelope"]
+__all__ = [
+    "DEFAULT_TOKENS",
+    "Site",
+    "TokenKeeper",
+    "TokenRefreshError",
+    "fetch_public_key",
+    "site_from_transfer",
+    "verify_envelope",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +92,162 @@ def fetch_public_key(http: httpx.Client, site: Site) -> str:
     r = http.get(f"{site.base_url}/.well-known/healthspace")
     r.raise_for_status()
     return str(r.json()["public_key"])
+
+
+class TokenRefreshError(HealthspaceError):
+    """The provider would not refresh a data-plane token (its status and problem are kept)."""
+
+    code = "token-refresh-refused"
+    title = "The provider refused to refresh the data-plane token"
+
+    def __init__(self, detail: str, *, http_status: int | None, reasons: list[str] | None = None) -> None:
+        super().__init__(detail, http_status=http_status, reasons=reasons or [])
+        self.http_status = http_status
+        self.reasons = reasons or []
+
+
+def _claims(token: str) -> tuple[str, float, float | None]:
+    """The transfer a token is for, when it was issued and its lifetime in seconds (exp - iat), read
+    without verifying: the lab only schedules refreshes with them; the provider verifies every use."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+        transfer = str(claims.get("transfer") or "")
+        iat = float(claims["iat"])
+        lifetime = float(claims["exp"]) - iat
+    except (jwt.PyJWTError, KeyError, TypeError, ValueError):
+        return "", 0.0, None
+    return transfer, iat, lifetime if lifetime > 0 else None
+
+
+@dataclass
+class _Held:
+    token: str
+    seen_at: float
+    issued_at: float
+    lifetime_s: float | None
+
+    @classmethod
+    def of(cls, token: str, seen_at: float) -> _Held:
+        _, iat, lifetime = _claims(token)
+        return cls(token, seen_at, iat, lifetime)
+
+
+class TokenKeeper:
+    """The freshest data-plane token per transfer: refreshed at the provider (`POST {endpoint}/token`)
+    when it nears expiry or when a call answers 401 `token-expired`.
+
+    Near expiry is judged on the lab's own monotonic clock from when the token was received and the
+    lifetime it states (exp - iat), so the lab and the provider need not agree on the time; a token
+    that was already old when the lab first saw it is caught by the 401 path instead (the provider
+    refreshes tokens up to a few minutes past expiry). Each token refreshes once at the provider, so
+    refreshes of one transfer are serialised here and a second caller gets the token already fetched.
+    """
+
+    def __init__(self, refresh_before_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.refresh_before_s = refresh_before_s
+        self._clock = clock
+        self._held: dict[tuple[str, str], _Held] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, site: Site) -> tuple[str, str]:
+        transfer = _claims(site.token)[0]
+        return site.endpoint, transfer or site.token
+
+    def _current(self, site: Site) -> _Held:
+        key = self._key(site)
+        with self._lock:
+            held = self._held.get(key)
+            # A site token issued after the one held (the transfer was restarted and handed out a
+            # new data address) starts a new chain.
+            if held is None or (site.token != held.token and _claims(site.token)[1] > held.issued_at):
+                held = _Held.of(site.token, self._clock())
+                self._held[key] = held
+            return held
+
+    def token(self, http: httpx.Client, site: Site) -> str:
+        """The token to call `site` with now, refreshed first if it is within `refresh_before_s` of expiry."""
+        held = self._current(site)
+        if held.lifetime_s is None:
+            return held.token
+        age = self._clock() - held.seen_at
+        if age < held.lifetime_s - self.refresh_before_s:
+            return held.token
+        try:
+            return self.refresh(http, site, held.token)
+        except TokenRefreshError:
+            if age < held.lifetime_s:
+                return held.token  # still valid: let the call go ahead and tell its own story
+            raise
+
+    def refresh(self, http: httpx.Client, site: Site, stale: str) -> str:
+        """Exchange `stale` for a fresh token (or return the one another caller already fetched)."""
+        key = self._key(site)
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            held = self._current(site)
+            if held.token != stale:
+                return held.token
+            try:
+                r = http.post(f"{site.endpoint}/token", headers={"Authorization": f"Bearer {stale}"})
+            except httpx.HTTPError as exc:
+                raise TokenRefreshError(
+                    f"token refresh at {site.id} failed: {type(exc).__name__}", http_status=None
+                ) from exc
+            if r.status_code != 200:
+                detail, reasons = problem_of(r)
+                raise TokenRefreshError(
+                    f"token refresh refused by {site.id}: {detail}",
+                    http_status=r.status_code,
+                    reasons=reasons,
+                )
+            try:
+                fresh = str(r.json()["token"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise TokenRefreshError(
+                    f"token refresh at {site.id}: malformed answer", http_status=r.status_code
+                ) from exc
+            with self._lock:
+                self._held[key] = _Held.of(fresh, self._clock())
+            return fresh
+
+    def call(
+        self, http: httpx.Client, site: Site, method: str, path: str, json: Any = None
+    ) -> httpx.Response:
+        """`method {site.endpoint}{path}` with the current token; on 401 `token-expired`, refresh and
+        retry once. Raises `TokenRefreshError` when the provider will not refresh."""
+        token = self.token(http, site)
+        r = http.request(
+            method, f"{site.endpoint}{path}", json=json, headers={"Authorization": f"Bearer {token}"}
+        )
+        if r.status_code == 401 and _reason(r) == "token-expired":
+            token = self.refresh(http, site, token)
+            r = http.request(
+                method, f"{site.endpoint}{path}", json=json, headers={"Authorization": f"Bearer {token}"}
+            )
+        return r
+
+
+DEFAULT_TOKENS = TokenKeeper()
+"""The lab process's keeper, used when a study is run without one: refreshed tokens outlive one run."""
+
+
+def _reason(r: httpx.Response) -> str | None:
+    try:
+        doc = r.json()
+    except ValueError:
+        return None
+    return str(doc.get("reason")) if isinstance(doc, dict) and doc.get("reason") is not None else None
+
+
+def problem_of(r: httpx.Response) -> tuple[str, list[str]]:
+    """The detail and reasons of a problem-JSON answer (or the start of the body)."""
+    try:
+        doc = r.json()
+    except ValueError:
+        return r.text[:300], []
+    if not isinstance(doc, dict):
+        return str(doc)[:300], []
+    reasons = doc.get("reasons")
+    return str(doc.get("detail", ""))[:1000], [str(x) for x in reasons] if isinstance(reasons, list) else []

@@ -88,19 +88,24 @@ def _deidentified_extract(
 def _federated_model(
     *,
     scenario: str,
-    epsilon: float = 1.0,
+    epsilon: float | None = 1.0,
     valid_for_days: int = 365,
     non_commercial: bool = True,
     jurisdictions: list[str] | None = None,
 ) -> dict[str, Any]:
     """A model trained where the data lives with privacy budget `epsilon`; optionally non-commercial
-    consumers only; each use logged and the provider informed."""
+    consumers only; each use logged and the provider informed.
+
+    `epsilon=None` sets no privacy budget: models without a DP release (the federated GLM) may then
+    run, under the provider's disclosure checks instead (minimum rows, parameters per row, no empty
+    outcome cell); under a budget only analyses with a DP release may run."""
     cons = [
         *_common(scenario, valid_for_days, jurisdictions),
         _c("outputType", "isAnyOf", ["model", "aggregate"]),
-        _c("privacyBudget", "lteq", f"{epsilon:g}"),
         _c("executionLocation", "eq", "provider"),
     ]
+    if epsilon is not None:
+        cons.insert(-1, _c("privacyBudget", "lteq", f"{epsilon:g}"))
     if non_commercial:
         cons.append(_c("participantType", "isA", "non-commercial"))
     return {

@@ -49,9 +49,12 @@ _ACTION_PARENT: dict[str, str | None] = {
 }
 ACTIONS = frozenset(_ACTION_PARENT)
 
-# Actions a duty may require. `log` is ours (write an audit entry for each use); `inform` is ODRL's
-# notify-a-party; `obtainConsent` is a precondition (see evaluator), the others are obligations.
-DUTY_ACTIONS = frozenset({"delete", "inform", "log", "obtainConsent", "compensate", "anonymize", "attribute"})
+# Actions a duty may require. `log` is ours (write an audit entry for each use); `reviewOutput` is ours
+# (the provider holds each result until two of its reviewers release it; see docs/lab.md); `inform` is
+# ODRL's notify-a-party; `obtainConsent` is a precondition (see evaluator), the others are obligations.
+DUTY_ACTIONS = frozenset(
+    {"delete", "inform", "log", "obtainConsent", "compensate", "anonymize", "attribute", "reviewOutput"}
+)
 
 OPERATORS = frozenset(
     {"eq", "neq", "lt", "lteq", "gt", "gteq", "isA", "hasPart", "isPartOf", "isAllOf", "isAnyOf", "isNoneOf"}

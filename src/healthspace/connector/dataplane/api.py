@@ -1,14 +1,24 @@
-"""The data-plane HTTP surface: jobs and GLM iterations under a data-address bearer token."""
+"""The data-plane HTTP surface: jobs, GLM iterations and token refresh under a data-address bearer token;
+the output-review airlock for the provider's staff under their API keys."""
 # No `from __future__ import annotations`: FastAPI must see the closure dependency in the annotations.
 
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, status
+from fastapi import APIRouter, Depends, Header, Query, status
 
-from healthspace.connector.dataplane.service import GlmStep, JobCreate, JobPublic, JobService
+from healthspace.connector.dataplane.review import RejectBody, Reviewer, ReviewPublic
+from healthspace.connector.dataplane.service import (
+    GlmStep,
+    JobCreate,
+    JobPublic,
+    JobService,
+    TokenPublic,
+)
+from healthspace.connector.dataplane.states import ReviewState
+from healthspace.core.apikeys import Role, StoredKey
 
-__all__ = ["make_dataplane_router"]
+__all__ = ["make_dataplane_router", "make_review_router"]
 
 Authorization = Annotated[str | None, Header()]
 
@@ -23,6 +33,16 @@ def make_dataplane_router(get_service: Callable[[], JobService]) -> APIRouter:
 
     def service() -> JobService:
         return get_service()
+
+    @router.post("/token")
+    def refresh_token(
+        svc: Annotated[JobService, Depends(service)], authorization: Authorization = None
+    ) -> TokenPublic:
+        """A fresh token for the same transfer, given a valid or just-expired one (each refreshes once).
+
+        401 `refresh-window-passed` when the token expired beyond the grace, `token-reused` when it was
+        refreshed already; 403 when the transfer or agreement is no longer usable (with reasons)."""
+        return svc.refresh_token(authorization)
 
     @router.post("/jobs", status_code=status.HTTP_200_OK)
     def submit_job(
@@ -58,5 +78,62 @@ def make_dataplane_router(get_service: Callable[[], JobService]) -> APIRouter:
         job_id: str, svc: Annotated[JobService, Depends(service)], authorization: Authorization = None
     ) -> JobPublic:
         return svc.glm_finish(svc.authenticate(authorization), job_id)
+
+    return router
+
+
+def make_review_router(get_service: Callable[[], JobService], staff: Callable[..., Any]) -> APIRouter:
+    """Routes under `/management/reviews`: the provider's output-review airlock (staff API keys).
+
+    `staff(*roles)` makes the API-key dependency (`role_guard`). Admins, stewards and reviewers read
+    the airlock; stewards and reviewers approve or reject (two distinct approvals release a result).
+    """
+    router = APIRouter(prefix="/management/reviews", tags=["output review"])
+    read_guard = staff(Role.ADMIN, Role.STEWARD, Role.REVIEWER)
+    decide_guard = staff(Role.STEWARD, Role.REVIEWER)
+
+    def service() -> JobService:
+        return get_service()
+
+    def reviewer(key: StoredKey) -> Reviewer:
+        return Reviewer(key.key_id, key.role.value, key.label)
+
+    @router.get("")
+    def list_reviews(
+        svc: Annotated[JobService, Depends(service)],
+        key: Annotated[StoredKey, Depends(read_guard)],
+        state: Annotated[str, Query(pattern="^(HELD|RELEASED|REJECTED|all)$")] = "HELD",
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[ReviewPublic]:
+        """Results in the airlock (default: those still held), oldest first, without the results."""
+        return svc.review.held(None if state == "all" else ReviewState(state), limit, offset)
+
+    @router.get("/{review_id}")
+    def show_review(
+        review_id: str,
+        svc: Annotated[JobService, Depends(service)],
+        key: Annotated[StoredKey, Depends(read_guard)],
+    ) -> ReviewPublic:
+        """One review with the signed result under review (the view is audited)."""
+        return svc.review.show(review_id, reviewer(key))
+
+    @router.post("/{review_id}/approve")
+    def approve_review(
+        review_id: str,
+        svc: Annotated[JobService, Depends(service)],
+        key: Annotated[StoredKey, Depends(decide_guard)],
+    ) -> ReviewPublic:
+        return svc.review.approve(review_id, reviewer(key))
+
+    @router.post("/{review_id}/reject")
+    def reject_review(
+        review_id: str,
+        body: RejectBody,
+        svc: Annotated[JobService, Depends(service)],
+        key: Annotated[StoredKey, Depends(decide_guard)],
+    ) -> ReviewPublic:
+        """Reject with a reason: final; the job becomes REFUSED and the result never leaves."""
+        return svc.review.reject(review_id, reviewer(key), body.reason)
 
     return router

@@ -7,14 +7,16 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import duckdb
+import jwt
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from healthspace.audit.models import Outcome
 from healthspace.compute import (
@@ -33,10 +35,17 @@ from healthspace.compute import (
     run_job,
 )
 from healthspace.compute.spec import GlmAnalysis
+from healthspace.connector.dataplane.review import OutputReview
 from healthspace.connector.dataplane.states import JOB, JobState
-from healthspace.connector.dataplane.tables import JobRow
+from healthspace.connector.dataplane.tables import GlmSessionRow, JobRow, TokenRefreshRow
 from healthspace.connector.dataplane.terms import data_classes_of, rules_from_policy
-from healthspace.connector.dsp.dataplane import AccessGrant, verify_access_token
+from healthspace.connector.dsp.dataplane import (
+    DEFAULT_ACCESS_TTL,
+    AccessGrant,
+    mint_access_token,
+    verify_access_token,
+)
+from healthspace.connector.gate import Member, PolicyGate, record_decision
 from healthspace.consent.service import ConsentService
 from healthspace.core.clock import Clock
 from healthspace.core.db import Database
@@ -49,20 +58,8 @@ from healthspace.core.errors import (
     ValidationError,
 )
 from healthspace.identity.keys import SigningKey
-from healthspace.policy import (
-    DEFAULT_RULES,
-    CompiledPolicy,
-    ExportApproval,
-    Facts,
-    JurisdictionRules,
-    Phase,
-    PolicyError,
-    Request,
-    compile_policy,
-    cross_border_fact,
-    decide_transfer,
-    evaluate,
-)
+from healthspace.policy import DEFAULT_RULES, Decision, ExportApproval, JurisdictionRules, Phase
+from healthspace.policy.registry import CrossBorderSet
 
 __all__ = [
     "AgreementView",
@@ -73,11 +70,16 @@ __all__ = [
     "JobPublic",
     "JobService",
     "PolicyDeniedError",
+    "TokenPublic",
     "TransferView",
     "sign_payload",
 ]
 
 SIGNATURE_ALG = "EdDSA"
+REVIEW_DUTY = "reviewOutput"
+# How long after its expiry a data-plane token may still be exchanged for a fresh one: long enough for
+# a lab that was busy (or asleep) over the expiry, short enough that a leaked old token soon goes dead.
+DEFAULT_REFRESH_GRACE = timedelta(minutes=5)
 
 
 class AgreementView(Protocol):
@@ -172,6 +174,21 @@ class JobPublic(BaseModel):
     `canonical_json(payload)`."""
     glm: dict[str, Any] | None = None
     """For a GLM session: per analysis `{family, names, n_params}`."""
+    review: dict[str, Any] | None = None
+    """For a result under output review: `{id, state, approvals, required, reason}`; while HELD the
+    signed result is not shown."""
+
+
+class TokenPublic(BaseModel):
+    """A fresh data-plane token for the same transfer (`POST /dataplane/token`)."""
+
+    token: str
+    token_type: str = "bearer"  # noqa: S105 (the OAuth token type, not a secret)
+    expires_at: datetime
+    expires_in: int
+    """Seconds from now."""
+    transfer_id: str
+    agreement_id: str
 
 
 def sign_payload(key: SigningKey, payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -187,8 +204,9 @@ def sign_payload(key: SigningKey, payload: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class _GlmSession:
+    """The designs of an open GLM session, held in memory; its state of record is `GlmSessionRow`."""
+
     sites: dict[str, GlmSite]
-    iterations: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -198,7 +216,9 @@ class _Checked:
     agreement: AgreementView
 
 
-def _public(row: JobRow, glm: dict[str, Any] | None = None) -> JobPublic:
+def _public(
+    row: JobRow, glm: dict[str, Any] | None = None, review: dict[str, Any] | None = None
+) -> JobPublic:
     return JobPublic(
         id=row.id,
         state=JobState(row.state),
@@ -213,7 +233,38 @@ def _public(row: JobRow, glm: dict[str, Any] | None = None) -> JobPublic:
         updated_at=row.updated_at,
         signed=orjson.loads(row.result) if row.result else None,
         glm=glm,
+        review=review,
     )
+
+
+class _ProfileDirectory:
+    """The gate's member directory over a `consumer` callable (a data plane built without a gate)."""
+
+    def __init__(self, consumer: Callable[[str], ConsumerProfile]) -> None:
+        self._consumer = consumer
+
+    def get(self, participant_id: str) -> Member | None:
+        p = self._consumer(participant_id)
+        if p.jurisdiction is None:  # unknown to the registry: fail closed, as the directory does
+            return None
+        return Member(participant_id, p.participant_type or "", p.jurisdiction, p.roles)
+
+
+class _FixedCrossBorder:
+    def __init__(
+        self,
+        rules: Mapping[str, JurisdictionRules],
+        approvals: Callable[[], Iterable[ExportApproval]],
+        clock: Clock,
+    ) -> None:
+        self._rules, self._approvals, self._clock = rules, approvals, clock
+
+    def current(self) -> CrossBorderSet:
+        return CrossBorderSet(self._rules, tuple(self._approvals()), self._clock.now())
+
+
+def _aware(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
 class JobService:
@@ -221,11 +272,17 @@ class JobService:
 
     Every job: the data-plane token is verified (signature, audience, expiry), its agreement must be
     the consumer's, unretired, with this provider, and its transfer STARTED; the agreement's policy is
-    evaluated at the job phase (purpose = the job's scenario, output type, ε, cell size, use count,
-    elapsed time, cross-border rules); the cohort is restricted to patients whose consent covers the
-    scenario for every data class the spec reads; `run_job` applies disclosure control, the budget
-    ledger and the differencing guard; the result is signed with the connector's key. Allowed and
-    denied decisions are audited. Jobs on the store run one at a time (one DuckDB connection).
+    decided by the connector's policy gate at the job phase (`PolicyGate.decide`, purpose = the job's
+    scenario, output type, ε, cell size, use count, elapsed time, cross-border rules) and audited as
+    `policy.decision` like contract and transfer decisions; the cohort is restricted to patients whose
+    consent covers the scenario for every data class the spec reads; `run_job` applies disclosure
+    control, the budget ledger and the differencing guard; the result is signed with the connector's
+    key and, where the agreement carries the `reviewOutput` duty, held for output review. Jobs on the
+    store run one at a time (one DuckDB connection). GLM sessions are recorded in the database and
+    resume after a restart (their designs are rebuilt and checked against the recorded digest).
+
+    Without a `gate` (tests, tools) one is built from `consumer`, `approvals` and `crossborder_rules`,
+    so the decision takes the same code path either way.
     """
 
     def __init__(
@@ -246,6 +303,11 @@ class JobService:
         crossborder_rules: Mapping[str, JurisdictionRules] = DEFAULT_RULES,
         default_min_cell_size: int = 10,
         glm_max_iterations: int = 100,
+        glm_idle: timedelta = timedelta(hours=24),
+        gate: PolicyGate | None = None,
+        token_ttl: timedelta = DEFAULT_ACCESS_TTL,
+        refresh_grace: timedelta = DEFAULT_REFRESH_GRACE,
+        reviewers_required: int = 2,
     ) -> None:
         self.db = db
         self.provider_id = provider_id
@@ -257,26 +319,39 @@ class JobService:
         self._connect = connect
         self._record = record
         self._clock = clock
-        self._consumer = consumer or (lambda _: ConsumerProfile())
-        self._approvals = approvals or (lambda: ())
-        self._xb_rules = crossborder_rules
+        self.gate = gate or PolicyGate(
+            provider_id,
+            provider_jurisdiction,
+            _ProfileDirectory(consumer or (lambda _: ConsumerProfile())),
+            _FixedCrossBorder(crossborder_rules, approvals or (lambda: ()), clock),
+            clock,
+            has_consent_registry=True,  # every job here runs on the consenting cohort alone
+        )
         self._k_default = default_min_cell_size
         self._glm_max = glm_max_iterations
+        self._glm_idle = glm_idle
+        self._ttl = token_ttl
+        self._grace = refresh_grace
         self._engine_lock = threading.Lock()
+        self._resume_lock = threading.Lock()
         self._sessions: dict[str, _GlmSession] = {}
-        self._policies: dict[bytes, CompiledPolicy] = {}
         self.ledger = BudgetLedger(db)
         self.history = SqlCohortHistory(db)
+        self.review = OutputReview(db, record, clock, reviewers_required)
 
     # --- access ------------------------------------------------------------------------------------
 
+    def _bearer(self, authorization: str | None, action: str) -> str:
+        if not authorization or not authorization.startswith("Bearer "):
+            self._record("unauthenticated", action, "dataplane", Outcome.DENIED, "no-token")
+            raise AuthenticationError("a data-plane bearer token is required", reason="no-token")
+        return authorization[7:].strip()
+
     def authenticate(self, authorization: str | None) -> _Checked:
         """The grant of a `Bearer` data-plane token, checked against the live agreement and transfer."""
-        now = self._clock.now()
+        token = self._bearer(authorization, "dataplane.authenticate")
         try:
-            if not authorization or not authorization.startswith("Bearer "):
-                raise AuthenticationError("a data-plane bearer token is required", reason="no-token")
-            grant = verify_access_token(self.key, self.provider_id, authorization[7:].strip(), now)
+            grant = verify_access_token(self.key, self.provider_id, token, self._clock.now())
         except AuthenticationError as exc:
             self._record(
                 "unauthenticated",
@@ -286,6 +361,9 @@ class JobService:
                 str(exc.extra.get("reason", exc.code)),
             )
             raise
+        return self._check_live(grant, "dataplane.authorise")
+
+    def _check_live(self, grant: AccessGrant, action: str) -> _Checked:
         try:
             agreement = self._agreement(grant.agreement_id)
             problem = self._agreement_problem(grant, agreement)
@@ -300,7 +378,7 @@ class JobService:
         if problem is not None:
             self._record(
                 grant.consumer,
-                "dataplane.authorise",
+                action,
                 f"agreement:{grant.agreement_id}",
                 Outcome.DENIED,
                 problem,
@@ -317,6 +395,107 @@ class JobService:
         if a.retired_at is not None:
             return "the agreement is retired"
         return None
+
+    def refresh_token(self, authorization: str | None) -> TokenPublic:
+        """A fresh token for the transfer of a valid or just-expired (within the grace) token.
+
+        Only while the transfer is STARTED and its agreement live: unretired, and its policy still
+        allowing the transfer now (the gate at phase TRANSFER: validity period, consumer membership,
+        cross-border rules). Each token refreshes once (its `jti` is recorded), so a copied token
+        cannot fork a second chain. Refusals: 401 (bad, reused or too old a token), 403 (agreement
+        or transfer no longer usable, with the policy's reasons). Every outcome is audited.
+        """
+        action = "dataplane.token.refresh"
+        token = self._bearer(authorization, action)
+        now = self._clock.now()
+        try:
+            # The expiry is checked at `now - grace`: a token expired less than `grace` ago still counts.
+            grant = verify_access_token(self.key, self.provider_id, token, now - self._grace)
+            jti = str(jwt.decode(token, options={"verify_signature": False}).get("jti") or "")
+            if not jti:
+                raise AuthenticationError("the data-plane token has no id", reason="token-invalid")
+        except AuthenticationError as exc:
+            if exc.extra.get("reason") == "token-expired":
+                exc = AuthenticationError(
+                    f"the data-plane token expired more than {int(self._grace.total_seconds())} s ago "
+                    "and can no longer be refreshed; the transfer must be restarted",
+                    reason="refresh-window-passed",
+                )
+            self._record("unauthenticated", action, "dataplane", Outcome.DENIED, str(exc.extra["reason"]))
+            raise exc from None
+        checked = self._check_live(grant, action)
+        a = checked.agreement
+        d = self.gate.decide(a.policy, a.dataset_id, grant.consumer, Phase.TRANSFER, _aware(a.signed_at))
+        record_decision(
+            self._record,
+            grant.consumer,
+            grant.transfer_id,
+            d.decision,
+            scenario_id=d.scenario_id,
+            agreement_id=a.id,
+            details={
+                "phase": "transfer",
+                "check": "token-refresh",
+                "dataset_id": a.dataset_id,
+                "consumer_id": grant.consumer,
+                "output_types": list(d.output_types),
+            },
+        )
+        if not d.allowed:
+            raise ForbiddenError(
+                "the agreement's policy no longer allows this transfer",
+                reason="agreement-not-usable",
+                reasons=list(d.decision.reasons),
+            )
+        try:
+            with self.db.session() as s:
+                # Bounded table: a refreshed token's row is useless once the token is past its grace.
+                s.execute(delete(TokenRefreshRow).where(TokenRefreshRow.expires_at < now - self._grace))
+                s.add(
+                    TokenRefreshRow(
+                        jti=jti[:64],
+                        transfer_id=grant.transfer_id,
+                        expires_at=grant.expires_at,
+                        refreshed_at=now,
+                    )
+                )
+        except IntegrityError:
+            self._record(
+                grant.consumer,
+                action,
+                f"transfer:{grant.transfer_id}",
+                Outcome.DENIED,
+                "token-reused",
+                agreement_id=a.id,
+            )
+            raise AuthenticationError(
+                "this data-plane token has already been refreshed; use the newer token",
+                reason="token-reused",
+            ) from None
+        fresh = mint_access_token(
+            self.key, self.provider_id, grant.consumer, a.id, grant.transfer_id, now, self._ttl
+        )
+        expires_in = max(1, int(self._ttl.total_seconds()))
+        expires_at = datetime.fromtimestamp(int(now.timestamp()) + expires_in, tz=UTC)
+        self._record(
+            grant.consumer,
+            action,
+            f"transfer:{grant.transfer_id}",
+            Outcome.SUCCESS,
+            agreement_id=a.id,
+            details={
+                "transfer_id": grant.transfer_id,
+                "previous_expires_at": grant.expires_at.isoformat(),
+                "expires_at": expires_at.isoformat(),
+            },
+        )
+        return TokenPublic(
+            token=fresh,
+            expires_at=expires_at,
+            expires_in=expires_in,
+            transfer_id=grant.transfer_id,
+            agreement_id=a.id,
+        )
 
     # --- jobs --------------------------------------------------------------------------------------
 
@@ -352,7 +531,23 @@ class JobService:
             )
             s.add(row)
             s.commit()
-        self._decide(job_id, grant, agreement, spec, rules, body.scenario, now)
+        decision = self._decide(job_id, grant, agreement, spec, rules, body.scenario)
+        review = any(d.action == REVIEW_DUTY for d in decision.duties)
+        if review and kind == "glm":
+            # Each IRLS step releases aggregates at once: nothing a person could hold back in time.
+            why = "the agreement requires output review, which per-iteration GLM statistics cannot wait for"
+            self._move(job_id, JobState.REFUSED, why)
+            self._record(
+                grant.consumer,
+                "dataplane.job.run",
+                f"job:{job_id}",
+                Outcome.DENIED,
+                why,
+                scenario_id=body.scenario,
+                agreement_id=agreement.id,
+                details={"job_id": job_id},
+            )
+            raise ForbiddenError(why, reason="review-required", job_id=job_id)
         self._move(job_id, JobState.RUNNING)
         try:
             consent = self._consent().cohort(
@@ -360,6 +555,7 @@ class JobService:
             )
             ctx = JobContext(job_id, grant.consumer, body.scenario, agreement.dataset_id)
             if kind == "glm":
+                self.close_idle_glm_sessions()
                 return self._open_glm(job_id, spec, consent, rules, glms)
             with self._engine_lock:
                 result = run_job(
@@ -372,14 +568,11 @@ class JobService:
                     guard=DifferencingGuard(self.history, rules.difference_floor),
                     now=now,
                 )
-        except HealthspaceError as exc:
-            self._end_on_error(job_id, agreement.id, body.scenario, grant.consumer, exc)
-            raise
         except Exception as exc:
             self._end_on_error(job_id, agreement.id, body.scenario, grant.consumer, exc)
             raise
         payload = self._payload(job_id, grant, agreement, body.scenario, result.to_dict(), now)
-        return self._succeed(job_id, payload, result.epsilon_spent)
+        return self._succeed(job_id, payload, result.epsilon_spent, review=review)
 
     def _decide(
         self,
@@ -389,83 +582,58 @@ class JobService:
         spec: QuerySpec,
         rules: DisclosureRules,
         scenario: str,
-        now: datetime,
-    ) -> None:
+    ) -> Decision:
+        """The gate's decision at phase JOB, audited as `policy.decision`; a denial refuses the job."""
         params = job_parameters(spec, rules)
-        profile = self._consumer(grant.consumer)
         with self.db.session() as s:
+            # A held result is a use: the computation ran and its budget is spent, released or not.
             uses = s.scalar(
                 select(func.count())
                 .select_from(JobRow)
-                .where(JobRow.agreement_id == agreement.id, JobRow.state == JobState.SUCCEEDED.value)
+                .where(
+                    JobRow.agreement_id == agreement.id,
+                    JobRow.state.in_((JobState.SUCCEEDED.value, JobState.HELD.value)),
+                )
             )
-        xb = decide_transfer(
-            self._xb_rules,
-            self.provider_jurisdiction,
-            profile.jurisdiction or "unknown",
-            str(params["output_type"]),
+        d = self.gate.decide(
+            agreement.policy,
             agreement.dataset_id,
             grant.consumer,
-            scenario,
-            self._approvals(),
-            now,
-        )
-        request = Request(
-            action="use",
-            target=agreement.dataset_id,
+            Phase.JOB,
+            _aware(agreement.signed_at),
+            str(params["output_type"]),
             purpose=scenario,
-            consumer_id=grant.consumer,
-            consumer_type=profile.participant_type,
-            consumer_roles=profile.roles,
-            consumer_jurisdiction=profile.jurisdiction,
-            output_type=params["output_type"],
             epsilon=params["epsilon"],
             cell_size=params["cell_size"],
             execution_location="provider",
-            phase=Phase.JOB,
-        )
-        facts = Facts(
             use_count=int(uses or 0),
             epsilon_spent=self.ledger.spent(BudgetKey(grant.consumer, scenario, agreement.dataset_id)),
-            agreement_start=agreement.signed_at,
-            cross_border=cross_border_fact(xb),
         )
-        decision = evaluate(self._compiled(agreement.policy), request, facts, now)
-        outcome = Outcome.ALLOWED if decision.allowed else Outcome.DENIED
-        reasons = list(decision.reasons)
-        self._record(
+        record_decision(
+            self._record,
             grant.consumer,
-            "dataplane.job.decide",
             f"job:{job_id}",
-            outcome,
-            "; ".join(reasons)[:2000],
+            d.decision,
             scenario_id=scenario,
             agreement_id=agreement.id,
-            details={"job_id": job_id, "transfer_id": grant.transfer_id, **params},
+            details={
+                "phase": "job",
+                "check": "job",
+                "dataset_id": agreement.dataset_id,
+                "consumer_id": grant.consumer,
+                "output_types": list(d.output_types),
+                "job_id": job_id,
+                "transfer_id": grant.transfer_id,
+                **params,
+            },
         )
-        if not decision.allowed:
+        if not d.allowed:
+            reasons = list(d.decision.reasons)
             self._move(job_id, JobState.REFUSED, "; ".join(reasons) or "denied by policy")
             raise PolicyDeniedError(
                 "the agreement's policy does not allow this job", reasons=reasons, job_id=job_id
             )
-
-    def _compiled(self, policy: Mapping[str, Any]) -> CompiledPolicy | Mapping[str, Any]:
-        """The policy compiled once: schema validation is most of an evaluation's cost.
-
-        Keyed by the document's bytes, so a different document is compiled afresh; one that does not
-        compile (or serialise) is passed on as it is, and `evaluate` denies with its problems.
-        """
-        try:
-            key = orjson.dumps(policy, option=orjson.OPT_SORT_KEYS)
-            compiled = self._policies.get(key)
-            if compiled is None:
-                compiled = compile_policy(policy)
-                if len(self._policies) >= 256:  # bounded: agreements are few, documents never change
-                    self._policies.clear()
-                self._policies[key] = compiled
-        except (PolicyError, TypeError, ValueError):
-            return policy
-        return compiled
+        return d.decision
 
     def _end_on_error(
         self, job_id: str, agreement_id: str, scenario: str, consumer: str, exc: Exception
@@ -505,18 +673,29 @@ class JobService:
             "result": result,
         }
 
-    def _succeed(self, job_id: str, payload: dict[str, Any], epsilon: float) -> JobPublic:
-        envelope = sign_payload(self.key, payload)
+    def _succeed(
+        self, job_id: str, payload: dict[str, Any], epsilon: float, *, review: bool = False
+    ) -> JobPublic:
+        envelope = canonical_json(sign_payload(self.key, payload)).decode()
+        held = None
         with self.db.session() as s:
             row = s.get(JobRow, job_id)
             if row is None:
                 raise NotFoundError(f"no job {job_id!r}")
-            row.state = JOB.transition(JobState(row.state), JobState.SUCCEEDED).value
-            row.result = canonical_json(envelope).decode()
-            row.epsilon = epsilon
-            row.updated_at = self._clock.now()
+            if review:
+                held = self.review.hold(s, row, envelope, epsilon)
+            else:
+                row.state = JOB.transition(JobState(row.state), JobState.SUCCEEDED).value
+                row.result = envelope
+                row.epsilon = epsilon
+                row.updated_at = self._clock.now()
             s.commit()
-            out = _public(row)
+            summary = (
+                {"id": held.id, "state": held.state, "approvals": 0, "required": held.required}
+                if held is not None
+                else None
+            )
+            out = _public(row, review=summary)
         self._record(
             out.consumer_id,
             "dataplane.job.run",
@@ -524,8 +703,19 @@ class JobService:
             Outcome.SUCCESS,
             scenario_id=out.scenario_id,
             agreement_id=out.agreement_id,
-            details={"job_id": job_id, "epsilon_spent": epsilon, "kind": out.kind},
+            details={"job_id": job_id, "epsilon_spent": epsilon, "kind": out.kind, "held": review},
         )
+        if held is not None:
+            self._record(
+                f"connector:{self.provider_id}",
+                "dataplane.review.hold",
+                f"review:{held.id}",
+                Outcome.SUCCESS,
+                "the agreement requires output review",
+                scenario_id=out.scenario_id,
+                agreement_id=out.agreement_id,
+                details={"job_id": job_id, "required": held.required},
+            )
         return out
 
     def _move(self, job_id: str, target: JobState, reason: str | None = None) -> JobRow:
@@ -553,13 +743,16 @@ class JobService:
             return row
 
     def get(self, checked: _Checked, job_id: str) -> JobPublic:
-        return _public(self._own(checked, job_id), self._glm_info(job_id))
+        """The job; a HELD job shows its review's progress, never the result (released only on approval)."""
+        row = self._own(checked, job_id)
+        glm = self._glm_info(job_id) if row.kind == "glm" else None
+        return _public(row, glm, self.review.summary_of_job(job_id))
 
     def cancel(self, checked: _Checked, job_id: str) -> JobPublic:
         """Cancel a queued job or an open GLM session; a finished job answers 409 (invalid transition)."""
         row = self._own(checked, job_id)
-        self._sessions.pop(job_id, None)
         row = self._move(job_id, JobState.CANCELLED, "cancelled by the consumer")
+        self._sessions.pop(job_id, None)
         self._record(
             checked.grant.consumer,
             "dataplane.job.cancel",
@@ -572,6 +765,13 @@ class JobService:
 
     # --- federated GLM -----------------------------------------------------------------------------
 
+    def _build_sites(
+        self, spec: QuerySpec, consent: Any, rules: DisclosureRules, glms: list[GlmAnalysis]
+    ) -> dict[str, GlmSite]:
+        with self._engine_lock:
+            engine = DuckDBEngine(self._connect())
+            return {a.id: GlmSite(engine, consent, spec, a.id, rules) for a in glms}
+
     def _open_glm(
         self,
         job_id: str,
@@ -580,43 +780,163 @@ class JobService:
         rules: DisclosureRules,
         glms: list[GlmAnalysis],
     ) -> JobPublic:
-        with self._engine_lock:
-            engine = DuckDBEngine(self._connect())
-            sites = {a.id: GlmSite(engine, consent, spec, a.id, rules) for a in glms}
-        self._sessions[job_id] = _GlmSession(sites)
+        sites = self._build_sites(spec, consent, rules, glms)
+        analyses = {
+            aid: {
+                "family": site.family,
+                "names": site.names,
+                "n_params": site.n_params,
+                "rows": site.rows,
+                "design_sha256": site.design_digest(),
+            }
+            for aid, site in sites.items()
+        }
+        now = self._clock.now()
         with self.db.session() as s:
+            s.add(
+                GlmSessionRow(
+                    job_id=job_id,
+                    analyses=orjson.dumps(analyses).decode(),
+                    iterations=0,
+                    max_iterations=self._glm_max,
+                    last_beta=None,
+                    opened_at=now,
+                    updated_at=now,
+                )
+            )
             row = s.get(JobRow, job_id)
             if row is None:
                 raise NotFoundError(f"no job {job_id!r}")
-            return _public(row, self._glm_info(job_id))
+            out = _public(row, _glm_public(analyses))
+        self._sessions[job_id] = _GlmSession(sites)
+        return out
+
+    def close_idle_glm_sessions(self, limit: int = 100) -> list[str]:
+        """Fail the open GLM sessions untouched for `glm_idle` (at most `limit` per call; called when
+        a session opens, so abandoned ones do not stay RUNNING for ever). Returns their job ids."""
+        cutoff = self._clock.now() - self._glm_idle
+        with self.db.session() as s:
+            stale = list(
+                s.execute(
+                    select(JobRow.id, JobRow.agreement_id, JobRow.scenario_id, JobRow.consumer_id)
+                    .join(GlmSessionRow, GlmSessionRow.job_id == JobRow.id)
+                    .where(JobRow.state == JobState.RUNNING.value, GlmSessionRow.updated_at < cutoff)
+                    .limit(max(1, limit))
+                )
+            )
+        closed: list[str] = []
+        why = f"GLM session idle for more than {self._glm_idle}; closed"
+        for job_id, agreement_id, scenario, consumer in stale:
+            try:
+                self._move(job_id, JobState.FAILED, why)
+            except ConflictError:
+                continue  # finished or cancelled meanwhile: nothing to close
+            self._sessions.pop(job_id, None)
+            self._record(
+                f"connector:{self.provider_id}",
+                "dataplane.glm.close",
+                f"job:{job_id}",
+                Outcome.SUCCESS,
+                why,
+                scenario_id=scenario,
+                agreement_id=agreement_id,
+                details={"job_id": job_id, "consumer_id": consumer},
+            )
+            closed.append(job_id)
+        return closed
+
+    def _glm_record(self, job_id: str) -> GlmSessionRow | None:
+        with self.db.session() as s:
+            return s.get(GlmSessionRow, job_id)
 
     def _glm_info(self, job_id: str) -> dict[str, Any] | None:
-        session = self._sessions.get(job_id)
-        if session is None:
-            return None
-        return {
-            aid: {"family": site.family, "names": site.names, "n_params": site.n_params}
-            for aid, site in session.sites.items()
-        }
+        rec = self._glm_record(job_id)
+        return None if rec is None else _glm_public(orjson.loads(rec.analyses))
+
+    def _session(self, checked: _Checked, row: JobRow, rec: GlmSessionRow) -> _GlmSession:
+        """The session's designs: in memory, or rebuilt after a restart and checked to be the same."""
+        with self._resume_lock:
+            held = self._sessions.get(row.id)
+            if held is not None:
+                return held
+            recorded: dict[str, Any] = orjson.loads(rec.analyses)
+            spec = parse_spec(orjson.loads(row.spec))
+            rules = rules_from_policy(checked.agreement.policy, self._k_default)
+            glms = [a for a in spec.analyses if isinstance(a, GlmAnalysis)]
+            try:
+                # Consent as of now: a patient who withdrew since the session opened is not used again,
+                # and the digest check below then closes the session rather than mix two cohorts.
+                consent = self._consent().cohort(
+                    row.scenario_id,
+                    data_classes_of(spec),
+                    actor=f"dataplane:{row.id}",
+                    at=self._clock.now(),
+                )
+                sites = self._build_sites(spec, consent, rules, glms)
+                changed = [
+                    aid
+                    for aid, site in sites.items()
+                    if site.design_digest() != recorded.get(aid, {}).get("design_sha256")
+                ]
+            except Exception as exc:
+                self._end_on_error(row.id, row.agreement_id, row.scenario_id, row.consumer_id, exc)
+                raise
+            if changed:
+                why = (
+                    f"the data of GLM analyses {', '.join(sorted(changed))} changed since the session "
+                    "opened (records or consent); the session is closed, start a new one"
+                )
+                self._end_on_error(
+                    row.id, row.agreement_id, row.scenario_id, row.consumer_id, ConflictError(why)
+                )
+                raise ConflictError(why, reason="glm-data-changed")
+            self._record(
+                row.consumer_id,
+                "dataplane.glm.resume",
+                f"job:{row.id}",
+                Outcome.SUCCESS,
+                "session rebuilt after a restart; same designs",
+                scenario_id=row.scenario_id,
+                agreement_id=row.agreement_id,
+                details={"job_id": row.id, "iterations": rec.iterations},
+            )
+            session = _GlmSession(sites)
+            self._sessions[row.id] = session
+            return session
 
     def glm_step(self, checked: _Checked, job_id: str, step: GlmStep) -> dict[str, Any]:
         """One iteration: this site's signed `SiteStats` at the coordinator's β."""
         row = self._own(checked, job_id)
-        session = self._sessions.get(job_id)
-        if row.state != JobState.RUNNING.value or session is None:
+        rec = self._glm_record(job_id)
+        if row.state != JobState.RUNNING.value or rec is None:
             raise ConflictError(f"job {job_id!r} is {row.state}, not an open GLM session")
-        site = session.sites.get(step.analysis)
-        if site is None:
+        if step.analysis not in orjson.loads(rec.analyses):
             raise NotFoundError(f"job {job_id!r} has no glm analysis {step.analysis!r}")
-        with session.lock:
-            # Bounded: every β answered reveals aggregates at a point of the coordinator's choosing.
-            if session.iterations >= self._glm_max:
-                raise ForbiddenError(
-                    f"the GLM session has used its {self._glm_max} iterations", reason="glm-iterations"
+        session = self._session(checked, row, rec)
+        site = session.sites[step.analysis]
+        with self.db.session() as s:
+            # Bounded, and counted in the database so a restart cannot reset the count: every β
+            # answered reveals aggregates at a point of the coordinator's choosing.
+            bumped = s.execute(
+                update(GlmSessionRow)
+                .where(
+                    GlmSessionRow.job_id == job_id,
+                    GlmSessionRow.iterations < GlmSessionRow.max_iterations,
                 )
-            session.iterations += 1
-            n = session.iterations
-        stats = site(np.asarray(step.beta, dtype=np.float64))
+                .values(
+                    iterations=GlmSessionRow.iterations + 1,
+                    last_beta=orjson.dumps(list(step.beta)).decode(),
+                    updated_at=self._clock.now(),
+                )
+            )
+            if getattr(bumped, "rowcount", 0) != 1:
+                raise ForbiddenError(
+                    f"the GLM session has used its {rec.max_iterations} iterations",
+                    reason="glm-iterations",
+                )
+            n = int(s.scalar(select(GlmSessionRow.iterations).where(GlmSessionRow.job_id == job_id)) or 0)
+        with session.lock:
+            stats = site(np.asarray(step.beta, dtype=np.float64))
         payload = {
             "provider": self.provider_id,
             "agreement_id": row.agreement_id,
@@ -631,9 +951,11 @@ class JobService:
     def glm_finish(self, checked: _Checked, job_id: str) -> JobPublic:
         """Close a GLM session: the job succeeds with a signed summary (iterations, rows per analysis)."""
         row = self._own(checked, job_id)
-        session = self._sessions.pop(job_id, None)
-        if row.state != JobState.RUNNING.value or session is None:
+        rec = self._glm_record(job_id)
+        if row.state != JobState.RUNNING.value or rec is None:
             raise ConflictError(f"job {job_id!r} is {row.state}, not an open GLM session")
+        self._sessions.pop(job_id, None)
+        analyses: dict[str, Any] = orjson.loads(rec.analyses)
         result = {
             "version": 1,
             "job_id": job_id,
@@ -641,14 +963,24 @@ class JobService:
             "analyses": {
                 aid: {
                     "type": "glm",
-                    "family": site.family,
-                    "names": site.names,
-                    "iterations": session.iterations,
+                    "family": a["family"],
+                    "names": a["names"],
+                    "iterations": rec.iterations,
+                    "rows": a.get("rows"),  # complete cases: also in every step's statistics
                 }
-                for aid, site in session.sites.items()
+                for aid, a in analyses.items()
             },
         }
         payload = self._payload(
             job_id, checked.grant, checked.agreement, row.scenario_id, result, self._clock.now()
         )
-        return self._succeed(job_id, payload, 0.0)
+        out = self._succeed(job_id, payload, 0.0)
+        out.glm = _glm_public(analyses)
+        return out
+
+
+def _glm_public(analyses: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        aid: {"family": a["family"], "names": a["names"], "n_params": a["n_params"]}
+        for aid, a in analyses.items()
+    }

@@ -37,8 +37,9 @@ def data_classes_of(spec: QuerySpec) -> frozenset[str]:
         domain = d.get("domain")
         if isinstance(domain, str):
             out.add(DOMAIN_CLASSES[domain])
-        # measurement summaries and GLM `value` variables read a measurement by code, without a domain
-        if d.get("type") == "measurement_summary" or d.get("kind") == "value":
+        # measurement summaries and histograms and GLM `value` variables read a measurement by code,
+        # without a domain
+        if d.get("type") in ("measurement_summary", "measurement_histogram") or d.get("kind") == "value":
             out.add("laboratory")
     return frozenset(out)
 

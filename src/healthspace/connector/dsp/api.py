@@ -344,6 +344,12 @@ def make_dsp_routers(
         peer_id = body.provider_id or _peer_id(comp.http, url)
         return comp.service.start_negotiation(who(key), peer_id, url, body.offer, auto=body.auto)
 
+    @mgmt.post("/negotiations/offers", status_code=201)
+    def offer_negotiation(body: OfferCreate, comp: Comp, key: Steward) -> NegotiationPublic:
+        url = str(body.consumer_url).rstrip("/")
+        peer_id = body.consumer_id or _peer_id(comp.http, url)
+        return comp.service.offer_negotiation(who(key), peer_id, url, body.dataset_id, body.offer)
+
     @mgmt.get("/negotiations")
     def list_negotiations(
         svc: Svc,
@@ -445,6 +451,15 @@ class NegotiationCreate(BaseModel):
     provider_id: str | None = Field(None, description="Looked up at /.well-known/healthspace when absent")
     offer: dict[str, Any] = Field(description="The offer requested; its `target` names the dataset")
     auto: bool = Field(True, description="Accept an unchanged offer and verify agreements by itself")
+
+
+class OfferCreate(BaseModel):
+    consumer_url: AnyHttpUrl
+    consumer_id: str | None = Field(None, description="Looked up at /.well-known/healthspace when absent")
+    dataset_id: str = Field(min_length=1, max_length=200)
+    offer: dict[str, Any] | None = Field(
+        None, description="Default: the dataset's offer; a steward's own must be at least as restrictive"
+    )
 
 
 class TransferCreate(BaseModel):

@@ -1,24 +1,34 @@
-"""The DSP manager: one background thread per connector that takes owed steps and delivers the outbox.
+"""The DSP manager: background workers that take owed steps and deliver the outbox.
 
 Design (see docs/dsp.md): handlers and management calls only change rows and write outbox messages in
-one transaction; this loop, woken right after each commit, (1) runs steps a process owes (`pending`),
-(2) leases due outbox messages and POSTs them to the peer with a signed request token and a bounded
-timeout, outside any transaction. 2xx settles a message; a 4xx is final (our process is terminated
-with the reason); a network error or 5xx is retried with exponential back-off up to `max_attempts`.
-After a restart the loop picks up whatever is still pending, so nothing owed is lost.
+one transaction; right after the commit the service hands the manager hints (`Work`): which process
+owes a step, which has a message waiting. A pool of workers takes the hints: (1) runs the step a
+process owes (`pending`), (2) leases that process's oldest due message and POSTs it to the peer with a
+signed request token and a bounded timeout, outside any transaction. 2xx settles a message; a 4xx is
+final (our process is terminated with the reason); a network error or 5xx is retried with exponential
+back-off up to `max_attempts`.
+
+Hints are an accelerator, not the source of truth: rows are leased (`claim_next`, `claim_outbox`) and
+steps re-checked under the row lock, so a duplicate or stale hint does nothing, and a full pass over
+the tables (`run_once`) runs at start, when idle for `idle_s` and on every retry timer, so work left by
+a previous run or a lost hint is still done. Several workers let one process's HTTP round trip overlap
+another's database work; a process's messages still go out in order (oldest pending first, one lease).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import httpx
 
-from healthspace.connector.dsp.service import DspService
+from healthspace.connector.dsp.service import DspService, Work
+from healthspace.connector.dsp.tables import OutboxRow
 from healthspace.core.errors import HealthspaceError
 from healthspace.protocol.messages import ContractNegotiation, DspMessage, TransferProcess, parse_as
 
@@ -26,13 +36,31 @@ __all__ = ["DspManager", "peer_http_client"]
 
 log = logging.getLogger(__name__)
 
-_ACK_OF = {"ContractRequestMessage": ContractNegotiation, "TransferRequestMessage": TransferProcess}
+_ACK_OF = {
+    "ContractRequestMessage": ContractNegotiation,
+    "TransferRequestMessage": TransferProcess,
+    "ContractOfferMessage": ContractNegotiation,  # only a provider's initial offer: see `_ack_type`
+}
 
 
-def peer_http_client(timeout_s: float = 10.0) -> httpx.Client:
+def _ack_type(message_type: str, url: str) -> type[DspMessage] | None:
+    """The acknowledgement an initial message is answered with (a counter-offer gets none)."""
+    if message_type == "ContractOfferMessage" and not url.endswith("/negotiations/offers"):
+        return None
+    return _ACK_OF.get(message_type)
+
+
+_SWEEP: Work = ("sweep", "", "")
+
+
+def peer_http_client(timeout_s: float = 10.0, connections: int = 32) -> httpx.Client:
     """An HTTP client for peer calls with TCP_NODELAY: httpx writes headers and body separately, and
-    Nagle's algorithm meeting the peer's delayed ACK would add ~40 ms to every POST."""
-    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    Nagle's algorithm meeting the peer's delayed ACK would add ~40 ms to every POST. Keep-alive
+    connections are pooled per peer, enough for every manager worker to hold one."""
+    transport = httpx.HTTPTransport(
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+    )
     return httpx.Client(transport=transport, timeout=timeout_s)
 
 
@@ -47,6 +75,7 @@ class DspManager:
         max_attempts: int = 6,
         lease: timedelta = timedelta(seconds=30),
         idle_s: float = 1.0,
+        workers: int = 4,
     ) -> None:
         self.service = service
         self.http = http
@@ -55,60 +84,117 @@ class DspManager:
         self.max_attempts = max_attempts
         self.lease = lease
         self.idle_s = idle_s
-        self._event = threading.Event()
+        self.workers = max(1, workers)
+        self._work: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self._sweeping = threading.Lock()
+        self._last_sweep = 0.0
+        # Processes whose message is on the wire, and those hinted meanwhile: their next message
+        # can only be claimed once the one in flight is settled, so the deliverer re-hints them.
+        self._lock = threading.Lock()
+        self._in_flight: set[str] = set()
+        self._blocked: set[str] = set()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        service.on_work(self.wake)
+        self._threads: list[threading.Thread] = []
+        service.on_work(self.hint)
+
+    def hint(self, work: Sequence[Work]) -> None:
+        """Called by the service after a commit that left work owed."""
+        for w in work:
+            self._work.put(w)
 
     def wake(self) -> None:
-        self._event.set()
+        """Ask for a full pass (retry timers, external changes)."""
+        self._work.put(_SWEEP)
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
-        self._thread = threading.Thread(target=self._loop, name="dsp-manager", daemon=True)
-        self._thread.start()
+        self._stop.clear()
+        self._work.put(_SWEEP)  # whatever a previous run left owed
+        for i in range(self.workers):
+            t = threading.Thread(target=self._loop, name=f"dsp-manager-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
-        self._event.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        for _ in self._threads:
+            self._work.put(None)
+        for t in self._threads:
+            t.join(timeout_s)
+        self._threads = []
 
     def _loop(self) -> None:
-        # Every commit that owes work wakes us (`wake`), so a pass runs only when needed; the idle
-        # timeout is the safety net for retries due later and for work left by a previous run.
         while not self._stop.is_set():
-            self._event.clear()
             try:
+                work = self._work.get(timeout=self.idle_s)
+            except queue.Empty:
+                work = _SWEEP  # the safety net: retries due, hints lost, rows changed elsewhere
+            if work is None:
+                return
+            if work is not _SWEEP and time.monotonic() - self._last_sweep > self.idle_s:
+                self._work.put(_SWEEP)  # under constant load the queue is never idle: sweep anyway
+            try:
+                self._take(work)
+            except Exception:  # a worker must outlive any single fault; the rows stay owed
+                log.exception("DSP manager work %s failed", work)
+
+    def _take(self, work: Work) -> None:
+        what, kind, pid = work
+        if what == "step":
+            self._take_step(kind, pid)
+        elif what == "send":
+            row = self.service.store.claim_next(pid, self.service.clock.now(), self.lease)
+            if row is not None:
+                self._deliver_row(row)
+                return
+            with self._lock:
+                if pid in self._in_flight:
+                    self._blocked.add(pid)
+        elif self._sweeping.acquire(blocking=False):  # one full pass at a time is enough
+            try:
+                self._last_sweep = time.monotonic()
                 self.run_once()
-            except Exception:  # the loop must outlive any single fault; the row stays pending
-                log.exception("DSP manager pass failed")
-            self._event.wait(self.idle_s)
+            finally:
+                self._sweeping.release()
 
     def run_once(self) -> int:
-        """One pass: owed steps first, then deliveries. Returns how much work was done."""
+        """One full pass: owed steps first, then due deliveries. Returns how much work was done."""
         done = 0
         with self.service.db.session() as s:
             owed = self.service.store.pending_ids(s)
         for kind, pid in owed:
-            self.service.run_pending(kind, pid)
+            self._take_step(kind, pid)
             done += 1
         now = self.service.clock.now()
         for row in self.service.store.claim_outbox(now, self.lease):
-            self._deliver(
-                row.seq,
-                row.kind,
-                row.process_id,
-                row.peer_id,
-                row.url,
-                row.message_type,
-                row.body,
-                row.attempts,
-            )
+            self._deliver_row(row)
             done += 1
         return done
+
+    def _take_step(self, kind: str, pid: str) -> None:
+        step = self.service.run_pending(kind, pid, lease=self.lease)
+        try:
+            for row in step.sent:
+                self._deliver_row(row)
+        finally:
+            self.service.record_all(step.audits)
+
+    def _deliver_row(self, row: OutboxRow) -> None:
+        pid = row.process_id
+        with self._lock:
+            self._in_flight.add(pid)
+        try:
+            self._deliver(
+                row.seq, row.kind, pid, row.peer_id, row.url, row.message_type, row.body, row.attempts
+            )
+        finally:
+            with self._lock:
+                self._in_flight.discard(pid)
+                again = pid in self._blocked
+                self._blocked.discard(pid)
+            if again:
+                self._work.put(("send", row.kind, pid))
 
     def _deliver(
         self, seq: int, kind: str, pid: str, peer: str, url: str, mtype: str, body: str, attempts: int
@@ -127,7 +213,7 @@ class DspManager:
             return
         if 200 <= r.status_code < 300:
             answer: DspMessage | None = None
-            ack = _ACK_OF.get(mtype)
+            ack = _ack_type(mtype, url)
             if ack is not None:
                 try:
                     answer = parse_as(r.content, ack)
@@ -154,7 +240,7 @@ class DspManager:
         That is the case when we crashed after delivering a message but before settling it, so the
         repeat is refused as "not allowed in this state". Then the message counts as delivered.
         """
-        if mtype in _ACK_OF:
+        if _ack_type(mtype, url) is not None:
             return False  # initial requests are idempotent at the receiver; a refusal is a refusal
         marker = "/negotiations/" if kind == "negotiation" else "/transfers/"
         base, found, rest = url.rpartition(marker)
@@ -187,9 +273,9 @@ class DspManager:
             return
         delay = timedelta(seconds=min(30.0, 0.2 * 2 ** (attempts - 1)))
         store.settle_outbox(seq, sent=False, error=why, retry_at=self.service.clock.now() + delay)
-        self.wake_at(delay.total_seconds())
+        self.wake_at(delay.total_seconds(), ("send", kind, pid))
 
-    def wake_at(self, delay_s: float) -> None:
-        timer = threading.Timer(delay_s, self.wake)
+    def wake_at(self, delay_s: float, work: Work = _SWEEP) -> None:
+        timer = threading.Timer(delay_s, self.hint, args=([work],))
         timer.daemon = True
         timer.start()

@@ -11,15 +11,16 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, Field
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from healthspace.audit.models import Outcome
@@ -29,6 +30,7 @@ from healthspace.connector.dsp.tables import (
     AgreementRow,
     DatasetRow,
     NegotiationRow,
+    OutboxRow,
     TransferRow,
 )
 from healthspace.core.apikeys import Role as StaffRole
@@ -227,10 +229,46 @@ def new_pid() -> str:
 class _Tx:
     s: Session
     audits: list[tuple[str, str, str, Outcome, str]] = field(default_factory=list)
-    owes_work: bool = False  # a message was queued or a step became pending: wake the manager
+    # Set when a manager worker takes the step and will deliver what it sends itself: messages are
+    # written already leased to it (one transaction less per hop; after a crash the lease runs out
+    # and the next full pass sends them).
+    lease_until: datetime | None = None
+    leased: list[OutboxRow] = field(default_factory=list)
 
     def audit(self, actor: str, action: str, subject: str, outcome: Outcome, reason: str = "") -> None:
         self.audits.append((actor, action, subject, outcome, reason))
+
+
+Work = tuple[str, str, str]
+"""A hint for the manager: ("step", kind, pid) = a step is owed on pid; ("send", kind, pid) = pid has a
+message waiting in the outbox. Hints only say where to look; the rows say whether there is work."""
+
+
+def _note_work(session: Session, _: Any) -> None:
+    """After each flush of a DSP transaction, note the work it leaves owed.
+
+    At flush time the session still holds the changed rows strongly (its identity map is weak, so a
+    row nobody else references may be gone by commit); stale notes are harmless: they are hints.
+    """
+    work: list[Work] | None = session.info.get("dsp_work")
+    if work is None:
+        return
+    for o in (*session.new, *session.dirty):
+        if isinstance(o, NegotiationRow | TransferRow) and o.pending:
+            work.append(("step", "negotiation" if isinstance(o, NegotiationRow) else "transfer", o.id))
+        elif isinstance(o, OutboxRow) and o.status == "pending" and o.lease_until is None:
+            work.append(("send", o.kind, o.process_id))
+
+
+event.listen(Session, "before_flush", lambda s, _c, _i: _note_work(s, None))
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a step taken for a manager worker left to do: deliver `sent`, then record `audits`."""
+
+    sent: list[OutboxRow]
+    audits: list[tuple[str, str, str, Outcome, str]]
 
 
 Recorder = Callable[[str, str, str, Outcome, str], None]
@@ -260,25 +298,37 @@ class DspService:
         self.clock = clock
         self._record = record
         self._changed = threading.Condition()
-        self._wake: Callable[[], None] = lambda: None
+        self._versions: dict[str, int] = {}  # pid -> commits that touched it (what waiters watch)
+        self._wake: Callable[[Sequence[Work]], None] = lambda _: None
 
-    def on_work(self, wake: Callable[[], None]) -> None:
-        """Register the manager's wake-up call (invoked after each commit that may owe work)."""
+    def on_work(self, wake: Callable[[Sequence[Work]], None]) -> None:
+        """Register the manager's wake-up call, invoked after each commit that leaves work owed."""
         self._wake = wake
 
     @contextmanager
     def _tx(self) -> Iterator[_Tx]:
         with self.store.writing() as s:
+            work: list[Work] = []
+            s.info["dsp_work"] = work
             tx = _Tx(s)
             yield tx
-            if any(getattr(o, "pending", None) for o in s.identity_map.values()):
-                tx.owes_work = True
-        for entry in tx.audits:
-            self._record(*entry)
-        with self._changed:
-            self._changed.notify_all()
-        if tx.owes_work:
-            self._wake()
+            s.flush()
+            touched = {pid for _, _, pid in work}
+            touched.update(
+                o.id for o in s.identity_map.values() if isinstance(o, NegotiationRow | TransferRow)
+            )
+        # The manager first: its work is what the peer is waiting for; audit and waiters come after.
+        if work:
+            self._wake(list(dict.fromkeys(work)))
+        if not tx.leased:
+            self.record_all(tx.audits)
+        # else: the worker delivers first and records after (`run_pending`); a crash in between
+        # loses the entries just as a crash between this commit and the audit append would.
+        if touched:
+            with self._changed:
+                for pid in touched:
+                    self._versions[pid] = self._versions.get(pid, 0) + 1
+                self._changed.notify_all()
 
     # --- catalog (provider) ------------------------------------------------------------------------
 
@@ -703,6 +753,52 @@ class DspService:
             tx.audit(actor, "dsp.negotiation.request", own, Outcome.SUCCESS, f"{provider_id} {parsed.target}")
             return _negotiation_public(row)
 
+    def offer_negotiation(
+        self,
+        actor: str,
+        consumer_id: str,
+        consumer_url: str,
+        dataset_id: str,
+        offer: Mapping[str, Any] | None = None,
+    ) -> NegotiationPublic:
+        """Provider: begin a negotiation by offering a dataset to a consumer (a ContractOfferMessage
+        to its `/negotiations/offers`). The offer is the dataset's own unless a steward gives one at
+        least as restrictive; after the consumer accepts, the agreement goes through the same steps
+        (and the same policy gate) as one the consumer requested."""
+        now = self.clock.now()
+        own = new_pid()
+        with self._tx() as tx:
+            dataset = self.store.dataset(tx.s, dataset_id)
+            policy = dict(offer) if offer is not None else dict(dataset.offer)
+            parsed = Offer.model_validate({**policy, "@type": "Offer", "target": dataset.id})
+            if offer is not None:
+                ok, reasons = policy_acceptable(_offer_json(parsed), dataset.offer)
+                if not ok:
+                    why = "; ".join(reasons) or "it is broader than the dataset's offer"
+                    raise ValidationError(f"the offer is not at least as restrictive as the dataset's: {why}")
+            msg = ContractOfferMessage(provider_pid=own, offer=parsed, callback_address=self.public_url)
+            row = NegotiationRow(
+                id=own,
+                role=_P.value,
+                provider_pid=own,
+                consumer_pid=None,  # the consumer's ACK names it
+                state=_N.OFFERED.value,
+                counterparty_id=consumer_id,
+                counterparty_address=consumer_url.rstrip("/"),
+                dataset_id=dataset.id,
+                offer=_offer_json(parsed),
+                agreement_id=None,
+                auto=True,
+                pending=None,
+                terminal_reason=None,
+                created_at=now,
+                updated_at=now,
+            )
+            self.store.create_negotiation(tx.s, row)
+            self._send(tx, row, "negotiation", f"{row.counterparty_address}/negotiations/offers", msg)
+            tx.audit(actor, "dsp.negotiation.offer", own, Outcome.SUCCESS, f"{consumer_id} {dataset.id}")
+            return _negotiation_public(row)
+
     def negotiation_action(
         self,
         actor: str,
@@ -841,8 +937,10 @@ class DspService:
         msg: DspMessage,
         body: bytes | None = None,
     ) -> None:
-        tx.owes_work = True
-        self.store.enqueue(
+        # Leased to the worker only when nothing of this process is still waiting to go out: its
+        # messages leave in order.
+        lease = tx.lease_until if not self.store.has_pending(tx.s, row.id) else None
+        out = self.store.enqueue(
             tx.s,
             process_id=row.id,
             kind=kind,
@@ -851,7 +949,10 @@ class DspService:
             message_type=message_key(msg),
             body=body if body is not None else to_json(msg),
             now=self.clock.now(),
+            lease_until=lease,
         )
+        if lease is not None:
+            tx.leased.append(out)
 
     def list_negotiations(self, limit: int = 100, offset: int = 0) -> list[NegotiationPublic]:
         with self.db.session() as s:
@@ -875,9 +976,10 @@ class DspService:
         def done(n: NegotiationPublic) -> bool:
             final = NEGOTIATION.is_final(n.state)
             in_state = not states or n.state in states or final
-            return in_state and (not acknowledged or n.provider_pid is not None or final)
+            known = n.provider_pid is not None and n.consumer_pid is not None
+            return in_state and (not acknowledged or known or final)
 
-        found: NegotiationPublic = self._wait(lambda: self.negotiation(pid), done, timeout_s)
+        found: NegotiationPublic = self._wait(pid, lambda: self.negotiation(pid), done, timeout_s)
         return found
 
     def wait_transfer(
@@ -888,18 +990,24 @@ class DspService:
             in_state = not states or t.state in states or final
             return in_state and (not acknowledged or t.provider_pid is not None or final)
 
-        found: TransferPublic = self._wait(lambda: self.transfer(pid), done, timeout_s)
+        found: TransferPublic = self._wait(pid, lambda: self.transfer(pid), done, timeout_s)
         return found
 
-    def _wait(self, read: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float) -> Any:
+    def _wait(self, pid: str, read: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float) -> Any:
+        # Re-read only when a commit of this process touched `pid` (a cheap version check under
+        # the condition), not on every commit of every process.
         deadline = time.monotonic() + max(0.0, min(timeout_s, 60.0))
-        with self._changed:
-            while True:
-                current = read()
-                left = deadline - time.monotonic()
-                if done(current) or left <= 0:
-                    return current
-                self._changed.wait(left)
+        while True:
+            with self._changed:
+                seen = self._versions.get(pid, 0)
+            current = read()
+            left = deadline - time.monotonic()
+            if done(current) or left <= 0:
+                return current
+            with self._changed:
+                while self._versions.get(pid, 0) == seen and left > 0:
+                    self._changed.wait(left)
+                    left = deadline - time.monotonic()
 
     # --- management: agreements -----------------------------------------------------------------------
 
@@ -1069,10 +1177,20 @@ class DspService:
 
     # --- work the manager does -----------------------------------------------------------------------
 
-    def run_pending(self, kind: str, pid: str) -> None:
-        """Take the step this side owes on `pid`, if it still owes it (another worker may have)."""
+    def record_all(self, entries: Sequence[tuple[str, str, str, Outcome, str]]) -> None:
+        for entry in entries:
+            self._record(*entry)
+
+    def run_pending(self, kind: str, pid: str, *, lease: timedelta | None = None) -> Step:
+        """Take the step this side owes on `pid`, if it still owes it (another worker may have).
+
+        With `lease`, the messages the step sends are written leased to the caller for that long and
+        returned with the step's audit entries: the caller delivers, then records (`record_all`), so
+        the peer's next move does not wait for the audit log's durable commit."""
         actor = f"connector:{self.me}"
         with self._tx() as tx:
+            if lease is not None:
+                tx.lease_until = self.clock.now() + lease
             row: NegotiationRow | TransferRow
             if kind == "negotiation":
                 row = self.store.negotiation(tx.s, pid, lock=True)
@@ -1080,7 +1198,7 @@ class DspService:
                 row = self.store.transfer(tx.s, pid, lock=True)
             owed, row.pending = row.pending, None
             if owed is None:
-                return
+                return Step([], [])
             try:
                 with tx.s.begin_nested():
                     if isinstance(row, TransferRow):
@@ -1090,7 +1208,9 @@ class DspService:
                     else:
                         self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
             except HealthspaceError as exc:
+                tx.leased.clear()  # rolled back with the savepoint
                 tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, exc.detail)
+        return Step(tx.leased, tx.audits if tx.leased else [])
 
     def _decide(self, tx: _Tx, row: NegotiationRow, actor: str) -> None:
         dataset = self.store.dataset(tx.s, row.dataset_id or "")
@@ -1110,6 +1230,7 @@ class DspService:
             self.store.settle_outbox(seq, sent=True, error=None, retry_at=None)
             return
         provider_pid = getattr(answer, "provider_pid", None)
+        consumer_pid = getattr(answer, "consumer_pid", None)
         with self._tx() as tx:
             self.store.settle_sent(tx.s, seq)
             row: NegotiationRow | TransferRow
@@ -1119,6 +1240,8 @@ class DspService:
                 row = self.store.transfer(tx.s, pid, lock=True)
             if row.provider_pid is None:
                 row.provider_pid = provider_pid
+            if row.consumer_pid is None:  # we offered first (provider-initiated)
+                row.consumer_pid = consumer_pid
 
     def undeliverable(self, kind: str, pid: str, message_type: str, why: str) -> None:
         """A message we owed could not be delivered: our side stops (TERMINATED) with the reason."""

@@ -17,13 +17,12 @@ The store never commits: the service's `Database.session()` is the transaction.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -46,17 +45,10 @@ _NEGOTIATION_INITIAL = frozenset({NegotiationState.REQUESTED, NegotiationState.O
 class DspStore:
     def __init__(self, db: Database) -> None:
         self.db = db
-        # SQLite has one writer at a time and makes the others retry with sleeps of 1, 2, 5, ... ms;
-        # queueing this process's DSP writers on a lock hands the write over at once instead.
-        self._write_lock: AbstractContextManager[object] = (
-            threading.Lock() if db.dialect == "sqlite" else nullcontext()
-        )
 
-    @contextmanager
-    def writing(self) -> Iterator[Session]:
-        """A write transaction (see `_write_lock`)."""
-        with self._write_lock, self.db.session() as s:
-            yield s
+    def writing(self) -> AbstractContextManager[Session]:
+        """A write transaction (see `Database.write_lock`)."""
+        return self.db.writing()
 
     # --- datasets ------------------------------------------------------------------------------------
 
@@ -198,23 +190,25 @@ class DspStore:
         message_type: str,
         body: bytes,
         now: datetime,
-    ) -> None:
-        s.add(
-            OutboxRow(
-                process_id=process_id,
-                kind=kind,
-                peer_id=peer_id,
-                url=url,
-                message_type=message_type,
-                body=body.decode(),
-                status="pending",
-                attempts=0,
-                next_at=now,
-                lease_until=None,
-                last_error=None,
-                created_at=now,
-            )
+        lease_until: datetime | None = None,
+    ) -> OutboxRow:
+        """Queue a message; with `lease_until`, already leased to the worker that will send it."""
+        row = OutboxRow(
+            process_id=process_id,
+            kind=kind,
+            peer_id=peer_id,
+            url=url,
+            message_type=message_type,
+            body=body.decode(),
+            status="pending",
+            attempts=0 if lease_until is None else 1,
+            next_at=now,
+            lease_until=lease_until,
+            last_error=None,
+            created_at=now,
         )
+        s.add(row)
+        return row
 
     def claim_outbox(self, now: datetime, lease: timedelta, limit: int = 20) -> list[OutboxRow]:
         """Lease due messages, at most one per process (the oldest), so a process's messages stay in order.
@@ -249,6 +243,41 @@ class DspStore:
                 if len(taken) >= limit:
                     break
             return taken
+
+    def claim_next(self, process_id: str, now: datetime, lease: timedelta) -> OutboxRow | None:
+        """Lease the oldest pending message of one process if it is due and not leased: one statement.
+
+        The manager's fast path after a hint: the same guarantees as `claim_outbox` (oldest first per
+        process, one holder per row: the UPDATE re-checks the lease under the row lock on PostgreSQL,
+        and SQLite has one writer), without a scan of the whole outbox.
+        """
+        oldest = (
+            select(func.min(OutboxRow.seq))
+            .where(OutboxRow.process_id == process_id, OutboxRow.status == "pending")
+            .scalar_subquery()
+        )
+        stmt = (
+            update(OutboxRow)
+            .where(
+                OutboxRow.seq == oldest,
+                # Repeated here: PostgreSQL re-checks only these conditions on a row that another
+                # worker settled while we waited for its lock (the subquery keeps its old answer).
+                OutboxRow.status == "pending",
+                OutboxRow.next_at <= now,
+                or_(OutboxRow.lease_until.is_(None), OutboxRow.lease_until < now),
+            )
+            .values(lease_until=now + lease, attempts=OutboxRow.attempts + 1)
+            .returning(OutboxRow)
+            .execution_options(synchronize_session=False)
+        )
+        with self.writing() as s:
+            return s.scalars(stmt).one_or_none()
+
+    @staticmethod
+    def has_pending(s: Session, process_id: str) -> bool:
+        """Whether a message of the process is still waiting to be delivered."""
+        q = select(OutboxRow.seq).where(OutboxRow.process_id == process_id, OutboxRow.status == "pending")
+        return s.scalars(q.limit(1)).first() is not None
 
     @staticmethod
     def _has_earlier_pending(s: Session, row: OutboxRow) -> bool:
