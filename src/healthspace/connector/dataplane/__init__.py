@@ -4,7 +4,7 @@ make_dataplane_router(get_service) -> APIRouter        mount on the connector ap
 make_review_router(get_service, staff) -> APIRouter    the output-review airlock for staff API keys
 JobService(db, provider_id=, provider_jurisdiction=, key=, agreement=, transfer=, consent=, connect=,
            record=, clock=, consumer=, approvals=)    needs migration branches "jobs" and "compute"
-lazy_store_connection(path, keys_dir)                   the clinical store's DuckDB connection, opened once
+lazy_store_connection(path, keys_dir)                   the store's DuckDB connection, fresh after each commit
 """
 
 from healthspace.connector.dataplane.api import make_dataplane_router, make_review_router
