@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import orjson
 from sqlalchemy import Connection, Table, select, text
@@ -43,6 +43,7 @@ from healthspace.core.errors import HealthspaceError, ValidationError
 __all__ = [
     "AuditIntegrityError",
     "AuditLog",
+    "AuditRecorder",
     "AuditUnavailableError",
     "ConsistencyProof",
     "InclusionProof",
@@ -356,6 +357,23 @@ class _Pending:
         self.error: BaseException | None = None
         self.wake = threading.Lock()
         self.wake.acquire()
+
+
+class AuditRecorder(Protocol):
+    """What a service needs of the audit log: `AuditLog.record`'s signature (tests pass a list's append)."""
+
+    def __call__(
+        self,
+        actor: str,
+        action: str,
+        subject: str,
+        outcome: Outcome,
+        reason: str = "",
+        *,
+        scenario_id: str | None = None,
+        agreement_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> object: ...
 
 
 class AuditLog:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import httpx
 import orjson
 
-from healthspace.audit.log import AuditLog
+from healthspace.audit.log import AuditLog, AuditRecorder
 from healthspace.audit.models import Outcome
 from healthspace.connector.dsp.service import DspService, policy_acceptable
 from healthspace.connector.dsp.tables import DatasetRow, NegotiationRow, TransferRow
@@ -45,7 +45,6 @@ from healthspace.protocol.states import Role as DspRole
 
 __all__ = [
     "CrossBorderSource",
-    "DecisionRecorder",
     "Directory",
     "GatedDspService",
     "Member",
@@ -84,23 +83,8 @@ class CrossBorderSource(Protocol):
     def current(self) -> CrossBorderSet: ...
 
 
-class DecisionRecorder(Protocol):
-    def __call__(
-        self,
-        actor: str,
-        action: str,
-        subject: str,
-        outcome: Outcome,
-        reason: str = "",
-        *,
-        scenario_id: str | None = None,
-        agreement_id: str | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> object: ...
-
-
 def record_decision(
-    record: DecisionRecorder,
+    record: AuditRecorder,
     actor: str,
     subject: str,
     decision: Decision,

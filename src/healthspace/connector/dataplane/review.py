@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, Field
@@ -24,6 +24,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from healthspace.audit.log import AuditRecorder
 from healthspace.audit.models import Outcome
 from healthspace.connector.dataplane.states import JOB, REVIEW, JobState, ReviewState
 from healthspace.connector.dataplane.tables import JobRow, ReviewApprovalRow, ReviewRow
@@ -38,21 +39,6 @@ __all__ = [
     "ReviewPublic",
     "Reviewer",
 ]
-
-
-class _Recorder(Protocol):
-    def __call__(
-        self,
-        actor: str,
-        action: str,
-        subject: str,
-        outcome: Outcome,
-        reason: str = "",
-        *,
-        scenario_id: str | None = None,
-        agreement_id: str | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +116,7 @@ class OutputReview:
     reason (422); the job moves only through `states.JOB` (HELD → SUCCEEDED | REFUSED).
     """
 
-    def __init__(self, db: Database, record: _Recorder, clock: Clock, required: int = 2) -> None:
+    def __init__(self, db: Database, record: AuditRecorder, clock: Clock, required: int = 2) -> None:
         if required < 1:
             raise ValidationError("output review needs at least one approval")
         self.db = db

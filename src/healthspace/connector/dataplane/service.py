@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from healthspace.audit.log import AuditRecorder
 from healthspace.audit.models import Outcome
 from healthspace.compute import (
     BudgetKey,
@@ -110,21 +111,6 @@ class TransferView(Protocol):
     def agreement_id(self) -> str: ...
     @property
     def state(self) -> Any: ...
-
-
-class AuditRecorder(Protocol):
-    def __call__(
-        self,
-        actor: str,
-        action: str,
-        subject: str,
-        outcome: Outcome,
-        reason: str = "",
-        *,
-        scenario_id: str | None = None,
-        agreement_id: str | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
