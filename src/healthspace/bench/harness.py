@@ -7,13 +7,16 @@ across runs. Medians, never means, and every sample kept in the JSON.
 
 from __future__ import annotations
 
+import socket
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Figure", "rate", "seconds"]
+__all__ = ["Figure", "loopback_socket", "rate", "seconds", "serve"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +78,33 @@ def seconds(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> list[
 def rate(fn: Callable[[], object], ops: int, repeat: int = 5, warmup: int = 1) -> list[float]:
     """Operations per second for each run of `fn()`, which performs `ops` operations."""
     return [ops / s for s in seconds(fn, repeat=repeat, warmup=warmup)]
+
+
+def loopback_socket() -> socket.socket:
+    """A listening socket on 127.0.0.1 (a free port), typed TCP: asyncio turns Nagle off on accepted
+    connections only for a listener created with IPPROTO_TCP; otherwise each response waits ~40 ms."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def serve(app: Any, sock: socket.socket | None = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on loopback in a thread for the block; yields its base URL."""
+    import uvicorn  # the servers' dependency, only when a suite serves something
+
+    sock = sock or loopback_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=lambda: server.run(sockets=[sock]), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("a bench server did not start")
+        time.sleep(0.005)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -18,12 +18,9 @@ Every loop is bounded in count and in time (`_BUDGET_S`).
 
 from __future__ import annotations
 
-import socket
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,11 +28,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-import uvicorn
 from fastapi import FastAPI
 
 from healthspace.audit.log import AuditLog
-from healthspace.bench.harness import Figure
+from healthspace.bench.harness import Figure, serve
 from healthspace.compute import DuckDBEngine, GlmSite, parse_spec
 from healthspace.connector.dataplane import (
     ConsumerProfile,
@@ -96,27 +92,6 @@ class _Transfer:
     id: str
     agreement_id: str
     state: str = "STARTED"
-
-
-@contextmanager
-def _serve(app: FastAPI) -> Iterator[str]:
-    # IPPROTO_TCP so accepted sockets get TCP_NODELAY (otherwise each response waits ~40 ms).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=lambda: server.run(sockets=[sock]), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise ConfigurationError("bench data plane did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def _timed(fn: Callable[[], object], count: int) -> list[float]:
@@ -194,7 +169,7 @@ def run(quick: bool) -> list[Figure]:
         token = mint_access_token(key, pid, CONSUMER, agreement.id, transfer.id, AS_OF, timedelta(days=1))
         auth = {"Authorization": f"Bearer {token}"}
         try:
-            with _serve(app) as url, httpx.Client(base_url=f"{url}/dataplane", timeout=30) as http:
+            with serve(app) as url, httpx.Client(base_url=f"{url}/dataplane", timeout=30) as http:
                 glm = _glm_figures(http, auth, policy, consent, connect, count)
                 refresh = _refresh_figures(http, auth, key, pid, agreement.id, transfer.id, count)
         finally:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import statistics
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from fastapi import FastAPI, Request
@@ -37,7 +34,7 @@ from sqlalchemy.engine import make_url
 
 from healthspace.audit.log import AuditLog
 from healthspace.audit.models import Outcome
-from healthspace.bench.harness import Figure
+from healthspace.bench.harness import Figure, loopback_socket, serve
 from healthspace.connector.dsp.api import DspComponents, make_dsp_routers
 from healthspace.connector.dsp.manager import DspManager, peer_http_client
 from healthspace.connector.dsp.service import DatasetCreate, DspService
@@ -81,24 +78,6 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 @contextmanager
-def _serve(app: FastAPI, sock: socket.socket) -> Iterator[None]:
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("bench server did not start")
-        time.sleep(0.005)
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-@contextmanager
 def _node(db_url: str, pid: str, authority: SigningKey) -> Iterator[_Node]:
     clock = SystemClock()
     key = SigningKey.generate()
@@ -111,10 +90,7 @@ def _node(db_url: str, pid: str, authority: SigningKey) -> Iterator[_Node]:
         public_key=key.public_key_b64,
     )
     credential, _ = issue_credential(authority, AUTHORITY, claims, clock.now(), timedelta(days=1))
-    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when the
-    # listening socket says TCP explicitly; with proto 0, Nagle + delayed ACK add ~40 ms per response.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     db = Database(db_url, branches=("audit", "identity", "dsp"))
     audit = AuditLog(db, key, clock)
@@ -158,7 +134,7 @@ def _node(db_url: str, pid: str, authority: SigningKey) -> Iterator[_Node]:
 
     manager.start()
     try:
-        with _serve(app, sock):
+        with serve(app, sock):
             yield _Node(pid, url, service)
     finally:
         manager.stop()

@@ -19,13 +19,10 @@ Figures, each with a baseline measured in the same run on the same stores:
 
 from __future__ import annotations
 
-import socket
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,12 +31,11 @@ from typing import Any, cast
 import duckdb
 import orjson
 import pyarrow as pa
-import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import text
 
 from healthspace.audit.log import AuditLog
-from healthspace.bench.harness import Figure
+from healthspace.bench.harness import Figure, serve
 from healthspace.bench.suites.compute import thousand_codes
 from healthspace.connector.dataplane import ConsumerProfile, JobService, make_dataplane_router
 from healthspace.connector.dsp.dataplane import mint_access_token
@@ -324,27 +320,6 @@ def _hospital(root: Path, site: str, patients: int, seed: int, copies: int = 1) 
     )
 
 
-@contextmanager
-def _serve(app: FastAPI) -> Iterator[str]:
-    # IPPROTO_TCP so accepted sockets get TCP_NODELAY (otherwise each response waits ~40 ms).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=lambda: server.run(sockets=[sock]), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise ConfigurationError("bench data plane did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 def _quantile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -378,7 +353,7 @@ def run(quick: bool) -> list[Figure]:
         ]
         sites = []
         for h in hospitals:
-            url = stack.enter_context(_serve(h.app))
+            url = stack.enter_context(serve(h.app))
             sites.append(
                 Site(h.site.id, f"{url}/dataplane", h.site.token, h.site.agreement_id, h.site.public_key)
             )
