@@ -179,6 +179,7 @@ class ClinicalStore:
         self._mac_key = hmac.new(data_key, b"healthspace manifest mac", hashlib.sha256).digest()
         self._crypto = _Crypto(self.dataset_id, data_key)
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._in_memory = False
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -283,19 +284,40 @@ class ClinicalStore:
             [str(self.path / f) for f in files], schema=schema, format=self._crypto.read_format
         )
 
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        """A DuckDB connection whose views are the committed tables (and `quarantine`). Read-only use."""
+    def connect(self, *, in_memory: bool = False) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection whose tables are the committed tables (and `quarantine`). Read-only use.
+
+        By default each table is a view that decrypts the segments on every scan. With `in_memory`, the
+        committed rows are decrypted once into DuckDB's own in-memory tables (what the data plane
+        wants: every job then scans columnar memory, not encrypted Parquet); memory grows with the
+        store, and a store that does not fit falls back to views. Either way nothing decrypted is
+        ever spilled to disk. The first call decides; later calls return the same connection.
+        """
         if self._con is None:
             con = duckdb.connect(":memory:")
             # Decrypted data must never be spilled to disk in clear.
             con.execute("SET temp_directory = ''")
             self._con = con
+            self._in_memory = in_memory
             self._register(con)
         return self._con
 
     def _register(self, con: duckdb.DuckDBPyConnection) -> None:
-        self._crypto.warm(self.path / f for t in [*CDM_TABLES, "quarantine"] for f in self.segment_files(t))
-        for t in [*CDM_TABLES, "quarantine"]:
+        tables = [*CDM_TABLES, "quarantine"]
+        self._crypto.warm(self.path / f for t in tables for f in self.segment_files(t))
+        if self._in_memory:
+            try:
+                for t in tables:
+                    con.register("hs_segments", self.dataset(t))
+                    con.execute(f"CREATE OR REPLACE TABLE {t} AS SELECT * FROM hs_segments")  # noqa: S608
+                    con.unregister("hs_segments")
+                return
+            except duckdb.OutOfMemoryException:
+                self._in_memory = False  # too big for memory: scan the encrypted segments instead
+                con.unregister("hs_segments")
+                for t in tables:
+                    con.execute(f"DROP TABLE IF EXISTS {t}")
+        for t in tables:
             con.register(t, self.dataset(t))
 
     def row_counts(self) -> dict[str, int]:

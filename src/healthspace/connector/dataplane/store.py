@@ -28,11 +28,12 @@ def lazy_store_connection(path: Path, keys_dir: Path) -> Callable[[], duckdb.Duc
     """A `connect` callable for `JobService`: opens the encrypted store on first use, then reuses it
     for as long as no commit (an ingestion, an erasure, a destruction) has replaced its manifest.
 
-    A job must see what the store holds now: rows ingested since the last job, and none that were
-    erased or destroyed. One `stat` per job tells; a changed manifest reopens the store (the stat is
-    taken before opening, so a commit landing in between is seen by the next job). A missing store or
-    key raises the data package's typed error on that job (not at start-up), so a connector without
-    clinical data still serves everything else.
+    The store is decrypted once into DuckDB's memory (`ClinicalStore.connect(in_memory=True)`), so a
+    job scans columnar memory instead of decrypting Parquet. A job must see what the store holds now:
+    rows ingested since the last job, and none that were erased or destroyed. One `stat` per job
+    tells; a changed manifest reopens the store (the stat is taken before opening, so a commit landing
+    in between is seen by the next job). A missing store or key raises the data package's typed error
+    on that job (not at start-up), so a connector without clinical data still serves everything else.
     """
     lock = threading.Lock()
     opened: list[tuple[tuple[int, int, int] | None, ClinicalStore]] = []
@@ -46,6 +47,6 @@ def lazy_store_connection(path: Path, keys_dir: Path) -> Callable[[], duckdb.Duc
                 opened.clear()
             if not opened:
                 opened.append((seen, ClinicalStore.open(path, LocalKeyStore(keys_dir))))
-            return opened[0][1].connect()
+            return opened[0][1].connect(in_memory=True)
 
     return connect

@@ -11,8 +11,9 @@ back-off up to `max_attempts`.
 Hints are an accelerator, not the source of truth: rows are leased (`claim_next`, `claim_outbox`) and
 steps re-checked under the row lock, so a duplicate or stale hint does nothing, and a full pass over
 the tables (`run_once`) runs at start and at least every `idle_s`, so work left by a previous run, a
-lost hint or a message whose worker died (its lease runs out) is still done. Several workers let one process's HTTP round trip overlap
-another's database work; a process's messages still go out in order (oldest pending first, one lease).
+lost hint or a message whose worker died (its lease runs out) is still done. Several workers let one
+process's HTTP round trip overlap another's database work; a process's messages still go out in order
+(oldest pending first, one lease).
 """
 
 from __future__ import annotations
