@@ -291,7 +291,7 @@ def _hospital(root: Path, site: str, patients: int, seed: int, copies: int = 1) 
     # thread running it can wait for that lock while holding the GIL the creating thread needs, and both
     # hang (seen twice at 200,000 patients). Created here, the client is cached for the scans.
     store.dataset("person").head(1)
-    con = store.connect()
+    con = store.connect(in_memory=True)  # as the connector's data plane opens it (lazy_store_connection)
     timed = _TimedConnection(con)
     service = JobService(
         db,
