@@ -358,58 +358,40 @@ def test_a_steward_offers_a_narrower_policy_first_and_the_researcher_accepts(
     space: Space, space_file: Path
 ) -> None:
     dataset_id = _publish(space_file, epsilon="3")
-    offered = _invoke(
-        "negotiation",
-        "propose",
-        "--consumer",
-        space.connectors[HKU].url,
-        "--dataset",
-        dataset_id,
-        "--template",
-        "aggregate-research",
-        "--scenario",
-        SCENARIO,
-        "--k",
-        "10",
-        "--epsilon",
-        "1",
-        "--days",
-        "365",
-        "--wait",
-        *_staff(space_file, GZ),
-    )
+
+    def propose(epsilon: str, *extra: str) -> Result:
+        template = ["--template", "aggregate-research", "--scenario", SCENARIO, "--k", "10", "--days", "365"]
+        consumer = ["--consumer", space.connectors[HKU].url, "--dataset", dataset_id]
+        return _invoke(
+            "negotiation",
+            "propose",
+            *consumer,
+            *template,
+            "--epsilon",
+            epsilon,
+            *extra,
+            *_staff(space_file, GZ),
+        )
+
+    offered = propose("1", "--wait")
     assert offered.exit_code == 0, offered.output
     row = json.loads(offered.stdout)
     assert (row["role"], row["state"]) == ("provider", "OFFERED")
     assert row["consumer_pid"] is not None  # --wait: the consumer has acknowledged it
-    theirs = row["consumer_pid"]
-    for action in ("accept", "verify"):
-        wait_for = "AGREED" if action == "accept" else "FINALIZED"
+    for action, wait_for in (("accept", "AGREED"), ("verify", "FINALIZED")):
         done = _invoke(
-            "negotiation", action, theirs, "--wait", "--wait-for", wait_for, *_staff(space_file, HKU)
+            "negotiation",
+            action,
+            row["consumer_pid"],
+            "--wait",
+            "--wait-for",
+            wait_for,
+            *_staff(space_file, HKU),
         )
         assert done.exit_code == 0, done.output
     assert json.loads(done.stdout)["state"] == "FINALIZED"
 
-    broader = _invoke(
-        "negotiation",
-        "propose",
-        "--consumer",
-        space.connectors[HKU].url,
-        "--dataset",
-        dataset_id,
-        "--template",
-        "aggregate-research",
-        "--scenario",
-        SCENARIO,
-        "--k",
-        "10",
-        "--epsilon",
-        "9",
-        "--days",
-        "365",
-        *_staff(space_file, GZ),
-    )
+    broader = propose("9")  # the dataset's offer allows ε 3
     assert broader.exit_code == 1
     assert "at least as restrictive" in broader.output
 

@@ -15,8 +15,8 @@ from healthspace.authority.seed import DEMO_SCENARIOS
 from healthspace.core.apikeys import Role
 from healthspace.core.clock import FixedClock
 from healthspace.policy import template
-from tests.connector.helpers import audit_entries, clocked_space
-from tests.support.space import Space
+from tests.connector.helpers import audit_entries
+from tests.support.space import Space, running_space
 
 SCENARIO = "diabetes-outcomes-research"
 GZ, MO, HKH = "gz-hospital", "mo-hospital", "hk-hospital"
@@ -39,7 +39,9 @@ def clock() -> FixedClock:
 
 @pytest.fixture(scope="module")
 def space(tmp_path_factory: pytest.TempPathFactory, clock: FixedClock) -> Iterator[Space]:
-    with clocked_space(tmp_path_factory.mktemp("xborder"), PARTICIPANTS, clock, PREFIXES) as s:
+    with running_space(
+        tmp_path_factory.mktemp("xborder"), PARTICIPANTS, patient_prefixes=PREFIXES, clock=clock
+    ) as s:
         with s.admin() as admin:
             admin.register_scenario(
                 next(sc for sc in DEMO_SCENARIOS if sc.id == SCENARIO).model_dump(mode="json")

@@ -16,6 +16,8 @@ from fastapi import FastAPI
 from healthspace.audit.log import AuditLog
 from healthspace.connector.dataplane import (
     ConsumerProfile,
+    FixedAgreement,
+    FixedTransfer,
     JobService,
     make_dataplane_router,
     make_review_router,
@@ -41,24 +43,6 @@ SCENARIO = "diabetes-outcomes-research"
 CONSUMER = "hk-university"
 AS_OF = datetime(2026, 1, 1, tzinfo=UTC)
 JURISDICTION = {"gz": "CN-GD", "sz": "CN-GD", "hk": "HK"}
-
-
-@dataclass(frozen=True)
-class Agreement:
-    id: str
-    provider_id: str
-    consumer_id: str
-    dataset_id: str
-    policy: dict[str, Any]
-    signed_at: datetime
-    retired_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class Transfer:
-    id: str
-    agreement_id: str
-    state: str
 
 
 def agreement_policy(
@@ -110,8 +94,8 @@ class Provider:
     service: JobService
     store_path: Path
     keys_dir: Path
-    agreements: dict[str, Agreement] = field(default_factory=dict)
-    transfers: dict[str, Transfer] = field(default_factory=dict)
+    agreements: dict[str, FixedAgreement] = field(default_factory=dict)
+    transfers: dict[str, FixedTransfer] = field(default_factory=dict)
     approvals: list[ExportApproval] = field(default_factory=list)
     url: str = ""
     api_keys: ApiKeyStore | None = None
@@ -123,7 +107,7 @@ class Provider:
 
     def add_agreement(self, agreement_id: str, *, consumer: str = CONSUMER, **policy: Any) -> str:
         """A FINALIZED agreement with a STARTED transfer; returns the transfer id."""
-        self.agreements[agreement_id] = Agreement(
+        self.agreements[agreement_id] = FixedAgreement(
             agreement_id,
             self.id,
             consumer,
@@ -132,7 +116,7 @@ class Provider:
             self.clock.now() - timedelta(days=1),
         )
         transfer_id = f"tr-{agreement_id}"
-        self.transfers[transfer_id] = Transfer(transfer_id, agreement_id, "STARTED")
+        self.transfers[transfer_id] = FixedTransfer(transfer_id, agreement_id, "STARTED")
         return transfer_id
 
     def token(
@@ -236,13 +220,13 @@ def control_plane(
 def job_service(p: Provider, db: Database, audit: AuditLog, consent: ConsentService) -> JobService:
     """A data plane for `p` on `db`: a new one on the same database is what a restart leaves."""
 
-    def find_agreement(agreement_id: str) -> Agreement:
+    def find_agreement(agreement_id: str) -> FixedAgreement:
         found = p.agreements.get(agreement_id)
         if found is None:
             raise NotFoundError(f"no agreement {agreement_id!r}")
         return found
 
-    def find_transfer(transfer_id: str) -> Transfer:
+    def find_transfer(transfer_id: str) -> FixedTransfer:
         found = p.transfers.get(transfer_id)
         if found is None:
             raise NotFoundError(f"no transfer {transfer_id!r}")

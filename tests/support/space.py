@@ -14,6 +14,7 @@ from healthspace.connector.app import create_app as create_connector
 from healthspace.connector.app import init_connector, install_credential, public_key_of
 from healthspace.connector.config import ConnectorConfig
 from healthspace.core.apikeys import Role
+from healthspace.core.clock import Clock
 from healthspace.core.settings import Settings
 from tests.support.servers import bind_loopback, serve, url_of
 
@@ -50,17 +51,19 @@ def running_space(
     revocation_max_age_s: float = 0.0,
     patient_prefixes: dict[str, str] | None = None,
     database_url: Callable[[str], str] | None = None,
+    clock: Clock | None = None,
 ) -> Iterator[Space]:
     """Start an authority, onboard `participants` through its admin API and start their connectors.
 
     A participant named in `patient_prefixes` is a hospital with a consent registry. `database_url`, given a
     participant id (or AUTHORITY_ID), names that service's control-plane database; default SQLite files.
+    `clock` (default: the system clock) is given to the authority and every connector.
     """
     with ExitStack() as stack:
         db_for = database_url or (lambda _: None)
         auth_settings = Settings(data_dir=root / "authority", database_url=db_for(AUTHORITY_ID))
         auth_keys = init_authority(auth_settings, AUTHORITY_ID, "Test Authority")
-        auth_url = stack.enter_context(serve(create_authority(auth_settings)))
+        auth_url = stack.enter_context(serve(create_authority(auth_settings, clock)))
         authority = Node(
             AUTHORITY_ID, auth_url, auth_settings.data_dir, {r: k.secret for r, k in auth_keys.items()}
         )
@@ -98,6 +101,6 @@ def running_space(
                 }
             )
             install_credential(settings, result["credential"])
-            url = stack.enter_context(serve(create_connector(settings), sock))
+            url = stack.enter_context(serve(create_connector(settings, clock), sock))
             nodes[pid] = Node(pid, url, settings.data_dir, {r: k.secret for r, k in keys.items()})
         yield Space(authority, nodes)

@@ -273,6 +273,7 @@ SigningKeyOpt = Annotated[
     Path | None, typer.Option("--signing-key", help="Ed25519 key file (default: <data-dir>/participant.key).")
 ]
 Dataset = Annotated[str, typer.Argument(help="Dataset id.")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (kept in the audit log).")]
 
 
 @contextlib.contextmanager
@@ -384,7 +385,7 @@ def move(
     dataset: Dataset,
     target: Annotated[DatasetState, typer.Argument(help="curated, published, suspended or acquired.")],
     keys: KeyDir,
-    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit log).")] = "",
+    reason: ReasonOpt = "",
     data_dir: DataDir = Path(".healthspace"),
     root: RootOpt = None,
     organisation: OrgOpt = "local",
@@ -407,7 +408,7 @@ def archive(
     retain_until: Annotated[
         datetime, typer.Option("--retain-until", help="End of retention (ISO date/time; UTC if no zone).")
     ],
-    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit log).")] = "",
+    reason: ReasonOpt = "",
     data_dir: DataDir = Path(".healthspace"),
     root: RootOpt = None,
     organisation: OrgOpt = "local",
@@ -428,7 +429,7 @@ def archive(
 def restore(
     dataset: Dataset,
     keys: KeyDir,
-    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit log).")] = "",
+    reason: ReasonOpt = "",
     data_dir: DataDir = Path(".healthspace"),
     root: RootOpt = None,
     organisation: OrgOpt = "local",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,8 @@ from healthspace.bench.harness import Figure, serve
 from healthspace.compute import DuckDBEngine, GlmSite, parse_spec
 from healthspace.connector.dataplane import (
     ConsumerProfile,
+    FixedAgreement,
+    FixedTransfer,
     JobService,
     data_classes_of,
     make_dataplane_router,
@@ -74,24 +75,6 @@ _GLM: dict[str, Any] = {
     ],
 }
 _COUNT: dict[str, Any] = {"version": 1, "analyses": [{"type": "count", "id": "n"}]}
-
-
-@dataclass(frozen=True)
-class _Agreement:
-    id: str
-    provider_id: str
-    consumer_id: str
-    dataset_id: str
-    policy: dict[str, Any]
-    signed_at: datetime
-    retired_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class _Transfer:
-    id: str
-    agreement_id: str
-    state: str = "STARTED"
 
 
 def _timed(fn: Callable[[], object], count: int) -> list[float]:
@@ -135,15 +118,15 @@ def run(quick: bool) -> list[Figure]:
         for c in rule["constraint"]:
             if c["leftOperand"] == "outputType":
                 c["operator"], c["rightOperand"] = "isAnyOf", ["aggregate", "model"]
-        agreement = _Agreement("agr-bench", pid, CONSUMER, dataset, policy, AS_OF - timedelta(days=1))
-        transfer = _Transfer("tr-bench", agreement.id)
+        agreement = FixedAgreement("agr-bench", pid, CONSUMER, dataset, policy, AS_OF - timedelta(days=1))
+        transfer = FixedTransfer("tr-bench", agreement.id)
 
-        def find_agreement(agreement_id: str) -> _Agreement:
+        def find_agreement(agreement_id: str) -> FixedAgreement:
             if agreement_id != agreement.id:
                 raise NotFoundError(agreement_id)
             return agreement
 
-        def find_transfer(transfer_id: str) -> _Transfer:
+        def find_transfer(transfer_id: str) -> FixedTransfer:
             if transfer_id != transfer.id:
                 raise NotFoundError(transfer_id)
             return transfer

@@ -37,7 +37,14 @@ from sqlalchemy import text
 from healthspace.audit.log import AuditLog
 from healthspace.bench.harness import Figure, serve
 from healthspace.bench.suites.compute import thousand_codes
-from healthspace.connector.dataplane import ConsumerProfile, JobService, make_dataplane_router
+from healthspace.compute.engine import OMOP_TABLES
+from healthspace.connector.dataplane import (
+    ConsumerProfile,
+    FixedAgreement,
+    FixedTransfer,
+    JobService,
+    make_dataplane_router,
+)
 from healthspace.connector.dsp.dataplane import mint_access_token
 from healthspace.consent.fhir import PatientRefs
 from healthspace.consent.service import ConsentService
@@ -132,24 +139,6 @@ class _TimedConnection:
 
     def register(self, name: str, obj: Any) -> Any:
         return self.con.register(name, obj)
-
-
-@dataclass(frozen=True)
-class _Agreement:
-    id: str
-    provider_id: str
-    consumer_id: str
-    dataset_id: str
-    policy: dict[str, Any]
-    signed_at: datetime
-    retired_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class _Transfer:
-    id: str
-    agreement_id: str
-    state: str = "STARTED"
 
 
 @dataclass
@@ -272,15 +261,15 @@ def _hospital(root: Path, site: str, patients: int, seed: int, copies: int = 1) 
     )
     rule = policy["permission"][0]
     rule["constraint"] = [c for c in rule["constraint"] if c["leftOperand"] != "privacyBudget"]
-    agreement = _Agreement("agr-bench", pid, CONSUMER, dataset, policy, AS_OF - timedelta(days=1))
-    transfer = _Transfer("tr-bench", agreement.id)
+    agreement = FixedAgreement("agr-bench", pid, CONSUMER, dataset, policy, AS_OF - timedelta(days=1))
+    transfer = FixedTransfer("tr-bench", agreement.id)
 
-    def find_agreement(agreement_id: str) -> _Agreement:
+    def find_agreement(agreement_id: str) -> FixedAgreement:
         if agreement_id != agreement.id:
             raise NotFoundError(agreement_id)
         return agreement
 
-    def find_transfer(transfer_id: str) -> _Transfer:
+    def find_transfer(transfer_id: str) -> FixedTransfer:
         if transfer_id != transfer.id:
             raise NotFoundError(transfer_id)
         return transfer
@@ -360,16 +349,7 @@ def run(quick: bool) -> list[Figure]:
         cons: list[duckdb.DuckDBPyConnection] = [h.connect() for h in hospitals]
         rows = sum(
             int(cons[0].execute(f"SELECT count(*) FROM {t}").fetchall()[0][0])  # noqa: S608
-            for t in (
-                "person",
-                "observation_period",
-                "visit_occurrence",
-                "condition_occurrence",
-                "drug_exposure",
-                "measurement",
-                "procedure_occurrence",
-                "death",
-            )
+            for t in OMOP_TABLES
         )
         expected = sum(int(c.execute(_RAW).fetchall()[0][0]) for c in cons)
 

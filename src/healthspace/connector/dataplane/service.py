@@ -66,6 +66,8 @@ __all__ = [
     "AgreementView",
     "AuditRecorder",
     "ConsumerProfile",
+    "FixedAgreement",
+    "FixedTransfer",
     "GlmStep",
     "JobCreate",
     "JobPublic",
@@ -111,6 +113,28 @@ class TransferView(Protocol):
     def agreement_id(self) -> str: ...
     @property
     def state(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class FixedAgreement:
+    """An `AgreementView` held in memory: a data plane wired without a DSP service (benchmarks, tests)."""
+
+    id: str
+    provider_id: str
+    consumer_id: str
+    dataset_id: str
+    policy: dict[str, Any]
+    signed_at: datetime
+    retired_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class FixedTransfer:
+    """A `TransferView` held in memory (see `FixedAgreement`)."""
+
+    id: str
+    agreement_id: str
+    state: str = "STARTED"
 
 
 @dataclass(frozen=True, slots=True)

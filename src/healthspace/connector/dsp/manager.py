@@ -89,6 +89,7 @@ class DspManager:
         self._work: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._sweeping = threading.Lock()
         self._last_sweep = 0.0
+        self._sweep_queued = False  # at most one full pass waits in the queue
         # Processes whose message is on the wire, and those hinted meanwhile: their next message
         # can only be claimed once the one in flight is settled, so the deliverer re-hints them.
         self._lock = threading.Lock()
@@ -104,14 +105,18 @@ class DspManager:
             self._work.put(w)
 
     def wake(self) -> None:
-        """Ask for a full pass (retry timers, external changes)."""
+        """Ask for a full pass (external changes); one already waiting in the queue will do."""
+        with self._lock:
+            if self._sweep_queued:
+                return
+            self._sweep_queued = True
         self._work.put(_SWEEP)
 
     def start(self) -> None:
         if self._threads:
             return
         self._stop.clear()
-        self._work.put(_SWEEP)  # whatever a previous run left owed
+        self.wake()  # whatever a previous run left owed
         for i in range(self.workers):
             t = threading.Thread(target=self._loop, name=f"dsp-manager-{i}", daemon=True)
             t.start()
@@ -134,7 +139,7 @@ class DspManager:
             if work is None:
                 return
             if work is not _SWEEP and time.monotonic() - self._last_sweep > self.idle_s:
-                self._work.put(_SWEEP)  # under constant load the queue is never idle: sweep anyway
+                self.wake()  # under constant load the queue is never idle: sweep anyway
             try:
                 self._take(work)
             except Exception:  # a worker must outlive any single fault; the rows stay owed
@@ -152,7 +157,11 @@ class DspManager:
             with self._lock:
                 if pid in self._in_flight:
                     self._blocked.add(pid)
-        elif self._sweeping.acquire(blocking=False):  # one full pass at a time is enough
+        else:
+            with self._lock:
+                self._sweep_queued = False
+            if not self._sweeping.acquire(blocking=False):
+                return  # a pass is running; the next one comes within idle_s
             try:
                 self._last_sweep = time.monotonic()
                 self.run_once()
@@ -276,7 +285,7 @@ class DspManager:
         store.settle_outbox(seq, sent=False, error=why, retry_at=self.service.clock.now() + delay)
         self.wake_at(delay.total_seconds(), ("send", kind, pid))
 
-    def wake_at(self, delay_s: float, work: Work = _SWEEP) -> None:
+    def wake_at(self, delay_s: float, work: Work) -> None:
         timer = threading.Timer(delay_s, self.hint, args=([work],))
         timer.daemon = True
         timer.start()

@@ -393,23 +393,17 @@ class DspService:
         with a policy gate narrows it to the offers the caller could be granted."""
         return True
 
-    # --- visibility ------------------------------------------------------------------------------
+    # --- processes a peer is party to --------------------------------------------------------------
+    # DSP: a process the caller is not party to does not exist for it (the store's own not-found text).
 
     def _own_negotiation(self, s: Session, caller: str, pid: str, *, lock: bool = True) -> NegotiationRow:
-        try:
-            row = self.store.negotiation(s, pid, lock=lock)
-        except NotFoundError:
-            raise NotFoundError(f"no contract negotiation {pid!r}") from None
+        row = self.store.negotiation(s, pid, lock=lock)
         if row.counterparty_id != caller:
-            # DSP: a process the caller is not party to does not exist for it.
             raise NotFoundError(f"no contract negotiation {pid!r}")
         return row
 
     def _own_transfer(self, s: Session, caller: str, pid: str, *, lock: bool = True) -> TransferRow:
-        try:
-            row = self.store.transfer(s, pid, lock=lock)
-        except NotFoundError:
-            raise NotFoundError(f"no transfer process {pid!r}") from None
+        row = self.store.transfer(s, pid, lock=lock)
         if row.counterparty_id != caller:
             raise NotFoundError(f"no transfer process {pid!r}")
         return row
