@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import typer
 from typer.testing import CliRunner, Result
@@ -445,16 +444,16 @@ def test_a_steward_counter_offer_and_approval_from_the_command_line(space: Space
         space.connectors[GZ].url,
         "--dataset",
         dataset_id,
+        "--wait",
+        "--wait-for",
+        "ACKNOWLEDGED",  # the provider has answered with its pid: the steward can find it
         *_staff(space_file, HKU),
     )
     assert started.exit_code == 0, started.output
-    node = space.connectors[HKU]
-    acked = httpx.get(
-        f"{node.url}/management/negotiations/{json.loads(started.stdout)['id']}",
-        params={"acknowledged": True, "timeout_s": 10},
-        headers={"X-API-Key": node.keys[Role.ADMIN]},
-    )
-    provider_pid = acked.json()["provider_pid"]
+    acked = json.loads(started.stdout)
+    assert acked["state"] == "REQUESTED"
+    provider_pid = acked["provider_pid"]
+    assert provider_pid is not None
 
     countered = _invoke(
         "negotiation",

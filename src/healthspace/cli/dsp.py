@@ -620,7 +620,7 @@ def _finish(kind: str, row: dict[str, Any], wanted: list[str] | None, as_json: b
         _echo_json(row)
     else:
         _show(kind, row)
-    if wanted and row["state"] not in wanted:
+    if wanted and not _reached(row, wanted):
         why = f" ({row['terminal_reason']})" if row.get("terminal_reason") else ""
         raise _fail(f"{kind} {row['id']} is {row['state']}{why}, not {' or '.join(wanted)}")
 
@@ -636,10 +636,31 @@ def _show(kind: str, row: dict[str, Any]) -> None:
     console.print(table)
 
 
+# Not a DSP state: "the counterparty has answered with its process id" (it has the request or offer).
+ACKNOWLEDGED = "ACKNOWLEDGED"
+
+
 def _negotiation_wait(c: ConnectorClient, pid: str, wanted: list[str], timeout: float) -> dict[str, Any]:
-    return _wait(
-        lambda w, t: c.negotiation(pid, wait_for=w, timeout_s=t), wanted, _NEGOTIATION_FINAL, timeout
-    )
+    if ACKNOWLEDGED not in wanted:
+        return _wait(
+            lambda w, t: c.negotiation(pid, wait_for=w, timeout_s=t), wanted, _NEGOTIATION_FINAL, timeout
+        )
+    # Every state after the acknowledgement implies it, so waiting for it alone is enough.
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(0.0, deadline - time.monotonic())
+        row = c.negotiation(pid, acknowledged=True, timeout_s=min(left, 55.0))
+        if _reached(row, wanted) or row["state"] in _NEGOTIATION_FINAL or left <= 0:
+            return row
+        time.sleep(0.05)
+
+
+def _acknowledged(row: dict[str, Any]) -> bool:
+    return row["provider_pid"] is not None and row["consumer_pid"] is not None
+
+
+def _reached(row: dict[str, Any], wanted: list[str]) -> bool:
+    return row["state"] in wanted or (ACKNOWLEDGED in wanted and _acknowledged(row))
 
 
 def _catalog_offer(c: ConnectorClient, provider: str, dataset_id: str) -> dict[str, Any]:
@@ -652,7 +673,12 @@ def _catalog_offer(c: ConnectorClient, provider: str, dataset_id: str) -> dict[s
 
 
 WaitForNegOpt = Annotated[
-    list[str] | None, typer.Option("--wait-for", help="State(s) --wait waits for (default FINALIZED).")
+    list[str] | None,
+    typer.Option(
+        "--wait-for",
+        help="State(s) --wait waits for (default FINALIZED); ACKNOWLEDGED: until the counterparty has"
+        " answered with its process id.",
+    ),
 ]
 
 
@@ -754,13 +780,8 @@ def negotiation_propose(
         )
         row = c.offer_to(consumer, dataset_id, policy, consumer_id=consumer_id)
         if wait:
-            deadline = time.monotonic() + timeout
-            while row["consumer_pid"] is None and row["state"] not in _NEGOTIATION_FINAL:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise _fail(f"negotiation {row['id']}: the consumer has not acknowledged it yet")
-                row = c.negotiation(row["id"], acknowledged=True, timeout_s=min(left, 55.0))
-    _finish("negotiation", row, None, as_json)
+            row = _negotiation_wait(c, row["id"], [ACKNOWLEDGED], timeout)
+    _finish("negotiation", row, [ACKNOWLEDGED] if wait else None, as_json)
 
 
 @negotiation_app.command("list")
