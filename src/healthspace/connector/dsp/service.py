@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from healthspace.audit.models import Outcome
 from healthspace.connector.dsp.dataplane import mint_access_token
-from healthspace.connector.dsp.store import DspStore
+from healthspace.connector.dsp.store import DspStore, Outgoing
 from healthspace.connector.dsp.tables import (
     AgreementRow,
     DatasetRow,
@@ -267,17 +267,22 @@ event.listen(Session, "before_flush", lambda s, _c, _i: _note_work(s, None))
 class Step:
     """What a step taken for a manager worker left to do: deliver `sent`, then record `audits`."""
 
-    sent: list[OutboxRow]
+    sent: list[Outgoing]
     audits: list[tuple[str, str, str, Outcome, str]]
 
 
 Recorder = Callable[[str, str, str, Outcome, str], None]
+AuditTuple = tuple[str, str, str, Outcome, str]
+BatchRecorder = Callable[[Sequence[AuditTuple]], object]
+"""Records several entries at once, all or none (`AuditLog.append_many`): one durable commit."""
 
 
 class DspService:
     """Provider handlers (`on_*` with a provider-role process), consumer callbacks, management use cases.
 
     `record` writes an audit entry; it is called after commit, never inside a transaction.
+    `record_many`, when given, writes the entries of one transaction or step together (one durable
+    commit instead of one each); it must record all or raise, as `record` does.
     """
 
     def __init__(
@@ -289,6 +294,7 @@ class DspService:
         key: SigningKey,
         clock: Clock,
         record: Recorder,
+        record_many: BatchRecorder | None = None,
     ) -> None:
         self.db = db
         self.store = DspStore(db)
@@ -297,6 +303,7 @@ class DspService:
         self.key = key
         self.clock = clock
         self._record = record
+        self._record_many = record_many
         self._changed = threading.Condition()
         self._versions: dict[str, int] = {}  # pid -> commits that touched it (what waiters watch)
         self._wake: Callable[[Sequence[Work]], None] = lambda _: None
@@ -325,10 +332,14 @@ class DspService:
         # else: the worker delivers first and records after (`run_pending`); a crash in between
         # loses the entries just as a crash between this commit and the audit append would.
         if touched:
-            with self._changed:
-                for pid in touched:
-                    self._versions[pid] = self._versions.get(pid, 0) + 1
-                self._changed.notify_all()
+            self._touched(touched)
+
+    def _touched(self, pids: set[str]) -> None:
+        """Tell waiters that a commit changed these processes."""
+        with self._changed:
+            for pid in pids:
+                self._versions[pid] = self._versions.get(pid, 0) + 1
+            self._changed.notify_all()
 
     # --- catalog (provider) ------------------------------------------------------------------------
 
@@ -953,8 +964,7 @@ class DspService:
             return [_negotiation_public(r) for r in self.store.negotiations(s, limit, offset)]
 
     def negotiation(self, pid: str) -> NegotiationPublic:
-        with self.db.session() as s:
-            return _negotiation_public(self.store.negotiation(s, pid))
+        return NegotiationPublic.model_validate(self.store.process_values("negotiation", pid))
 
     def wait_negotiation(
         self,
@@ -1166,12 +1176,17 @@ class DspService:
             return [_transfer_public(r) for r in self.store.transfers(s, limit, offset)]
 
     def transfer(self, pid: str) -> TransferPublic:
-        with self.db.session() as s:
-            return _transfer_public(self.store.transfer(s, pid))
+        return TransferPublic.model_validate(self.store.process_values("transfer", pid))
 
     # --- work the manager does -----------------------------------------------------------------------
 
     def record_all(self, entries: Sequence[tuple[str, str, str, Outcome, str]]) -> None:
+        """Record a step's audit entries: in one durable append when a batch recorder is set."""
+        if not entries:
+            return
+        if self._record_many is not None:
+            self._record_many(list(entries))
+            return
         for entry in entries:
             self._record(*entry)
 
@@ -1204,7 +1219,7 @@ class DspService:
             except HealthspaceError as exc:
                 tx.leased.clear()  # rolled back with the savepoint
                 tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, exc.detail)
-        return Step(tx.leased, tx.audits if tx.leased else [])
+        return Step([Outgoing.of(r) for r in tx.leased], tx.audits if tx.leased else [])
 
     def _decide(self, tx: _Tx, row: NegotiationRow, actor: str) -> None:
         dataset = self.store.dataset(tx.s, row.dataset_id or "")
@@ -1225,17 +1240,9 @@ class DspService:
             return
         provider_pid = getattr(answer, "provider_pid", None)
         consumer_pid = getattr(answer, "consumer_pid", None)
-        with self._tx() as tx:
-            self.store.settle_sent(tx.s, seq)
-            row: NegotiationRow | TransferRow
-            if kind == "negotiation":
-                row = self.store.negotiation(tx.s, pid, lock=True)
-            else:
-                row = self.store.transfer(tx.s, pid, lock=True)
-            if row.provider_pid is None:
-                row.provider_pid = provider_pid
-            if row.consumer_pid is None:  # we offered first (provider-initiated)
-                row.consumer_pid = consumer_pid
+        # The ACK moves no state and owes no work: two UPDATEs, no row to load (`settle_delivered`).
+        self.store.settle_delivered(seq, kind, pid, provider_pid, consumer_pid)
+        self._touched({pid})  # waiters for the acknowledgement re-read
 
     def undeliverable(self, kind: str, pid: str, message_type: str, why: str) -> None:
         """A message we owed could not be delivered: our side stops (TERMINATED) with the reason."""

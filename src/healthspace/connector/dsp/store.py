@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import CursorResult, Table, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -37,9 +38,37 @@ from healthspace.core.db import Database
 from healthspace.core.errors import ConflictError, InvalidTransitionError, NotFoundError
 from healthspace.protocol.states import NEGOTIATION, TRANSFER, NegotiationState, TransferState
 
-__all__ = ["DspStore"]
+__all__ = ["DspStore", "Outgoing"]
 
 _NEGOTIATION_INITIAL = frozenset({NegotiationState.REQUESTED, NegotiationState.OFFERED})
+_OUTBOX = cast(Table, OutboxRow.__table__)
+_PROCESS_TABLES = {
+    "negotiation": cast(Table, NegotiationRow.__table__),
+    "transfer": cast(Table, TransferRow.__table__),
+}
+
+
+_OUTGOING = ("seq", "process_id", "kind", "peer_id", "url", "message_type", "body", "attempts")
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A leased outbox message as the deliverer needs it (a plain value: no session behind it)."""
+
+    seq: int
+    process_id: str
+    kind: str
+    peer_id: str
+    url: str
+    message_type: str
+    body: str
+    attempts: int
+
+    @classmethod
+    def of(cls, row: OutboxRow) -> Outgoing:
+        return cls(
+            row.seq, row.process_id, row.kind, row.peer_id, row.url, row.message_type, row.body, row.attempts
+        )
 
 
 class DspStore:
@@ -244,34 +273,36 @@ class DspStore:
                     break
             return taken
 
-    def claim_next(self, process_id: str, now: datetime, lease: timedelta) -> OutboxRow | None:
+    def claim_next(self, process_id: str, now: datetime, lease: timedelta) -> Outgoing | None:
         """Lease the oldest pending message of one process if it is due and not leased: one statement.
 
         The manager's fast path after a hint: the same guarantees as `claim_outbox` (oldest first per
         process, one holder per row: the UPDATE re-checks the lease under the row lock on PostgreSQL,
-        and SQLite has one writer), without a scan of the whole outbox.
+        and SQLite has one writer), without a scan of the whole outbox. SQL expression language on a
+        plain connection: it runs once per message, and an ORM session costs more than the statement.
         """
+        t = _OUTBOX
         oldest = (
-            select(func.min(OutboxRow.seq))
-            .where(OutboxRow.process_id == process_id, OutboxRow.status == "pending")
+            select(func.min(t.c.seq))
+            .where(t.c.process_id == process_id, t.c.status == "pending")
             .scalar_subquery()
         )
         stmt = (
-            update(OutboxRow)
+            update(t)
             .where(
-                OutboxRow.seq == oldest,
+                t.c.seq == oldest,
                 # Repeated here: PostgreSQL re-checks only these conditions on a row that another
                 # worker settled while we waited for its lock (the subquery keeps its old answer).
-                OutboxRow.status == "pending",
-                OutboxRow.next_at <= now,
-                or_(OutboxRow.lease_until.is_(None), OutboxRow.lease_until < now),
+                t.c.status == "pending",
+                t.c.next_at <= now,
+                or_(t.c.lease_until.is_(None), t.c.lease_until < now),
             )
-            .values(lease_until=now + lease, attempts=OutboxRow.attempts + 1)
-            .returning(OutboxRow)
-            .execution_options(synchronize_session=False)
+            .values(lease_until=now + lease, attempts=t.c.attempts + 1)
+            .returning(*(t.c[name] for name in _OUTGOING))
         )
-        with self.writing() as s:
-            return s.scalars(stmt).one_or_none()
+        with self.db.writing_core() as conn:
+            r = conn.execute(stmt).first()
+        return None if r is None else Outgoing(*r)
 
     @staticmethod
     def has_pending(s: Session, process_id: str) -> bool:
@@ -294,25 +325,59 @@ class DspStore:
 
     def settle_outbox(self, seq: int, *, sent: bool, error: str | None, retry_at: datetime | None) -> None:
         """Mark a leased message sent, schedule a retry (`retry_at`), or give up (no `retry_at`)."""
-        with self.writing() as s:
-            row = s.get(OutboxRow, seq)
-            if row is None:
+        values: dict[str, Any] = {"lease_until": None, "last_error": error}
+        if sent:
+            values["status"] = "sent"
+        elif retry_at is not None:
+            values["next_at"] = retry_at
+        else:
+            values["status"] = "dead"
+        with self.db.writing_core() as conn:
+            stmt = update(_OUTBOX).where(_OUTBOX.c.seq == seq)
+            result = cast(CursorResult[Any], conn.execute(stmt, values))
+            if result.rowcount != 1:
                 raise NotFoundError(f"no outbox message {seq}")
-            row.lease_until = None
-            row.last_error = error
-            if sent:
-                row.status = "sent"
-            elif retry_at is not None:
-                row.next_at = retry_at
-            else:
-                row.status = "dead"
 
-    def settle_sent(self, s: Session, seq: int) -> None:
-        """Mark a leased message sent inside the caller's transaction."""
-        row = s.get(OutboxRow, seq)
-        if row is None:
-            raise NotFoundError(f"no outbox message {seq}")
-        row.lease_until, row.last_error, row.status = None, None, "sent"
+    def settle_delivered(
+        self, seq: int, kind: str, process_id: str, provider_pid: str | None, consumer_pid: str | None
+    ) -> None:
+        """In one transaction: mark a leased message sent and fill in the process's missing pids from
+        the peer's acknowledgement (a pid already known is kept)."""
+        t = _PROCESS_TABLES[kind]
+        with self.db.writing_core() as conn:
+            settled = cast(
+                CursorResult[Any],
+                conn.execute(
+                    update(_OUTBOX).where(_OUTBOX.c.seq == seq),
+                    {"lease_until": None, "last_error": None, "status": "sent"},
+                ),
+            )
+            if settled.rowcount != 1:
+                raise NotFoundError(f"no outbox message {seq}")  # rolls the transaction back
+            moved = cast(
+                CursorResult[Any],
+                conn.execute(
+                    update(t)
+                    .where(t.c.id == process_id)
+                    .values(
+                        provider_pid=func.coalesce(t.c.provider_pid, provider_pid),
+                        consumer_pid=func.coalesce(t.c.consumer_pid, consumer_pid),
+                    )
+                ),
+            )
+            if moved.rowcount != 1:
+                what = "contract negotiation" if kind == "negotiation" else "transfer process"
+                raise NotFoundError(f"no {what} {process_id!r}")
+
+    def process_values(self, kind: str, pid: str) -> dict[str, Any]:
+        """A process's columns by name, read on a plain connection (the read waiters repeat)."""
+        t = _PROCESS_TABLES[kind]
+        with self.db.engine.connect() as conn:
+            r = conn.execute(select(t).where(t.c.id == pid)).mappings().first()
+        if r is None:
+            what = "contract negotiation" if kind == "negotiation" else "transfer process"
+            raise NotFoundError(f"no {what} {pid!r}")
+        return dict(r)
 
     def outbox(self, s: Session, process_id: str | None = None) -> Sequence[OutboxRow]:
         q = select(OutboxRow).order_by(OutboxRow.seq)
