@@ -25,12 +25,11 @@ from sqlalchemy.orm import Session
 
 from healthspace.audit.models import Outcome
 from healthspace.connector.dsp.dataplane import mint_access_token
-from healthspace.connector.dsp.store import DspStore, Outgoing
+from healthspace.connector.dsp.store import DspStore, Outgoing, snapshot
 from healthspace.connector.dsp.tables import (
     AgreementRow,
     DatasetRow,
     NegotiationRow,
-    OutboxRow,
     TransferRow,
 )
 from healthspace.core.apikeys import Role as StaffRole
@@ -225,27 +224,87 @@ def new_pid() -> str:
     return f"urn:uuid:{uuid.uuid4()}"
 
 
+Work = tuple[str, str, str]
+"""A hint for the manager: ("step", kind, pid) = a step is owed on pid; ("send", kind, pid) = pid has a
+message waiting in the outbox. Hints only say where to look; the rows say whether there is work."""
+
+_Process = NegotiationRow | TransferRow
+
+
+def _kind(row: _Process) -> str:
+    return "negotiation" if isinstance(row, NegotiationRow) else "transfer"
+
+
 @dataclass
 class _Tx:
+    """One DSP transaction. Process rows are read detached (`negotiation`, `transfer`) and written back
+    by `save` (at the end of the transaction, or earlier by the caller); the hints for the manager are
+    collected here from what is saved and queued, not from an ORM flush."""
+
     s: Session
+    store: DspStore
     audits: list[tuple[str, str, str, Outcome, str]] = field(default_factory=list)
     # Set when a manager worker takes the step and will deliver what it sends itself: messages are
     # written already leased to it (one transaction less per hop; after a crash the lease runs out
     # and the next full pass sends them).
     lease_until: datetime | None = None
-    leased: list[OutboxRow] = field(default_factory=list)
+    leased: list[Outgoing] = field(default_factory=list)
+    work: list[Work] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    # Detached rows read in this transaction, with their values as last written.
+    rows: list[tuple[_Process, dict[str, Any]]] = field(default_factory=list)
 
     def audit(self, actor: str, action: str, subject: str, outcome: Outcome, reason: str = "") -> None:
         self.audits.append((actor, action, subject, outcome, reason))
 
+    def negotiation(self, pid: str, *, lock: bool = True) -> NegotiationRow:
+        row = self.store.fetch(self.s, NegotiationRow, pid, lock=lock)
+        self.rows.append((row, snapshot(row)))
+        return row
 
-Work = tuple[str, str, str]
-"""A hint for the manager: ("step", kind, pid) = a step is owed on pid; ("send", kind, pid) = pid has a
-message waiting in the outbox. Hints only say where to look; the rows say whether there is work."""
+    def transfer(self, pid: str, *, lock: bool = True) -> TransferRow:
+        row = self.store.fetch(self.s, TransferRow, pid, lock=lock)
+        self.rows.append((row, snapshot(row)))
+        return row
+
+    def created(self, row: _Process) -> None:
+        """A process row this transaction inserted (`DspStore.create_*`)."""
+        self.touched.add(row.id)
+        if row.pending:
+            self.work.append(("step", _kind(row), row.id))
+
+    def queued(self, out: Outgoing) -> None:
+        """A message this transaction put in the outbox."""
+        if out.attempts == 0:  # not leased to the worker taking the step: a hint for any worker
+            self.work.append(("send", out.kind, out.process_id))
+
+    def save(self) -> None:
+        """Write what changed in the rows read so far."""
+        for i, (row, before) in enumerate(self.rows):
+            changed = self.store.save(self.s, row, before)
+            if changed:
+                self.rows[i] = (row, {**before, **changed})
+                self.touched.add(row.id)
+                if row.pending:
+                    self.work.append(("step", _kind(row), row.id))
+
+    def mark(self) -> tuple[int, int, int, list[dict[str, Any]]]:
+        """Where the transaction stands, to go back to with `undo` when a savepoint is rolled back."""
+        return len(self.rows), len(self.work), len(self.leased), [snapshot(r) for r, _ in self.rows]
+
+    def undo(self, mark: tuple[int, int, int, list[dict[str, Any]]]) -> None:
+        """The savepoint taken at `mark` was rolled back: the rows read since are forgotten, and those
+        read before get back the values they had then (written or not, as then)."""
+        n_rows, n_work, n_leased, values = mark
+        del self.rows[n_rows:], self.work[n_work:], self.leased[n_leased:]
+        for (row, _), was in zip(self.rows, values, strict=True):
+            for k, v in was.items():
+                setattr(row, k, v)
 
 
 def _note_work(session: Session, _: Any) -> None:
-    """After each flush of a DSP transaction, note the work it leaves owed.
+    """After each flush of a DSP transaction, note the work it leaves owed by ORM-loaded rows (the
+    paths that change rows through the session: retiring agreements and what it terminates).
 
     At flush time the session still holds the changed rows strongly (its identity map is weak, so a
     row nobody else references may be gone by commit); stale notes are harmless: they are hints.
@@ -255,9 +314,7 @@ def _note_work(session: Session, _: Any) -> None:
         return
     for o in (*session.new, *session.dirty):
         if isinstance(o, NegotiationRow | TransferRow) and o.pending:
-            work.append(("step", "negotiation" if isinstance(o, NegotiationRow) else "transfer", o.id))
-        elif isinstance(o, OutboxRow) and o.status == "pending" and o.lease_until is None:
-            work.append(("send", o.kind, o.process_id))
+            work.append(("step", _kind(o), o.id))
 
 
 event.listen(Session, "before_flush", lambda s, _c, _i: _note_work(s, None))
@@ -315,12 +372,13 @@ class DspService:
     @contextmanager
     def _tx(self) -> Iterator[_Tx]:
         with self.store.writing() as s:
-            work: list[Work] = []
+            tx = _Tx(s, self.store)
+            work = tx.work
             s.info["dsp_work"] = work
-            tx = _Tx(s)
             yield tx
+            tx.save()
             s.flush()
-            touched = {pid for _, _, pid in work}
+            touched = tx.touched | {pid for _, _, pid in work}
             touched.update(
                 o.id for o in s.identity_map.values() if isinstance(o, NegotiationRow | TransferRow)
             )
@@ -407,25 +465,33 @@ class DspService:
     # --- processes a peer is party to --------------------------------------------------------------
     # DSP: a process the caller is not party to does not exist for it (the store's own not-found text).
 
-    def _own_negotiation(self, s: Session, caller: str, pid: str, *, lock: bool = True) -> NegotiationRow:
-        row = self.store.negotiation(s, pid, lock=lock)
+    @staticmethod
+    def _own_negotiation(tx: _Tx, caller: str, pid: str) -> NegotiationRow:
+        row = tx.negotiation(pid)
         if row.counterparty_id != caller:
             raise NotFoundError(f"no contract negotiation {pid!r}")
         return row
 
-    def _own_transfer(self, s: Session, caller: str, pid: str, *, lock: bool = True) -> TransferRow:
-        row = self.store.transfer(s, pid, lock=lock)
+    @staticmethod
+    def _own_transfer(tx: _Tx, caller: str, pid: str) -> TransferRow:
+        row = tx.transfer(pid)
         if row.counterparty_id != caller:
             raise NotFoundError(f"no transfer process {pid!r}")
         return row
 
     def get_negotiation(self, caller: str, pid: str) -> ContractNegotiation:
         with self.db.session() as s:
-            return _ack(self._own_negotiation(s, caller, pid, lock=False))
+            row = self.store.fetch(s, NegotiationRow, pid)
+        if row.counterparty_id != caller:
+            raise NotFoundError(f"no contract negotiation {pid!r}")
+        return _ack(row)
 
     def get_transfer(self, caller: str, pid: str) -> TransferProcess:
         with self.db.session() as s:
-            return _tack(self._own_transfer(s, caller, pid, lock=False))
+            row = self.store.fetch(s, TransferRow, pid)
+        if row.counterparty_id != caller:
+            raise NotFoundError(f"no transfer process {pid!r}")
+        return _tack(row)
 
     # --- negotiation: messages received --------------------------------------------------------------
 
@@ -466,9 +532,10 @@ class DspService:
                     updated_at=now,
                 )
                 self.store.create_negotiation(tx.s, row)
+                tx.created(row)
                 tx.audit(caller, "dsp.negotiation.requested", own, Outcome.SUCCESS, f"dataset {dataset.id}")
                 return _ack(row), True
-            row = self._own_negotiation(tx.s, caller, pid)
+            row = self._own_negotiation(tx, caller, pid)
             self._check_pids(row, msg.provider_pid, msg.consumer_pid)
             target = negotiation_next_state(Role(row.role), message_key(msg), _N(row.state))
             dataset = self._target_dataset(tx.s, msg.offer)
@@ -483,7 +550,7 @@ class DspService:
         """Any message to an existing negotiation other than a ContractRequestMessage."""
         now = self.clock.now()
         with self._tx() as tx:
-            row = self._own_negotiation(tx.s, caller, pid)
+            row = self._own_negotiation(tx, caller, pid)
             self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
             role = Role(row.role)
             target = negotiation_next_state(role, message_key(msg), _N(row.state))
@@ -555,6 +622,7 @@ class DspService:
                 updated_at=now,
             )
             self.store.create_negotiation(tx.s, row)
+            tx.created(row)
             tx.audit(caller, "dsp.negotiation.offered", own, Outcome.SUCCESS, "provider-initiated")
             return _ack(row)
 
@@ -640,6 +708,7 @@ class DspService:
                 updated_at=now,
             )
             self.store.create_transfer(tx.s, row)
+            tx.created(row)
             tx.audit(caller, "dsp.transfer.requested", own, Outcome.SUCCESS, f"agreement {agreement.id}")
             return _tack(row), True
 
@@ -660,7 +729,7 @@ class DspService:
     def on_transfer_message(self, caller: str, pid: str, msg: DspMessage) -> TransferProcess:
         now = self.clock.now()
         with self._tx() as tx:
-            row = self._own_transfer(tx.s, caller, pid)
+            row = self._own_transfer(tx, caller, pid)
             self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
             target = transfer_next_state(Role(row.role), message_key(msg), _T(row.state))
             reason = None
@@ -754,6 +823,7 @@ class DspService:
                 updated_at=now,
             )
             self.store.create_negotiation(tx.s, row)
+            tx.created(row)
             self._send(tx, row, "negotiation", f"{row.counterparty_address}/negotiations/request", msg, body)
             tx.audit(actor, "dsp.negotiation.request", own, Outcome.SUCCESS, f"{provider_id} {parsed.target}")
             return _negotiation_public(row)
@@ -800,6 +870,7 @@ class DspService:
                 updated_at=now,
             )
             self.store.create_negotiation(tx.s, row)
+            tx.created(row)
             self._send(tx, row, "negotiation", f"{row.counterparty_address}/negotiations/offers", msg)
             tx.audit(actor, "dsp.negotiation.offer", own, Outcome.SUCCESS, f"{consumer_id} {dataset.id}")
             return _negotiation_public(row)
@@ -820,7 +891,7 @@ class DspService:
         Provider side (steward/admin): approve (agree), offer (counter-offer), finalize, reject, terminate.
         """
         with self._tx() as tx:
-            row = self.store.negotiation(tx.s, pid, lock=True)
+            row = tx.negotiation(pid)
             role = Role(row.role)
             _authorise(staff_role, role)
             self._negotiation_step(tx, row, role, action, actor, offer, reason)
@@ -956,6 +1027,7 @@ class DspService:
             now=self.clock.now(),
             lease_until=lease,
         )
+        tx.queued(out)
         if lease is not None:
             tx.leased.append(out)
 
@@ -1090,6 +1162,7 @@ class DspService:
                 updated_at=now,
             )
             self.store.create_transfer(tx.s, row)
+            tx.created(row)
             self._send(tx, row, "transfer", f"{row.counterparty_address}/transfers/request", msg)
             tx.audit(actor, "dsp.transfer.request", own, Outcome.SUCCESS, f"agreement {agreement_id}")
             return _transfer_public(row)
@@ -1099,7 +1172,7 @@ class DspService:
     ) -> TransferPublic:
         """start (provider; either side resumes), suspend, complete, terminate."""
         with self._tx() as tx:
-            row = self.store.transfer(tx.s, pid, lock=True)
+            row = tx.transfer(pid)
             role = Role(row.role)
             _authorise(staff_role, role)
             self._transfer_step(tx, row, role, action, actor, reason)
@@ -1201,13 +1274,11 @@ class DspService:
             if lease is not None:
                 tx.lease_until = self.clock.now() + lease
             row: NegotiationRow | TransferRow
-            if kind == "negotiation":
-                row = self.store.negotiation(tx.s, pid, lock=True)
-            else:
-                row = self.store.transfer(tx.s, pid, lock=True)
+            row = tx.negotiation(pid) if kind == "negotiation" else tx.transfer(pid)
             owed, row.pending = row.pending, None
             if owed is None:
                 return Step([], [])
+            mark = tx.mark()
             try:
                 with tx.s.begin_nested():
                     if isinstance(row, TransferRow):
@@ -1217,9 +1288,9 @@ class DspService:
                     else:
                         self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
             except HealthspaceError as exc:
-                tx.leased.clear()  # rolled back with the savepoint
+                tx.undo(mark)  # rolled back with the savepoint: messages, and the row's other changes
                 tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, exc.detail)
-        return Step([Outgoing.of(r) for r in tx.leased], tx.audits if tx.leased else [])
+        return Step(list(tx.leased), tx.audits if tx.leased else [])
 
     def _decide(self, tx: _Tx, row: NegotiationRow, actor: str) -> None:
         dataset = self.store.dataset(tx.s, row.dataset_id or "")
@@ -1250,11 +1321,11 @@ class DspService:
         reason = f"{message_type} undeliverable: {why}"[:1000]
         with self._tx() as tx:
             if kind == "negotiation":
-                n = self.store.negotiation(tx.s, pid, lock=True)
+                n = tx.negotiation(pid)
                 if not NEGOTIATION.is_final(_N(n.state)):
                     self.store.move_negotiation(n, _N.TERMINATED, now, reason)
             else:
-                t = self.store.transfer(tx.s, pid, lock=True)
+                t = tx.transfer(pid)
                 if not TRANSFER.is_final(_T(t.state)):
                     self.store.move_transfer(t, _T.TERMINATED, now, reason)
             tx.audit(f"connector:{self.me}", f"dsp.{kind}.undeliverable", pid, Outcome.FAILURE, reason)

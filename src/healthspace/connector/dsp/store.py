@@ -17,11 +17,12 @@ The store never commits: the service's `Database.session()` is the transaction.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Table, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -38,10 +39,13 @@ from healthspace.core.db import Database
 from healthspace.core.errors import ConflictError, InvalidTransitionError, NotFoundError
 from healthspace.protocol.states import NEGOTIATION, TRANSFER, NegotiationState, TransferState
 
-__all__ = ["DspStore", "Outgoing"]
+__all__ = ["DspStore", "Outgoing", "snapshot"]
 
 _NEGOTIATION_INITIAL = frozenset({NegotiationState.REQUESTED, NegotiationState.OFFERED})
 _OUTBOX = cast(Table, OutboxRow.__table__)
+_DATASETS = cast(Table, DatasetRow.__table__)
+_P = TypeVar("_P", NegotiationRow, TransferRow)
+_MISSING = object()
 _PROCESS_TABLES = {
     "negotiation": cast(Table, NegotiationRow.__table__),
     "transfer": cast(Table, TransferRow.__table__),
@@ -88,10 +92,12 @@ class DspStore:
         s.flush()
 
     def dataset(self, s: Session, dataset_id: str) -> DatasetRow:
-        row = s.get(DatasetRow, dataset_id)
-        if row is None:
+        """The dataset as a detached row (datasets are never changed in place)."""
+        t = _DATASETS
+        r = s.connection().execute(select(t).where(t.c.id == dataset_id)).mappings().first()
+        if r is None:
             raise NotFoundError(f"no dataset {dataset_id!r}")
-        return row
+        return DatasetRow(**r)
 
     def datasets(self, s: Session) -> Sequence[DatasetRow]:
         return s.scalars(select(DatasetRow).order_by(DatasetRow.created_at, DatasetRow.id)).all()
@@ -135,6 +141,32 @@ class DspStore:
         if NEGOTIATION.is_final(target):
             row.pending = None
             row.terminal_reason = reason
+
+    # --- processes without the ORM: what the service's hot paths use ---------------------------------
+    # A process row is read into a detached `NegotiationRow`/`TransferRow` (no session keeps it) and
+    # its changes are written back by `save` as one UPDATE of the columns that changed: per
+    # statement, the ORM's identity map, flush and unit of work cost several times the SQL itself.
+
+    def fetch(self, s: Session, cls: type[_P], pid: str, *, lock: bool = False) -> _P:
+        """A process by id, detached; `lock` takes the row lock (PostgreSQL) until the transaction ends."""
+        t = cast(Table, cls.__table__)
+        q = select(t).where(t.c.id == pid)
+        r = s.connection().execute(q.with_for_update() if lock else q).mappings().first()
+        if r is None:
+            what = "contract negotiation" if cls is NegotiationRow else "transfer process"
+            raise NotFoundError(f"no {what} {pid!r}")
+        return cls(**r)
+
+    @staticmethod
+    def save(s: Session, row: NegotiationRow | TransferRow, before: dict[str, Any]) -> dict[str, Any]:
+        """Write the columns of a detached process row that differ from `before` (its values as read
+        or last saved); returns them (empty: nothing written)."""
+        now = snapshot(row)
+        changed = {k: v for k, v in now.items() if before.get(k, _MISSING) != v}
+        if changed:
+            t = cast(Table, type(row).__table__)
+            s.connection().execute(update(t).where(t.c.id == row.id), changed)
+        return changed
 
     # --- agreements ----------------------------------------------------------------------------------
 
@@ -220,24 +252,31 @@ class DspStore:
         body: bytes,
         now: datetime,
         lease_until: datetime | None = None,
-    ) -> OutboxRow:
+    ) -> Outgoing:
         """Queue a message; with `lease_until`, already leased to the worker that will send it."""
-        row = OutboxRow(
-            process_id=process_id,
-            kind=kind,
-            peer_id=peer_id,
-            url=url,
-            message_type=message_type,
-            body=body.decode(),
-            status="pending",
-            attempts=0 if lease_until is None else 1,
-            next_at=now,
-            lease_until=lease_until,
-            last_error=None,
-            created_at=now,
+        attempts = 0 if lease_until is None else 1
+        text = body.decode()
+        result = s.connection().execute(
+            _OUTBOX.insert(),
+            {
+                "process_id": process_id,
+                "kind": kind,
+                "peer_id": peer_id,
+                "url": url,
+                "message_type": message_type,
+                "body": text,
+                "status": "pending",
+                "attempts": attempts,
+                "next_at": now,
+                "lease_until": lease_until,
+                "last_error": None,
+                "created_at": now,
+            },
         )
-        s.add(row)
-        return row
+        (seq,) = result.inserted_primary_key or (None,)
+        if not isinstance(seq, int):
+            raise RuntimeError("the outbox insert returned no sequence number")
+        return Outgoing(seq, process_id, kind, peer_id, url, message_type, text, attempts)
 
     def claim_outbox(self, now: datetime, lease: timedelta, limit: int = 20) -> list[OutboxRow]:
         """Lease due messages, at most one per process (the oldest), so a process's messages stay in order.
@@ -307,8 +346,9 @@ class DspStore:
     @staticmethod
     def has_pending(s: Session, process_id: str) -> bool:
         """Whether a message of the process is still waiting to be delivered."""
-        q = select(OutboxRow.seq).where(OutboxRow.process_id == process_id, OutboxRow.status == "pending")
-        return s.scalars(q.limit(1)).first() is not None
+        t = _OUTBOX
+        q = select(t.c.seq).where(t.c.process_id == process_id, t.c.status == "pending").limit(1)
+        return s.connection().execute(q).first() is not None
 
     @staticmethod
     def _has_earlier_pending(s: Session, row: OutboxRow) -> bool:
@@ -386,10 +426,21 @@ class DspStore:
         return s.scalars(q).all()
 
 
+def snapshot(row: Any) -> dict[str, Any]:
+    """A row's column values; JSON members copied, so a later change in place is seen as a change."""
+    return {
+        c.key: copy.deepcopy(v) if isinstance(v := getattr(row, c.key), dict | list) else v
+        for c in row.__table__.columns
+    }
+
+
 def _insert(s: Session, row: Any, what: str) -> None:
+    """Insert a row's values with one statement; the row object stays detached.
+
+    No savepoint: a clash raises `ConflictError`, which ends the caller's transaction (or the
+    savepoint the caller opened); nothing carries on in a transaction after a failed insert."""
+    t = cast(Table, type(row).__table__)
     try:
-        with s.begin_nested():
-            s.add(row)
-            s.flush()
+        s.connection().execute(t.insert(), {c.key: getattr(row, c.key) for c in t.columns})
     except IntegrityError as exc:
         raise ConflictError(f"{what} already exists") from exc
