@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Table, func, or_, select, update
+from sqlalchemy import CursorResult, Select, Table, Update, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -50,9 +50,64 @@ _PROCESS_TABLES = {
     "negotiation": cast(Table, NegotiationRow.__table__),
     "transfer": cast(Table, TransferRow.__table__),
 }
-
-
 _OUTGOING = ("seq", "process_id", "kind", "peer_id", "url", "message_type", "body", "attempts")
+
+
+# Hot statements built once with bound parameters: building a statement and its cache key on every
+# call costs more than running it on SQLite.
+def _by_id(t: Table, *, lock: bool) -> Select[Any]:
+    q = select(t).where(t.c.id == bindparam("pid"))
+    return q.with_for_update() if lock else q
+
+
+def _by_consumer_pid(t: Table) -> Select[Any]:
+    return select(t).where(
+        t.c.role == bindparam("role"),
+        t.c.counterparty_id == bindparam("counterparty"),
+        t.c.consumer_pid == bindparam("consumer_pid"),
+    )
+
+
+_FETCH = {(t, lock): _by_id(t, lock=lock) for t in _PROCESS_TABLES.values() for lock in (False, True)}
+_BY_CONSUMER_PID = {t: _by_consumer_pid(t) for t in _PROCESS_TABLES.values()}
+_DATASET = select(_DATASETS).where(_DATASETS.c.id == bindparam("pid"))
+_HAS_PENDING = (
+    select(_OUTBOX.c.seq)
+    .where(_OUTBOX.c.process_id == bindparam("pid"), _OUTBOX.c.status == "pending")
+    .limit(1)
+)
+_SETTLE = update(_OUTBOX).where(_OUTBOX.c.seq == bindparam("b_seq"))
+_INSERTS = {t: t.insert() for t in (*_PROCESS_TABLES.values(), _OUTBOX, cast(Table, AgreementRow.__table__))}
+
+
+# The SET clause comes from the parameters' names (compiled once per set of changed columns).
+_UPDATES = {t: update(t).where(t.c.id == bindparam("b_id")) for t in _PROCESS_TABLES.values()}
+
+
+def _claim_next() -> Update:
+    t = _OUTBOX
+    now, until = bindparam("now", type_=t.c.next_at.type), bindparam("until", type_=t.c.next_at.type)
+    oldest = (
+        select(func.min(t.c.seq))
+        .where(t.c.process_id == bindparam("pid"), t.c.status == "pending")
+        .scalar_subquery()
+    )
+    return (
+        update(t)
+        .where(
+            t.c.seq == oldest,
+            # Repeated here: PostgreSQL re-checks only these conditions on a row that another
+            # worker settled while we waited for its lock (the subquery keeps its old answer).
+            t.c.status == "pending",
+            t.c.next_at <= now,
+            or_(t.c.lease_until.is_(None), t.c.lease_until < now),
+        )
+        .values(lease_until=until, attempts=t.c.attempts + 1)
+        .returning(*(t.c[name] for name in _OUTGOING))
+    )
+
+
+_CLAIM_NEXT = _claim_next()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +148,7 @@ class DspStore:
 
     def dataset(self, s: Session, dataset_id: str) -> DatasetRow:
         """The dataset as a detached row (datasets are never changed in place)."""
-        t = _DATASETS
-        r = s.connection().execute(select(t).where(t.c.id == dataset_id)).mappings().first()
+        r = s.connection().execute(_DATASET, {"pid": dataset_id}).mappings().first()
         if r is None:
             raise NotFoundError(f"no dataset {dataset_id!r}")
         return DatasetRow(**r)
@@ -120,13 +174,8 @@ class DspStore:
     def negotiation_by_consumer_pid(
         self, s: Session, role: str, counterparty: str, consumer_pid: str
     ) -> NegotiationRow | None:
-        return s.scalars(
-            select(NegotiationRow).where(
-                NegotiationRow.role == role,
-                NegotiationRow.counterparty_id == counterparty,
-                NegotiationRow.consumer_pid == consumer_pid,
-            )
-        ).one_or_none()
+        """The process (detached) a peer named by its consumerPid, if there is one."""
+        return _by_peer(s, NegotiationRow, role, counterparty, consumer_pid)
 
     def negotiations(self, s: Session, limit: int = 100, offset: int = 0) -> Sequence[NegotiationRow]:
         q = select(NegotiationRow).order_by(NegotiationRow.created_at.desc(), NegotiationRow.id)
@@ -150,8 +199,7 @@ class DspStore:
     def fetch(self, s: Session, cls: type[_P], pid: str, *, lock: bool = False) -> _P:
         """A process by id, detached; `lock` takes the row lock (PostgreSQL) until the transaction ends."""
         t = cast(Table, cls.__table__)
-        q = select(t).where(t.c.id == pid)
-        r = s.connection().execute(q.with_for_update() if lock else q).mappings().first()
+        r = s.connection().execute(_FETCH[t, lock], {"pid": pid}).mappings().first()
         if r is None:
             what = "contract negotiation" if cls is NegotiationRow else "transfer process"
             raise NotFoundError(f"no {what} {pid!r}")
@@ -165,7 +213,7 @@ class DspStore:
         changed = {k: v for k, v in now.items() if before.get(k, _MISSING) != v}
         if changed:
             t = cast(Table, type(row).__table__)
-            s.connection().execute(update(t).where(t.c.id == row.id), changed)
+            s.connection().execute(_UPDATES[t], {**changed, "b_id": row.id})
         return changed
 
     # --- agreements ----------------------------------------------------------------------------------
@@ -200,13 +248,8 @@ class DspStore:
     def transfer_by_consumer_pid(
         self, s: Session, role: str, counterparty: str, consumer_pid: str
     ) -> TransferRow | None:
-        return s.scalars(
-            select(TransferRow).where(
-                TransferRow.role == role,
-                TransferRow.counterparty_id == counterparty,
-                TransferRow.consumer_pid == consumer_pid,
-            )
-        ).one_or_none()
+        """The process (detached) a peer named by its consumerPid, if there is one."""
+        return _by_peer(s, TransferRow, role, counterparty, consumer_pid)
 
     def transfers(self, s: Session, limit: int = 100, offset: int = 0) -> Sequence[TransferRow]:
         q = select(TransferRow).order_by(TransferRow.created_at.desc(), TransferRow.id)
@@ -257,7 +300,7 @@ class DspStore:
         attempts = 0 if lease_until is None else 1
         text = body.decode()
         result = s.connection().execute(
-            _OUTBOX.insert(),
+            _INSERTS[_OUTBOX],
             {
                 "process_id": process_id,
                 "kind": kind,
@@ -320,35 +363,14 @@ class DspStore:
         and SQLite has one writer), without a scan of the whole outbox. SQL expression language on a
         plain connection: it runs once per message, and an ORM session costs more than the statement.
         """
-        t = _OUTBOX
-        oldest = (
-            select(func.min(t.c.seq))
-            .where(t.c.process_id == process_id, t.c.status == "pending")
-            .scalar_subquery()
-        )
-        stmt = (
-            update(t)
-            .where(
-                t.c.seq == oldest,
-                # Repeated here: PostgreSQL re-checks only these conditions on a row that another
-                # worker settled while we waited for its lock (the subquery keeps its old answer).
-                t.c.status == "pending",
-                t.c.next_at <= now,
-                or_(t.c.lease_until.is_(None), t.c.lease_until < now),
-            )
-            .values(lease_until=now + lease, attempts=t.c.attempts + 1)
-            .returning(*(t.c[name] for name in _OUTGOING))
-        )
         with self.db.writing_core() as conn:
-            r = conn.execute(stmt).first()
+            r = conn.execute(_CLAIM_NEXT, {"pid": process_id, "now": now, "until": now + lease}).first()
         return None if r is None else Outgoing(*r)
 
     @staticmethod
     def has_pending(s: Session, process_id: str) -> bool:
         """Whether a message of the process is still waiting to be delivered."""
-        t = _OUTBOX
-        q = select(t.c.seq).where(t.c.process_id == process_id, t.c.status == "pending").limit(1)
-        return s.connection().execute(q).first() is not None
+        return s.connection().execute(_HAS_PENDING, {"pid": process_id}).first() is not None
 
     @staticmethod
     def _has_earlier_pending(s: Session, row: OutboxRow) -> bool:
@@ -373,8 +395,7 @@ class DspStore:
         else:
             values["status"] = "dead"
         with self.db.writing_core() as conn:
-            stmt = update(_OUTBOX).where(_OUTBOX.c.seq == seq)
-            result = cast(CursorResult[Any], conn.execute(stmt, values))
+            result = cast(CursorResult[Any], conn.execute(_SETTLE, {**values, "b_seq": seq}))
             if result.rowcount != 1:
                 raise NotFoundError(f"no outbox message {seq}")
 
@@ -388,8 +409,7 @@ class DspStore:
             settled = cast(
                 CursorResult[Any],
                 conn.execute(
-                    update(_OUTBOX).where(_OUTBOX.c.seq == seq),
-                    {"lease_until": None, "last_error": None, "status": "sent"},
+                    _SETTLE, {"lease_until": None, "last_error": None, "status": "sent", "b_seq": seq}
                 ),
             )
             if settled.rowcount != 1:
@@ -413,7 +433,7 @@ class DspStore:
         """A process's columns by name, read on a plain connection (the read waiters repeat)."""
         t = _PROCESS_TABLES[kind]
         with self.db.engine.connect() as conn:
-            r = conn.execute(select(t).where(t.c.id == pid)).mappings().first()
+            r = conn.execute(_FETCH[t, False], {"pid": pid}).mappings().first()
         if r is None:
             what = "contract negotiation" if kind == "negotiation" else "transfer process"
             raise NotFoundError(f"no {what} {pid!r}")
@@ -424,6 +444,15 @@ class DspStore:
         if process_id is not None:
             q = q.where(OutboxRow.process_id == process_id)
         return s.scalars(q).all()
+
+
+def _by_peer(s: Session, cls: type[_P], role: str, counterparty: str, consumer_pid: str) -> _P | None:
+    t = cast(Table, cls.__table__)
+    params = {"role": role, "counterparty": counterparty, "consumer_pid": consumer_pid}
+    rows = s.connection().execute(_BY_CONSUMER_PID[t], params).mappings().all()
+    if len(rows) > 1:  # the unique constraint makes this impossible; say so rather than pick one
+        raise ConflictError(f"{len(rows)} processes with consumerPid {consumer_pid!r}")
+    return cls(**rows[0]) if rows else None
 
 
 def snapshot(row: Any) -> dict[str, Any]:
@@ -441,6 +470,6 @@ def _insert(s: Session, row: Any, what: str) -> None:
     savepoint the caller opened); nothing carries on in a transaction after a failed insert."""
     t = cast(Table, type(row).__table__)
     try:
-        s.connection().execute(t.insert(), {c.key: getattr(row, c.key) for c in t.columns})
+        s.connection().execute(_INSERTS[t], {c.key: getattr(row, c.key) for c in t.columns})
     except IntegrityError as exc:
         raise ConflictError(f"{what} already exists") from exc
