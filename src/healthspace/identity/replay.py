@@ -73,20 +73,22 @@ class SqlReplayGuard:
         self._prune_interval = prune_interval
         self._prune_lock = threading.Lock()
         self._next_prune: datetime | None = None
+        # SQLite and PostgreSQL: `INSERT ... ON CONFLICT DO NOTHING RETURNING`; others: see first_use.
+        self._insert_new: Any = None
+        if db.dialect in ("sqlite", "postgresql"):
+            insert = sqlite.insert if db.dialect == "sqlite" else postgresql.insert
+            self._insert_new = insert(_SEEN).on_conflict_do_nothing().returning(_SEEN.c.token_id)
 
     def first_use(self, issuer: str, token_id: str, expires_at: datetime, now: datetime) -> bool:
         self._maybe_prune(now)
         # SQLite keeps no zone, so every time is stored in UTC to keep comparisons meaningful.
         values = {"issuer": issuer, "token_id": token_id, "expires_at": expires_at.astimezone(UTC)}
-        dialect = self._db.dialect
-        # A plain connection, not an ORM session: this insert runs for every peer request, and a
-        # session costs several times the statement.
+        # A plain connection and a statement built once: this insert runs for every peer request,
+        # and an ORM session costs several times the statement.
         with self._db.writing_core() as conn:
-            if dialect in ("sqlite", "postgresql"):
-                insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-                stmt = insert(_SEEN).values(**values).on_conflict_do_nothing()
+            if self._insert_new is not None:
                 # A row comes back only if this statement inserted it (rowcount is not reliable here).
-                return conn.execute(stmt.returning(_SEEN.c.token_id)).first() is not None
+                return conn.execute(self._insert_new, values).first() is not None
             try:
                 with conn.begin_nested():
                     conn.execute(_SEEN.insert().values(**values))
