@@ -361,8 +361,12 @@ class DspService:
         self.clock = clock
         self._record = record
         self._record_many = record_many
-        self._changed = threading.Condition()
+        self._changed = threading.Lock()
         self._versions: dict[str, int] = {}  # pid -> commits that touched it (what waiters watch)
+        # One condition per process someone waits for, with its number of waiters: a commit wakes
+        # only the waiters of what it touched (one shared condition woke every waiter on every
+        # commit, which under concurrent negotiations is most of the wake-ups).
+        self._waiting: dict[str, tuple[threading.Condition, int]] = {}
         self._wake: Callable[[Sequence[Work]], None] = lambda _: None
 
     def on_work(self, wake: Callable[[Sequence[Work]], None]) -> None:
@@ -397,7 +401,9 @@ class DspService:
         with self._changed:
             for pid in pids:
                 self._versions[pid] = self._versions.get(pid, 0) + 1
-            self._changed.notify_all()
+                waiting = self._waiting.get(pid)
+                if waiting is not None:
+                    waiting[0].notify_all()
 
     # --- catalog (provider) ------------------------------------------------------------------------
 
@@ -1071,7 +1077,7 @@ class DspService:
 
     def _wait(self, pid: str, read: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float) -> Any:
         # Re-read only when a commit of this process touched `pid` (a cheap version check under
-        # the condition), not on every commit of every process.
+        # the lock; only `pid`'s waiters are woken), not on every commit of every process.
         deadline = time.monotonic() + max(0.0, min(timeout_s, 60.0))
         while True:
             with self._changed:
@@ -1081,9 +1087,18 @@ class DspService:
             if done(current) or left <= 0:
                 return current
             with self._changed:
-                while self._versions.get(pid, 0) == seen and left > 0:
-                    self._changed.wait(left)
-                    left = deadline - time.monotonic()
+                cond, n = self._waiting.get(pid) or (threading.Condition(self._changed), 0)
+                self._waiting[pid] = (cond, n + 1)
+                try:
+                    while self._versions.get(pid, 0) == seen and left > 0:
+                        cond.wait(left)
+                        left = deadline - time.monotonic()
+                finally:
+                    n = self._waiting[pid][1]
+                    if n == 1:
+                        del self._waiting[pid]
+                    else:
+                        self._waiting[pid] = (cond, n - 1)
 
     # --- management: agreements -----------------------------------------------------------------------
 
