@@ -202,6 +202,7 @@ def open_runtime(settings: Settings, clock: Clock | None = None) -> ConnectorRun
         key=key,
         clock=clock,
         record=rt.record,
+        record_many=rt.audit.record_many,
         gate=rt.gate,
         audit=rt.audit,
     )

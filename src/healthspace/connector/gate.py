@@ -25,7 +25,7 @@ import httpx
 import orjson
 
 from healthspace.audit.log import AuditLog, AuditRecorder
-from healthspace.audit.models import Outcome
+from healthspace.audit.models import AuditEntry, Outcome
 from healthspace.connector.dsp.service import DspService, policy_acceptable
 from healthspace.connector.dsp.tables import DatasetRow, NegotiationRow, TransferRow
 from healthspace.consent.models import WithdrawalEvent
@@ -308,8 +308,53 @@ class GatedDspService(DspService):
                 yield tx
         finally:
             self._noted.entries = None
-            for e in entries:
+            self._write_all(entries)
+
+    def _write_all(self, noted: list[_Noted]) -> None:
+        """The decisions of one transaction in one durable append (all or none), not an fsync each."""
+        if len(noted) <= 1:
+            for e in noted:
                 self._write(e)
+            return
+        now = self.clock.now()
+        entries: list[AuditEntry] = []
+
+        def collect(
+            actor: str,
+            action: str,
+            subject: str,
+            outcome: Outcome | str,
+            reason: str = "",
+            *,
+            scenario_id: str | None = None,
+            agreement_id: str | None = None,
+            details: dict[str, Any] | None = None,
+        ) -> None:
+            entries.append(
+                AuditEntry(
+                    time=now,
+                    actor=actor,
+                    action=action,
+                    subject=subject,
+                    outcome=Outcome(outcome),
+                    reason=reason,
+                    scenario_id=scenario_id,
+                    agreement_id=agreement_id,
+                    details=details or {},
+                )
+            )
+
+        for e in noted:  # the one shape of a decision entry stays `record_decision`'s
+            record_decision(
+                collect,
+                e.actor,
+                e.subject,
+                e.decision,
+                scenario_id=e.scenario_id,
+                agreement_id=e.agreement_id,
+                details=e.details,
+            )
+        self._audit_log.append_many(entries)
 
     def _decide(self, tx: Any, row: NegotiationRow, actor: str) -> None:
         dataset = self.store.dataset(tx.s, row.dataset_id or "")

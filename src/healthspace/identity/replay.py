@@ -10,7 +10,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import CursorResult, delete
+from sqlalchemy import CursorResult, Table, delete
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -18,6 +18,8 @@ from healthspace.core.db import Database
 from healthspace.identity.tables import SeenTokenRow
 
 __all__ = ["MemoryReplayGuard", "ReplayGuard", "SqlReplayGuard"]
+
+_SEEN = cast(Table, SeenTokenRow.__table__)
 
 
 class ReplayGuard(Protocol):
@@ -71,31 +73,35 @@ class SqlReplayGuard:
         self._prune_interval = prune_interval
         self._prune_lock = threading.Lock()
         self._next_prune: datetime | None = None
+        # SQLite and PostgreSQL: `INSERT ... ON CONFLICT DO NOTHING RETURNING`; others: see first_use.
+        self._insert_new: Any = None
+        if db.dialect in ("sqlite", "postgresql"):
+            insert = sqlite.insert if db.dialect == "sqlite" else postgresql.insert
+            self._insert_new = insert(_SEEN).on_conflict_do_nothing().returning(_SEEN.c.token_id)
 
     def first_use(self, issuer: str, token_id: str, expires_at: datetime, now: datetime) -> bool:
         self._maybe_prune(now)
         # SQLite keeps no zone, so every time is stored in UTC to keep comparisons meaningful.
         values = {"issuer": issuer, "token_id": token_id, "expires_at": expires_at.astimezone(UTC)}
-        dialect = self._db.dialect
-        with self._db.writing() as s:
-            if dialect in ("sqlite", "postgresql"):
-                insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-                stmt = insert(SeenTokenRow).values(**values).on_conflict_do_nothing()
+        # A plain connection and a statement built once: this insert runs for every peer request,
+        # and an ORM session costs several times the statement.
+        with self._db.writing_core() as conn:
+            if self._insert_new is not None:
                 # A row comes back only if this statement inserted it (rowcount is not reliable here).
-                return s.execute(stmt.returning(SeenTokenRow.token_id)).first() is not None
+                return conn.execute(self._insert_new, values).first() is not None
             try:
-                with s.begin_nested():
-                    s.add(SeenTokenRow(**values))
+                with conn.begin_nested():
+                    conn.execute(_SEEN.insert().values(**values))
             except IntegrityError:
                 return False
             return True
 
     def prune(self, now: datetime) -> int:
         """Delete entries that expired before `now`; returns how many."""
-        with self._db.writing() as s:
+        with self._db.writing_core() as conn:
             result = cast(
                 CursorResult[Any],
-                s.execute(delete(SeenTokenRow).where(SeenTokenRow.expires_at < now.astimezone(UTC))),
+                conn.execute(delete(_SEEN).where(_SEEN.c.expires_at < now.astimezone(UTC))),
             )
             return result.rowcount
 

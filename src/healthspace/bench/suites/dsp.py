@@ -107,7 +107,15 @@ def _node(db_url: str, pid: str, authority: SigningKey) -> Iterator[_Node]:
     def record(actor: str, action: str, subject: str, outcome: Outcome, reason: str) -> None:
         audit.record(actor, action, subject, outcome, reason)
 
-    service = DspService(db, participant_id=pid, public_url=url, key=key, clock=clock, record=record)
+    service = DspService(
+        db,
+        participant_id=pid,
+        public_url=url,
+        key=key,
+        clock=clock,
+        record=record,
+        record_many=audit.record_many,
+    )
     http = peer_http_client(5.0)
 
     def auth_for(peer: str) -> httpx.Auth:

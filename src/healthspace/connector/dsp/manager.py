@@ -29,7 +29,7 @@ from datetime import timedelta
 import httpx
 
 from healthspace.connector.dsp.service import DspService, Work
-from healthspace.connector.dsp.tables import OutboxRow
+from healthspace.connector.dsp.store import Outgoing
 from healthspace.core.errors import HealthspaceError
 from healthspace.protocol.messages import ContractNegotiation, DspMessage, TransferProcess, parse_as
 
@@ -178,7 +178,7 @@ class DspManager:
             done += 1
         now = self.service.clock.now()
         for row in self.service.store.claim_outbox(now, self.lease):
-            self._deliver_row(row)
+            self._deliver_row(Outgoing.of(row))
             done += 1
         return done
 
@@ -190,7 +190,7 @@ class DspManager:
         finally:
             self.service.record_all(step.audits)
 
-    def _deliver_row(self, row: OutboxRow) -> None:
+    def _deliver_row(self, row: Outgoing) -> None:
         pid = row.process_id
         with self._lock:
             self._in_flight.add(pid)

@@ -25,12 +25,11 @@ from sqlalchemy.orm import Session
 
 from healthspace.audit.models import Outcome
 from healthspace.connector.dsp.dataplane import mint_access_token
-from healthspace.connector.dsp.store import DspStore
+from healthspace.connector.dsp.store import DspStore, Outgoing, snapshot
 from healthspace.connector.dsp.tables import (
     AgreementRow,
     DatasetRow,
     NegotiationRow,
-    OutboxRow,
     TransferRow,
 )
 from healthspace.core.apikeys import Role as StaffRole
@@ -225,27 +224,87 @@ def new_pid() -> str:
     return f"urn:uuid:{uuid.uuid4()}"
 
 
+Work = tuple[str, str, str]
+"""A hint for the manager: ("step", kind, pid) = a step is owed on pid; ("send", kind, pid) = pid has a
+message waiting in the outbox. Hints only say where to look; the rows say whether there is work."""
+
+_Process = NegotiationRow | TransferRow
+
+
+def _kind(row: _Process) -> str:
+    return "negotiation" if isinstance(row, NegotiationRow) else "transfer"
+
+
 @dataclass
 class _Tx:
+    """One DSP transaction. Process rows are read detached (`negotiation`, `transfer`) and written back
+    by `save` (at the end of the transaction, or earlier by the caller); the hints for the manager are
+    collected here from what is saved and queued, not from an ORM flush."""
+
     s: Session
+    store: DspStore
     audits: list[tuple[str, str, str, Outcome, str]] = field(default_factory=list)
     # Set when a manager worker takes the step and will deliver what it sends itself: messages are
     # written already leased to it (one transaction less per hop; after a crash the lease runs out
     # and the next full pass sends them).
     lease_until: datetime | None = None
-    leased: list[OutboxRow] = field(default_factory=list)
+    leased: list[Outgoing] = field(default_factory=list)
+    work: list[Work] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    # Detached rows read in this transaction, with their values as last written.
+    rows: list[tuple[_Process, dict[str, Any]]] = field(default_factory=list)
 
     def audit(self, actor: str, action: str, subject: str, outcome: Outcome, reason: str = "") -> None:
         self.audits.append((actor, action, subject, outcome, reason))
 
+    def negotiation(self, pid: str, *, lock: bool = True) -> NegotiationRow:
+        row = self.store.fetch(self.s, NegotiationRow, pid, lock=lock)
+        self.rows.append((row, snapshot(row)))
+        return row
 
-Work = tuple[str, str, str]
-"""A hint for the manager: ("step", kind, pid) = a step is owed on pid; ("send", kind, pid) = pid has a
-message waiting in the outbox. Hints only say where to look; the rows say whether there is work."""
+    def transfer(self, pid: str, *, lock: bool = True) -> TransferRow:
+        row = self.store.fetch(self.s, TransferRow, pid, lock=lock)
+        self.rows.append((row, snapshot(row)))
+        return row
+
+    def created(self, row: _Process) -> None:
+        """A process row this transaction inserted (`DspStore.create_*`)."""
+        self.touched.add(row.id)
+        if row.pending:
+            self.work.append(("step", _kind(row), row.id))
+
+    def queued(self, out: Outgoing) -> None:
+        """A message this transaction put in the outbox."""
+        if out.attempts == 0:  # not leased to the worker taking the step: a hint for any worker
+            self.work.append(("send", out.kind, out.process_id))
+
+    def save(self) -> None:
+        """Write what changed in the rows read so far."""
+        for i, (row, before) in enumerate(self.rows):
+            changed = self.store.save(self.s, row, before)
+            if changed:
+                self.rows[i] = (row, {**before, **changed})
+                self.touched.add(row.id)
+                if row.pending:
+                    self.work.append(("step", _kind(row), row.id))
+
+    def mark(self) -> tuple[int, int, int, list[dict[str, Any]]]:
+        """Where the transaction stands, to go back to with `undo` when a savepoint is rolled back."""
+        return len(self.rows), len(self.work), len(self.leased), [snapshot(r) for r, _ in self.rows]
+
+    def undo(self, mark: tuple[int, int, int, list[dict[str, Any]]]) -> None:
+        """The savepoint taken at `mark` was rolled back: the rows read since are forgotten, and those
+        read before get back the values they had then (written or not, as then)."""
+        n_rows, n_work, n_leased, values = mark
+        del self.rows[n_rows:], self.work[n_work:], self.leased[n_leased:]
+        for (row, _), was in zip(self.rows, values, strict=True):
+            for k, v in was.items():
+                setattr(row, k, v)
 
 
 def _note_work(session: Session, _: Any) -> None:
-    """After each flush of a DSP transaction, note the work it leaves owed.
+    """After each flush of a DSP transaction, note the work it leaves owed by ORM-loaded rows (the
+    paths that change rows through the session: retiring agreements and what it terminates).
 
     At flush time the session still holds the changed rows strongly (its identity map is weak, so a
     row nobody else references may be gone by commit); stale notes are harmless: they are hints.
@@ -255,9 +314,7 @@ def _note_work(session: Session, _: Any) -> None:
         return
     for o in (*session.new, *session.dirty):
         if isinstance(o, NegotiationRow | TransferRow) and o.pending:
-            work.append(("step", "negotiation" if isinstance(o, NegotiationRow) else "transfer", o.id))
-        elif isinstance(o, OutboxRow) and o.status == "pending" and o.lease_until is None:
-            work.append(("send", o.kind, o.process_id))
+            work.append(("step", _kind(o), o.id))
 
 
 event.listen(Session, "before_flush", lambda s, _c, _i: _note_work(s, None))
@@ -267,17 +324,22 @@ event.listen(Session, "before_flush", lambda s, _c, _i: _note_work(s, None))
 class Step:
     """What a step taken for a manager worker left to do: deliver `sent`, then record `audits`."""
 
-    sent: list[OutboxRow]
+    sent: list[Outgoing]
     audits: list[tuple[str, str, str, Outcome, str]]
 
 
 Recorder = Callable[[str, str, str, Outcome, str], None]
+AuditTuple = tuple[str, str, str, Outcome, str]
+BatchRecorder = Callable[[Sequence[AuditTuple]], object]
+"""Records several entries at once, all or none (`AuditLog.append_many`): one durable commit."""
 
 
 class DspService:
     """Provider handlers (`on_*` with a provider-role process), consumer callbacks, management use cases.
 
     `record` writes an audit entry; it is called after commit, never inside a transaction.
+    `record_many`, when given, writes the entries of one transaction or step together (one durable
+    commit instead of one each); it must record all or raise, as `record` does.
     """
 
     def __init__(
@@ -289,6 +351,7 @@ class DspService:
         key: SigningKey,
         clock: Clock,
         record: Recorder,
+        record_many: BatchRecorder | None = None,
     ) -> None:
         self.db = db
         self.store = DspStore(db)
@@ -297,8 +360,13 @@ class DspService:
         self.key = key
         self.clock = clock
         self._record = record
-        self._changed = threading.Condition()
+        self._record_many = record_many
+        self._changed = threading.Lock()
         self._versions: dict[str, int] = {}  # pid -> commits that touched it (what waiters watch)
+        # One condition per process someone waits for, with its number of waiters: a commit wakes
+        # only the waiters of what it touched (one shared condition woke every waiter on every
+        # commit, which under concurrent negotiations is most of the wake-ups).
+        self._waiting: dict[str, tuple[threading.Condition, int]] = {}
         self._wake: Callable[[Sequence[Work]], None] = lambda _: None
 
     def on_work(self, wake: Callable[[Sequence[Work]], None]) -> None:
@@ -308,12 +376,13 @@ class DspService:
     @contextmanager
     def _tx(self) -> Iterator[_Tx]:
         with self.store.writing() as s:
-            work: list[Work] = []
+            tx = _Tx(s, self.store)
+            work = tx.work
             s.info["dsp_work"] = work
-            tx = _Tx(s)
             yield tx
+            tx.save()
             s.flush()
-            touched = {pid for _, _, pid in work}
+            touched = tx.touched | {pid for _, _, pid in work}
             touched.update(
                 o.id for o in s.identity_map.values() if isinstance(o, NegotiationRow | TransferRow)
             )
@@ -325,10 +394,16 @@ class DspService:
         # else: the worker delivers first and records after (`run_pending`); a crash in between
         # loses the entries just as a crash between this commit and the audit append would.
         if touched:
-            with self._changed:
-                for pid in touched:
-                    self._versions[pid] = self._versions.get(pid, 0) + 1
-                self._changed.notify_all()
+            self._touched(touched)
+
+    def _touched(self, pids: set[str]) -> None:
+        """Tell waiters that a commit changed these processes."""
+        with self._changed:
+            for pid in pids:
+                self._versions[pid] = self._versions.get(pid, 0) + 1
+                waiting = self._waiting.get(pid)
+                if waiting is not None:
+                    waiting[0].notify_all()
 
     # --- catalog (provider) ------------------------------------------------------------------------
 
@@ -396,25 +471,33 @@ class DspService:
     # --- processes a peer is party to --------------------------------------------------------------
     # DSP: a process the caller is not party to does not exist for it (the store's own not-found text).
 
-    def _own_negotiation(self, s: Session, caller: str, pid: str, *, lock: bool = True) -> NegotiationRow:
-        row = self.store.negotiation(s, pid, lock=lock)
+    @staticmethod
+    def _own_negotiation(tx: _Tx, caller: str, pid: str) -> NegotiationRow:
+        row = tx.negotiation(pid)
         if row.counterparty_id != caller:
             raise NotFoundError(f"no contract negotiation {pid!r}")
         return row
 
-    def _own_transfer(self, s: Session, caller: str, pid: str, *, lock: bool = True) -> TransferRow:
-        row = self.store.transfer(s, pid, lock=lock)
+    @staticmethod
+    def _own_transfer(tx: _Tx, caller: str, pid: str) -> TransferRow:
+        row = tx.transfer(pid)
         if row.counterparty_id != caller:
             raise NotFoundError(f"no transfer process {pid!r}")
         return row
 
     def get_negotiation(self, caller: str, pid: str) -> ContractNegotiation:
         with self.db.session() as s:
-            return _ack(self._own_negotiation(s, caller, pid, lock=False))
+            row = self.store.fetch(s, NegotiationRow, pid)
+        if row.counterparty_id != caller:
+            raise NotFoundError(f"no contract negotiation {pid!r}")
+        return _ack(row)
 
     def get_transfer(self, caller: str, pid: str) -> TransferProcess:
         with self.db.session() as s:
-            return _tack(self._own_transfer(s, caller, pid, lock=False))
+            row = self.store.fetch(s, TransferRow, pid)
+        if row.counterparty_id != caller:
+            raise NotFoundError(f"no transfer process {pid!r}")
+        return _tack(row)
 
     # --- negotiation: messages received --------------------------------------------------------------
 
@@ -455,9 +538,10 @@ class DspService:
                     updated_at=now,
                 )
                 self.store.create_negotiation(tx.s, row)
+                tx.created(row)
                 tx.audit(caller, "dsp.negotiation.requested", own, Outcome.SUCCESS, f"dataset {dataset.id}")
                 return _ack(row), True
-            row = self._own_negotiation(tx.s, caller, pid)
+            row = self._own_negotiation(tx, caller, pid)
             self._check_pids(row, msg.provider_pid, msg.consumer_pid)
             target = negotiation_next_state(Role(row.role), message_key(msg), _N(row.state))
             dataset = self._target_dataset(tx.s, msg.offer)
@@ -472,7 +556,7 @@ class DspService:
         """Any message to an existing negotiation other than a ContractRequestMessage."""
         now = self.clock.now()
         with self._tx() as tx:
-            row = self._own_negotiation(tx.s, caller, pid)
+            row = self._own_negotiation(tx, caller, pid)
             self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
             role = Role(row.role)
             target = negotiation_next_state(role, message_key(msg), _N(row.state))
@@ -544,6 +628,7 @@ class DspService:
                 updated_at=now,
             )
             self.store.create_negotiation(tx.s, row)
+            tx.created(row)
             tx.audit(caller, "dsp.negotiation.offered", own, Outcome.SUCCESS, "provider-initiated")
             return _ack(row)
 
@@ -629,6 +714,7 @@ class DspService:
                 updated_at=now,
             )
             self.store.create_transfer(tx.s, row)
+            tx.created(row)
             tx.audit(caller, "dsp.transfer.requested", own, Outcome.SUCCESS, f"agreement {agreement.id}")
             return _tack(row), True
 
@@ -649,7 +735,7 @@ class DspService:
     def on_transfer_message(self, caller: str, pid: str, msg: DspMessage) -> TransferProcess:
         now = self.clock.now()
         with self._tx() as tx:
-            row = self._own_transfer(tx.s, caller, pid)
+            row = self._own_transfer(tx, caller, pid)
             self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
             target = transfer_next_state(Role(row.role), message_key(msg), _T(row.state))
             reason = None
@@ -743,6 +829,7 @@ class DspService:
                 updated_at=now,
             )
             self.store.create_negotiation(tx.s, row)
+            tx.created(row)
             self._send(tx, row, "negotiation", f"{row.counterparty_address}/negotiations/request", msg, body)
             tx.audit(actor, "dsp.negotiation.request", own, Outcome.SUCCESS, f"{provider_id} {parsed.target}")
             return _negotiation_public(row)
@@ -789,6 +876,7 @@ class DspService:
                 updated_at=now,
             )
             self.store.create_negotiation(tx.s, row)
+            tx.created(row)
             self._send(tx, row, "negotiation", f"{row.counterparty_address}/negotiations/offers", msg)
             tx.audit(actor, "dsp.negotiation.offer", own, Outcome.SUCCESS, f"{consumer_id} {dataset.id}")
             return _negotiation_public(row)
@@ -809,7 +897,7 @@ class DspService:
         Provider side (steward/admin): approve (agree), offer (counter-offer), finalize, reject, terminate.
         """
         with self._tx() as tx:
-            row = self.store.negotiation(tx.s, pid, lock=True)
+            row = tx.negotiation(pid)
             role = Role(row.role)
             _authorise(staff_role, role)
             self._negotiation_step(tx, row, role, action, actor, offer, reason)
@@ -945,6 +1033,7 @@ class DspService:
             now=self.clock.now(),
             lease_until=lease,
         )
+        tx.queued(out)
         if lease is not None:
             tx.leased.append(out)
 
@@ -953,8 +1042,7 @@ class DspService:
             return [_negotiation_public(r) for r in self.store.negotiations(s, limit, offset)]
 
     def negotiation(self, pid: str) -> NegotiationPublic:
-        with self.db.session() as s:
-            return _negotiation_public(self.store.negotiation(s, pid))
+        return NegotiationPublic.model_validate(self.store.process_values("negotiation", pid))
 
     def wait_negotiation(
         self,
@@ -989,7 +1077,7 @@ class DspService:
 
     def _wait(self, pid: str, read: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float) -> Any:
         # Re-read only when a commit of this process touched `pid` (a cheap version check under
-        # the condition), not on every commit of every process.
+        # the lock; only `pid`'s waiters are woken), not on every commit of every process.
         deadline = time.monotonic() + max(0.0, min(timeout_s, 60.0))
         while True:
             with self._changed:
@@ -999,9 +1087,18 @@ class DspService:
             if done(current) or left <= 0:
                 return current
             with self._changed:
-                while self._versions.get(pid, 0) == seen and left > 0:
-                    self._changed.wait(left)
-                    left = deadline - time.monotonic()
+                cond, n = self._waiting.get(pid) or (threading.Condition(self._changed), 0)
+                self._waiting[pid] = (cond, n + 1)
+                try:
+                    while self._versions.get(pid, 0) == seen and left > 0:
+                        cond.wait(left)
+                        left = deadline - time.monotonic()
+                finally:
+                    n = self._waiting[pid][1]
+                    if n == 1:
+                        del self._waiting[pid]
+                    else:
+                        self._waiting[pid] = (cond, n - 1)
 
     # --- management: agreements -----------------------------------------------------------------------
 
@@ -1080,6 +1177,7 @@ class DspService:
                 updated_at=now,
             )
             self.store.create_transfer(tx.s, row)
+            tx.created(row)
             self._send(tx, row, "transfer", f"{row.counterparty_address}/transfers/request", msg)
             tx.audit(actor, "dsp.transfer.request", own, Outcome.SUCCESS, f"agreement {agreement_id}")
             return _transfer_public(row)
@@ -1089,7 +1187,7 @@ class DspService:
     ) -> TransferPublic:
         """start (provider; either side resumes), suspend, complete, terminate."""
         with self._tx() as tx:
-            row = self.store.transfer(tx.s, pid, lock=True)
+            row = tx.transfer(pid)
             role = Role(row.role)
             _authorise(staff_role, role)
             self._transfer_step(tx, row, role, action, actor, reason)
@@ -1166,12 +1264,17 @@ class DspService:
             return [_transfer_public(r) for r in self.store.transfers(s, limit, offset)]
 
     def transfer(self, pid: str) -> TransferPublic:
-        with self.db.session() as s:
-            return _transfer_public(self.store.transfer(s, pid))
+        return TransferPublic.model_validate(self.store.process_values("transfer", pid))
 
     # --- work the manager does -----------------------------------------------------------------------
 
     def record_all(self, entries: Sequence[tuple[str, str, str, Outcome, str]]) -> None:
+        """Record a step's audit entries: in one durable append when a batch recorder is set."""
+        if not entries:
+            return
+        if self._record_many is not None:
+            self._record_many(list(entries))
+            return
         for entry in entries:
             self._record(*entry)
 
@@ -1186,13 +1289,11 @@ class DspService:
             if lease is not None:
                 tx.lease_until = self.clock.now() + lease
             row: NegotiationRow | TransferRow
-            if kind == "negotiation":
-                row = self.store.negotiation(tx.s, pid, lock=True)
-            else:
-                row = self.store.transfer(tx.s, pid, lock=True)
+            row = tx.negotiation(pid) if kind == "negotiation" else tx.transfer(pid)
             owed, row.pending = row.pending, None
             if owed is None:
                 return Step([], [])
+            mark = tx.mark()
             try:
                 with tx.s.begin_nested():
                     if isinstance(row, TransferRow):
@@ -1202,9 +1303,9 @@ class DspService:
                     else:
                         self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
             except HealthspaceError as exc:
-                tx.leased.clear()  # rolled back with the savepoint
+                tx.undo(mark)  # rolled back with the savepoint: messages, and the row's other changes
                 tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, exc.detail)
-        return Step(tx.leased, tx.audits if tx.leased else [])
+        return Step(list(tx.leased), tx.audits if tx.leased else [])
 
     def _decide(self, tx: _Tx, row: NegotiationRow, actor: str) -> None:
         dataset = self.store.dataset(tx.s, row.dataset_id or "")
@@ -1225,17 +1326,9 @@ class DspService:
             return
         provider_pid = getattr(answer, "provider_pid", None)
         consumer_pid = getattr(answer, "consumer_pid", None)
-        with self._tx() as tx:
-            self.store.settle_sent(tx.s, seq)
-            row: NegotiationRow | TransferRow
-            if kind == "negotiation":
-                row = self.store.negotiation(tx.s, pid, lock=True)
-            else:
-                row = self.store.transfer(tx.s, pid, lock=True)
-            if row.provider_pid is None:
-                row.provider_pid = provider_pid
-            if row.consumer_pid is None:  # we offered first (provider-initiated)
-                row.consumer_pid = consumer_pid
+        # The ACK moves no state and owes no work: two UPDATEs, no row to load (`settle_delivered`).
+        self.store.settle_delivered(seq, kind, pid, provider_pid, consumer_pid)
+        self._touched({pid})  # waiters for the acknowledgement re-read
 
     def undeliverable(self, kind: str, pid: str, message_type: str, why: str) -> None:
         """A message we owed could not be delivered: our side stops (TERMINATED) with the reason."""
@@ -1243,11 +1336,11 @@ class DspService:
         reason = f"{message_type} undeliverable: {why}"[:1000]
         with self._tx() as tx:
             if kind == "negotiation":
-                n = self.store.negotiation(tx.s, pid, lock=True)
+                n = tx.negotiation(pid)
                 if not NEGOTIATION.is_final(_N(n.state)):
                     self.store.move_negotiation(n, _N.TERMINATED, now, reason)
             else:
-                t = self.store.transfer(tx.s, pid, lock=True)
+                t = tx.transfer(pid)
                 if not TRANSFER.is_final(_T(t.state)):
                     self.store.move_transfer(t, _T.TERMINATED, now, reason)
             tx.audit(f"connector:{self.me}", f"dsp.{kind}.undeliverable", pid, Outcome.FAILURE, reason)

@@ -17,12 +17,14 @@ The store never commits: the service's `Database.session()` is the transaction.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import CursorResult, Select, Table, Update, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -37,9 +39,95 @@ from healthspace.core.db import Database
 from healthspace.core.errors import ConflictError, InvalidTransitionError, NotFoundError
 from healthspace.protocol.states import NEGOTIATION, TRANSFER, NegotiationState, TransferState
 
-__all__ = ["DspStore"]
+__all__ = ["DspStore", "Outgoing", "snapshot"]
 
 _NEGOTIATION_INITIAL = frozenset({NegotiationState.REQUESTED, NegotiationState.OFFERED})
+_OUTBOX = cast(Table, OutboxRow.__table__)
+_DATASETS = cast(Table, DatasetRow.__table__)
+_P = TypeVar("_P", NegotiationRow, TransferRow)
+_MISSING = object()
+_PROCESS_TABLES = {
+    "negotiation": cast(Table, NegotiationRow.__table__),
+    "transfer": cast(Table, TransferRow.__table__),
+}
+_OUTGOING = ("seq", "process_id", "kind", "peer_id", "url", "message_type", "body", "attempts")
+
+
+# Hot statements built once with bound parameters: building a statement and its cache key on every
+# call costs more than running it on SQLite.
+def _by_id(t: Table, *, lock: bool) -> Select[Any]:
+    q = select(t).where(t.c.id == bindparam("pid"))
+    return q.with_for_update() if lock else q
+
+
+def _by_consumer_pid(t: Table) -> Select[Any]:
+    return select(t).where(
+        t.c.role == bindparam("role"),
+        t.c.counterparty_id == bindparam("counterparty"),
+        t.c.consumer_pid == bindparam("consumer_pid"),
+    )
+
+
+_FETCH = {(t, lock): _by_id(t, lock=lock) for t in _PROCESS_TABLES.values() for lock in (False, True)}
+_BY_CONSUMER_PID = {t: _by_consumer_pid(t) for t in _PROCESS_TABLES.values()}
+_DATASET = select(_DATASETS).where(_DATASETS.c.id == bindparam("pid"))
+_HAS_PENDING = (
+    select(_OUTBOX.c.seq)
+    .where(_OUTBOX.c.process_id == bindparam("pid"), _OUTBOX.c.status == "pending")
+    .limit(1)
+)
+_SETTLE = update(_OUTBOX).where(_OUTBOX.c.seq == bindparam("b_seq"))
+_INSERTS = {t: t.insert() for t in (*_PROCESS_TABLES.values(), _OUTBOX, cast(Table, AgreementRow.__table__))}
+
+
+# The SET clause comes from the parameters' names (compiled once per set of changed columns).
+_UPDATES = {t: update(t).where(t.c.id == bindparam("b_id")) for t in _PROCESS_TABLES.values()}
+
+
+def _claim_next() -> Update:
+    t = _OUTBOX
+    now, until = bindparam("now", type_=t.c.next_at.type), bindparam("until", type_=t.c.next_at.type)
+    oldest = (
+        select(func.min(t.c.seq))
+        .where(t.c.process_id == bindparam("pid"), t.c.status == "pending")
+        .scalar_subquery()
+    )
+    return (
+        update(t)
+        .where(
+            t.c.seq == oldest,
+            # Repeated here: PostgreSQL re-checks only these conditions on a row that another
+            # worker settled while we waited for its lock (the subquery keeps its old answer).
+            t.c.status == "pending",
+            t.c.next_at <= now,
+            or_(t.c.lease_until.is_(None), t.c.lease_until < now),
+        )
+        .values(lease_until=until, attempts=t.c.attempts + 1)
+        .returning(*(t.c[name] for name in _OUTGOING))
+    )
+
+
+_CLAIM_NEXT = _claim_next()
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A leased outbox message as the deliverer needs it (a plain value: no session behind it)."""
+
+    seq: int
+    process_id: str
+    kind: str
+    peer_id: str
+    url: str
+    message_type: str
+    body: str
+    attempts: int
+
+    @classmethod
+    def of(cls, row: OutboxRow) -> Outgoing:
+        return cls(
+            row.seq, row.process_id, row.kind, row.peer_id, row.url, row.message_type, row.body, row.attempts
+        )
 
 
 class DspStore:
@@ -59,10 +147,11 @@ class DspStore:
         s.flush()
 
     def dataset(self, s: Session, dataset_id: str) -> DatasetRow:
-        row = s.get(DatasetRow, dataset_id)
-        if row is None:
+        """The dataset as a detached row (datasets are never changed in place)."""
+        r = s.connection().execute(_DATASET, {"pid": dataset_id}).mappings().first()
+        if r is None:
             raise NotFoundError(f"no dataset {dataset_id!r}")
-        return row
+        return DatasetRow(**r)
 
     def datasets(self, s: Session) -> Sequence[DatasetRow]:
         return s.scalars(select(DatasetRow).order_by(DatasetRow.created_at, DatasetRow.id)).all()
@@ -85,13 +174,8 @@ class DspStore:
     def negotiation_by_consumer_pid(
         self, s: Session, role: str, counterparty: str, consumer_pid: str
     ) -> NegotiationRow | None:
-        return s.scalars(
-            select(NegotiationRow).where(
-                NegotiationRow.role == role,
-                NegotiationRow.counterparty_id == counterparty,
-                NegotiationRow.consumer_pid == consumer_pid,
-            )
-        ).one_or_none()
+        """The process (detached) a peer named by its consumerPid, if there is one."""
+        return _by_peer(s, NegotiationRow, role, counterparty, consumer_pid)
 
     def negotiations(self, s: Session, limit: int = 100, offset: int = 0) -> Sequence[NegotiationRow]:
         q = select(NegotiationRow).order_by(NegotiationRow.created_at.desc(), NegotiationRow.id)
@@ -106,6 +190,31 @@ class DspStore:
         if NEGOTIATION.is_final(target):
             row.pending = None
             row.terminal_reason = reason
+
+    # --- processes without the ORM: what the service's hot paths use ---------------------------------
+    # A process row is read into a detached `NegotiationRow`/`TransferRow` (no session keeps it) and
+    # its changes are written back by `save` as one UPDATE of the columns that changed: per
+    # statement, the ORM's identity map, flush and unit of work cost several times the SQL itself.
+
+    def fetch(self, s: Session, cls: type[_P], pid: str, *, lock: bool = False) -> _P:
+        """A process by id, detached; `lock` takes the row lock (PostgreSQL) until the transaction ends."""
+        t = cast(Table, cls.__table__)
+        r = s.connection().execute(_FETCH[t, lock], {"pid": pid}).mappings().first()
+        if r is None:
+            what = "contract negotiation" if cls is NegotiationRow else "transfer process"
+            raise NotFoundError(f"no {what} {pid!r}")
+        return cls(**r)
+
+    @staticmethod
+    def save(s: Session, row: NegotiationRow | TransferRow, before: dict[str, Any]) -> dict[str, Any]:
+        """Write the columns of a detached process row that differ from `before` (its values as read
+        or last saved); returns them (empty: nothing written)."""
+        now = snapshot(row)
+        changed = {k: v for k, v in now.items() if before.get(k, _MISSING) != v}
+        if changed:
+            t = cast(Table, type(row).__table__)
+            s.connection().execute(_UPDATES[t], {**changed, "b_id": row.id})
+        return changed
 
     # --- agreements ----------------------------------------------------------------------------------
 
@@ -139,13 +248,8 @@ class DspStore:
     def transfer_by_consumer_pid(
         self, s: Session, role: str, counterparty: str, consumer_pid: str
     ) -> TransferRow | None:
-        return s.scalars(
-            select(TransferRow).where(
-                TransferRow.role == role,
-                TransferRow.counterparty_id == counterparty,
-                TransferRow.consumer_pid == consumer_pid,
-            )
-        ).one_or_none()
+        """The process (detached) a peer named by its consumerPid, if there is one."""
+        return _by_peer(s, TransferRow, role, counterparty, consumer_pid)
 
     def transfers(self, s: Session, limit: int = 100, offset: int = 0) -> Sequence[TransferRow]:
         q = select(TransferRow).order_by(TransferRow.created_at.desc(), TransferRow.id)
@@ -191,24 +295,31 @@ class DspStore:
         body: bytes,
         now: datetime,
         lease_until: datetime | None = None,
-    ) -> OutboxRow:
+    ) -> Outgoing:
         """Queue a message; with `lease_until`, already leased to the worker that will send it."""
-        row = OutboxRow(
-            process_id=process_id,
-            kind=kind,
-            peer_id=peer_id,
-            url=url,
-            message_type=message_type,
-            body=body.decode(),
-            status="pending",
-            attempts=0 if lease_until is None else 1,
-            next_at=now,
-            lease_until=lease_until,
-            last_error=None,
-            created_at=now,
+        attempts = 0 if lease_until is None else 1
+        text = body.decode()
+        result = s.connection().execute(
+            _INSERTS[_OUTBOX],
+            {
+                "process_id": process_id,
+                "kind": kind,
+                "peer_id": peer_id,
+                "url": url,
+                "message_type": message_type,
+                "body": text,
+                "status": "pending",
+                "attempts": attempts,
+                "next_at": now,
+                "lease_until": lease_until,
+                "last_error": None,
+                "created_at": now,
+            },
         )
-        s.add(row)
-        return row
+        (seq,) = result.inserted_primary_key or (None,)
+        if not isinstance(seq, int):
+            raise RuntimeError("the outbox insert returned no sequence number")
+        return Outgoing(seq, process_id, kind, peer_id, url, message_type, text, attempts)
 
     def claim_outbox(self, now: datetime, lease: timedelta, limit: int = 20) -> list[OutboxRow]:
         """Lease due messages, at most one per process (the oldest), so a process's messages stay in order.
@@ -244,40 +355,22 @@ class DspStore:
                     break
             return taken
 
-    def claim_next(self, process_id: str, now: datetime, lease: timedelta) -> OutboxRow | None:
+    def claim_next(self, process_id: str, now: datetime, lease: timedelta) -> Outgoing | None:
         """Lease the oldest pending message of one process if it is due and not leased: one statement.
 
         The manager's fast path after a hint: the same guarantees as `claim_outbox` (oldest first per
         process, one holder per row: the UPDATE re-checks the lease under the row lock on PostgreSQL,
-        and SQLite has one writer), without a scan of the whole outbox.
+        and SQLite has one writer), without a scan of the whole outbox. SQL expression language on a
+        plain connection: it runs once per message, and an ORM session costs more than the statement.
         """
-        oldest = (
-            select(func.min(OutboxRow.seq))
-            .where(OutboxRow.process_id == process_id, OutboxRow.status == "pending")
-            .scalar_subquery()
-        )
-        stmt = (
-            update(OutboxRow)
-            .where(
-                OutboxRow.seq == oldest,
-                # Repeated here: PostgreSQL re-checks only these conditions on a row that another
-                # worker settled while we waited for its lock (the subquery keeps its old answer).
-                OutboxRow.status == "pending",
-                OutboxRow.next_at <= now,
-                or_(OutboxRow.lease_until.is_(None), OutboxRow.lease_until < now),
-            )
-            .values(lease_until=now + lease, attempts=OutboxRow.attempts + 1)
-            .returning(OutboxRow)
-            .execution_options(synchronize_session=False)
-        )
-        with self.writing() as s:
-            return s.scalars(stmt).one_or_none()
+        with self.db.writing_core() as conn:
+            r = conn.execute(_CLAIM_NEXT, {"pid": process_id, "now": now, "until": now + lease}).first()
+        return None if r is None else Outgoing(*r)
 
     @staticmethod
     def has_pending(s: Session, process_id: str) -> bool:
         """Whether a message of the process is still waiting to be delivered."""
-        q = select(OutboxRow.seq).where(OutboxRow.process_id == process_id, OutboxRow.status == "pending")
-        return s.scalars(q.limit(1)).first() is not None
+        return s.connection().execute(_HAS_PENDING, {"pid": process_id}).first() is not None
 
     @staticmethod
     def _has_earlier_pending(s: Session, row: OutboxRow) -> bool:
@@ -294,25 +387,57 @@ class DspStore:
 
     def settle_outbox(self, seq: int, *, sent: bool, error: str | None, retry_at: datetime | None) -> None:
         """Mark a leased message sent, schedule a retry (`retry_at`), or give up (no `retry_at`)."""
-        with self.writing() as s:
-            row = s.get(OutboxRow, seq)
-            if row is None:
+        values: dict[str, Any] = {"lease_until": None, "last_error": error}
+        if sent:
+            values["status"] = "sent"
+        elif retry_at is not None:
+            values["next_at"] = retry_at
+        else:
+            values["status"] = "dead"
+        with self.db.writing_core() as conn:
+            result = cast(CursorResult[Any], conn.execute(_SETTLE, {**values, "b_seq": seq}))
+            if result.rowcount != 1:
                 raise NotFoundError(f"no outbox message {seq}")
-            row.lease_until = None
-            row.last_error = error
-            if sent:
-                row.status = "sent"
-            elif retry_at is not None:
-                row.next_at = retry_at
-            else:
-                row.status = "dead"
 
-    def settle_sent(self, s: Session, seq: int) -> None:
-        """Mark a leased message sent inside the caller's transaction."""
-        row = s.get(OutboxRow, seq)
-        if row is None:
-            raise NotFoundError(f"no outbox message {seq}")
-        row.lease_until, row.last_error, row.status = None, None, "sent"
+    def settle_delivered(
+        self, seq: int, kind: str, process_id: str, provider_pid: str | None, consumer_pid: str | None
+    ) -> None:
+        """In one transaction: mark a leased message sent and fill in the process's missing pids from
+        the peer's acknowledgement (a pid already known is kept)."""
+        t = _PROCESS_TABLES[kind]
+        with self.db.writing_core() as conn:
+            settled = cast(
+                CursorResult[Any],
+                conn.execute(
+                    _SETTLE, {"lease_until": None, "last_error": None, "status": "sent", "b_seq": seq}
+                ),
+            )
+            if settled.rowcount != 1:
+                raise NotFoundError(f"no outbox message {seq}")  # rolls the transaction back
+            moved = cast(
+                CursorResult[Any],
+                conn.execute(
+                    update(t)
+                    .where(t.c.id == process_id)
+                    .values(
+                        provider_pid=func.coalesce(t.c.provider_pid, provider_pid),
+                        consumer_pid=func.coalesce(t.c.consumer_pid, consumer_pid),
+                    )
+                ),
+            )
+            if moved.rowcount != 1:
+                what = "contract negotiation" if kind == "negotiation" else "transfer process"
+                raise NotFoundError(f"no {what} {process_id!r}")
+
+    def process_values(self, kind: str, pid: str) -> dict[str, Any]:
+        """A process's columns by name, read on a plain connection (the read waiters repeat)."""
+        t = _PROCESS_TABLES[kind]
+        with self.db.engine.connect() as conn:
+            r = conn.execute(_FETCH[t, False], {"pid": pid}).mappings().first()
+        if r is None:
+            what = "contract negotiation" if kind == "negotiation" else "transfer process"
+            raise NotFoundError(f"no {what} {pid!r}")
+        return dict(r)
 
     def outbox(self, s: Session, process_id: str | None = None) -> Sequence[OutboxRow]:
         q = select(OutboxRow).order_by(OutboxRow.seq)
@@ -321,10 +446,30 @@ class DspStore:
         return s.scalars(q).all()
 
 
+def _by_peer(s: Session, cls: type[_P], role: str, counterparty: str, consumer_pid: str) -> _P | None:
+    t = cast(Table, cls.__table__)
+    params = {"role": role, "counterparty": counterparty, "consumer_pid": consumer_pid}
+    rows = s.connection().execute(_BY_CONSUMER_PID[t], params).mappings().all()
+    if len(rows) > 1:  # the unique constraint makes this impossible; say so rather than pick one
+        raise ConflictError(f"{len(rows)} processes with consumerPid {consumer_pid!r}")
+    return cls(**rows[0]) if rows else None
+
+
+def snapshot(row: Any) -> dict[str, Any]:
+    """A row's column values; JSON members copied, so a later change in place is seen as a change."""
+    return {
+        c.key: copy.deepcopy(v) if isinstance(v := getattr(row, c.key), dict | list) else v
+        for c in row.__table__.columns
+    }
+
+
 def _insert(s: Session, row: Any, what: str) -> None:
+    """Insert a row's values with one statement; the row object stays detached.
+
+    No savepoint: a clash raises `ConflictError`, which ends the caller's transaction (or the
+    savepoint the caller opened); nothing carries on in a transaction after a failed insert."""
+    t = cast(Table, type(row).__table__)
     try:
-        with s.begin_nested():
-            s.add(row)
-            s.flush()
+        s.connection().execute(_INSERTS[t], {c.key: getattr(row, c.key) for c in t.columns})
     except IntegrityError as exc:
         raise ConflictError(f"{what} already exists") from exc

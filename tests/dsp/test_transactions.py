@@ -1,0 +1,141 @@
+"""What one DSP transaction leaves behind: the manager's hints, and nothing of a step that failed.
+
+The service reads process rows detached and writes back what changed (no ORM unit of work), so the
+hints it hands the manager come from what it saved and queued. Checked on SQLite and PostgreSQL
+against the rows themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from healthspace.audit.models import Outcome
+from healthspace.connector.dsp.service import DatasetCreate, DspService, Work
+from healthspace.connector.dsp.tables import AgreementRow, NegotiationRow, OutboxRow
+from healthspace.core.clock import SystemClock
+from healthspace.core.db import Database
+from healthspace.identity.keys import SigningKey
+from healthspace.protocol.messages import ContractRequestMessage, Offer
+
+ME, PEER = "gz-hospital", "hk-university"
+OFFER: dict[str, Any] = {"@id": "urn:offer:1", "permission": [{"action": "use"}]}
+T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+
+Audited = list[tuple[str, str, str, Outcome, str]]
+
+
+@pytest.fixture
+def db(make_db: Callable[..., Database]) -> Database:
+    return make_db("dsp")
+
+
+def _service(db: Database, audited: Audited, hints: list[Work]) -> DspService:
+    def record(actor: str, action: str, subject: str, outcome: Outcome, reason: str) -> None:
+        audited.append((actor, action, subject, outcome, reason))
+
+    def record_many(entries: Sequence[tuple[str, str, str, Outcome, str]]) -> None:
+        audited.extend(entries)
+
+    service = DspService(
+        db,
+        participant_id=ME,
+        public_url="http://127.0.0.1:9",
+        key=SigningKey.generate(),
+        clock=SystemClock(),
+        record=record,
+        record_many=record_many,
+    )
+    service.on_work(hints.extend)
+    service.publish("steward:t", DatasetCreate(id="urn:d:1", title="Cohort", offer=OFFER))
+    return service
+
+
+def _outbox(db: Database, pid: str) -> list[OutboxRow]:
+    with db.session() as s:
+        return list(s.scalars(select(OutboxRow).where(OutboxRow.process_id == pid)))
+
+
+def test_a_request_received_hints_the_decision_it_leaves_owed(db: Database) -> None:
+    hints: list[Work] = []
+    service = _service(db, [], hints)
+    msg = ContractRequestMessage(
+        consumer_pid="urn:uuid:c-1",
+        offer=Offer.model_validate({**OFFER, "target": "urn:d:1"}),
+        callback_address="http://127.0.0.1:8",
+    )
+    ack, created = service.on_contract_request(PEER, msg, None)
+
+    assert created
+    stored = service.negotiation(ack.provider_pid)
+    assert (stored.state, stored.pending, stored.consumer_pid) == ("REQUESTED", "decide", "urn:uuid:c-1")
+    assert ("step", "negotiation", ack.provider_pid) in hints
+    assert _outbox(db, ack.provider_pid) == []  # nothing is sent before the decision
+
+    hints.clear()  # the same request again answers the same process and owes nothing new
+    again, created_again = service.on_contract_request(PEER, msg, None)
+    assert (again.provider_pid, created_again, hints) == (ack.provider_pid, False, [])
+
+
+def test_a_request_sent_hints_the_message_waiting_in_the_outbox(db: Database) -> None:
+    hints: list[Work] = []
+    audited: Audited = []
+    service = _service(db, audited, hints)
+    started = service.start_negotiation(
+        "researcher:t", PEER, "http://127.0.0.1:8", {**OFFER, "target": "urn:d:1"}
+    )
+
+    (queued,) = _outbox(db, started.id)
+    assert (queued.status, queued.lease_until, queued.message_type) == (
+        "pending",
+        None,
+        "ContractRequestMessage",
+    )
+    assert ("send", "negotiation", started.id) in hints
+    assert ("researcher:t", "dsp.negotiation.request", started.id) in [a[:3] for a in audited]
+
+
+def test_a_step_that_fails_is_undone_except_that_it_is_no_longer_owed(db: Database) -> None:
+    """A provider cannot agree in OFFERED: the agreement the step made before finding that out, its
+    message and its change to the row are all rolled back; the failure is audited."""
+    hints: list[Work] = []
+    audited: Audited = []
+    service = _service(db, audited, hints)
+    with db.session() as s:
+        service.store.create_negotiation(
+            s,
+            NegotiationRow(
+                id="urn:n:1",
+                role="provider",
+                provider_pid="urn:n:1",
+                consumer_pid="urn:c:1",
+                state="OFFERED",
+                counterparty_id=PEER,
+                counterparty_address="http://127.0.0.1:8",
+                dataset_id="urn:d:1",
+                offer={**OFFER, "target": "urn:d:1"},
+                agreement_id=None,
+                auto=True,
+                pending="decide",
+                terminal_reason=None,
+                created_at=T0,
+                updated_at=T0,
+            ),
+        )
+
+    step = service.run_pending("negotiation", "urn:n:1")
+
+    assert step.sent == []
+    with db.session() as s:
+        row = s.get(NegotiationRow, "urn:n:1")
+        assert row is not None
+        assert (row.state, row.pending, row.agreement_id, row.updated_at) == ("OFFERED", None, None, T0)
+        assert list(s.scalars(select(AgreementRow))) == []
+    assert _outbox(db, "urn:n:1") == []
+    failures = [a for a in audited if a[3] is Outcome.FAILURE]
+    assert [(a[1], a[2]) for a in failures] == [("dsp.negotiation.decide", "urn:n:1")]
+    assert not [h for h in hints if h[2] == "urn:n:1"]  # nothing owed any more, nothing queued
