@@ -292,6 +292,7 @@ def _hospital(root: Path, site: str, patients: int, seed: int, copies: int = 1) 
         consent=lambda: consent,
         connect=lambda: cast(duckdb.DuckDBPyConnection, timed),
         record=audit.record,
+        record_many=audit.append_many,
         clock=clock,
         consumer=lambda _: ConsumerProfile(jurisdiction="HK", participant_type="university"),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -19,7 +19,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from healthspace.audit.log import AuditRecorder
-from healthspace.audit.models import Outcome
+from healthspace.audit.models import AuditEntry, Outcome
 from healthspace.compute import (
     BudgetKey,
     BudgetLedger,
@@ -277,6 +277,72 @@ def _aware(t: datetime) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
+class _JobAudit:
+    """An `AuditRecorder` holding one job's entries until the job ends, then appending them together.
+
+    A job writes its policy decision, its consent cohort and its outcome; appended one by one that is
+    three durable commits per job. Held here and appended with `record_many` (`AuditLog.append_many`:
+    one transaction, one fsync) they cost one. Entries are built (and validated) when recorded, with
+    the time they happened. Without `record_many` they go to `record` one by one, in order.
+    """
+
+    def __init__(
+        self,
+        record: AuditRecorder,
+        record_many: Callable[[Sequence[AuditEntry]], object] | None,
+        clock: Clock,
+    ) -> None:
+        self._record, self._many, self._clock = record, record_many, clock
+        self._entries: list[AuditEntry] = []
+
+    def __call__(
+        self,
+        actor: str,
+        action: str,
+        subject: str,
+        outcome: Outcome,
+        reason: str = "",
+        *,
+        scenario_id: str | None = None,
+        agreement_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> object:
+        self._entries.append(
+            AuditEntry(
+                time=self._clock.now(),
+                actor=actor,
+                action=action,
+                subject=subject,
+                outcome=outcome,
+                reason=reason,
+                scenario_id=scenario_id,
+                agreement_id=agreement_id,
+                details=details or {},
+            )
+        )
+        return None
+
+    def flush(self) -> None:
+        """Append every held entry now (all or none with `record_many`); raises if the log refuses."""
+        entries, self._entries = self._entries, []
+        if not entries:
+            return
+        if self._many is not None:
+            self._many(entries)
+            return
+        for e in entries:
+            self._record(
+                e.actor,
+                e.action,
+                e.subject,
+                e.outcome,
+                e.reason,
+                scenario_id=e.scenario_id,
+                agreement_id=e.agreement_id,
+                details=e.details,
+            )
+
+
 class JobService:
     """Runs consumers' jobs on this provider's clinical store under their agreements.
 
@@ -308,6 +374,7 @@ class JobService:
         connect: Callable[[], duckdb.DuckDBPyConnection],
         record: AuditRecorder,
         clock: Clock,
+        record_many: Callable[[Sequence[AuditEntry]], object] | None = None,
         consumer: Callable[[str], ConsumerProfile] | None = None,
         approvals: Callable[[], Iterable[ExportApproval]] | None = None,
         crossborder_rules: Mapping[str, JurisdictionRules] = DEFAULT_RULES,
@@ -328,6 +395,7 @@ class JobService:
         self._consent = consent
         self._connect = connect
         self._record = record
+        self._record_many = record_many
         self._clock = clock
         self.gate = gate or PolicyGate(
             provider_id,
@@ -343,6 +411,10 @@ class JobService:
         self._ttl = token_ttl
         self._grace = refresh_grace
         self._engine_lock = threading.Lock()
+        # One engine per store connection, kept across jobs (under `_engine_lock`): the connection is
+        # a snapshot of the store (reopened, so a new engine, when the store commits), so what depends
+        # only on the consent cohort is built once per cohort (`DuckDBEngine(reuse_consent=True)`).
+        self._engine: tuple[duckdb.DuckDBPyConnection, DuckDBEngine] | None = None
         self._resume_lock = threading.Lock()
         self._sessions: dict[str, _GlmSession] = {}
         self.ledger = BudgetLedger(db)
@@ -510,7 +582,13 @@ class JobService:
     # --- jobs --------------------------------------------------------------------------------------
 
     def submit(self, checked: _Checked, body: JobCreate) -> JobPublic:
-        """Run a job synchronously (a GLM spec opens an iteration session instead) and return it."""
+        """Run a job synchronously (a GLM spec opens an iteration session instead) and return it.
+
+        The job row is written once the policy has decided: REFUSED on a denial, else RUNNING (so a
+        crash mid-job leaves a job that visibly did not succeed), then its end state; both go through
+        `JOB.transition` from QUEUED. The job's audit entries (decision, consent cohort, outcome) are
+        appended together when it ends, whichever way it ends (see `_JobAudit`).
+        """
         spec = parse_spec(body.spec)
         grant, agreement = checked.grant, checked.agreement
         rules = rules_from_policy(agreement.policy, self._k_default)
@@ -522,8 +600,12 @@ class JobService:
         kind = "glm" if glms else "query"
         now = self._clock.now()
         job_id = f"job-{secrets.token_hex(12)}"
-        with self.db.session() as s:
-            row = JobRow(
+        audit = _JobAudit(self._record, self._record_many, self._clock)
+        decision = self._decide(job_id, grant, agreement, spec, rules, body.scenario, audit)
+        review = any(d.action == REVIEW_DUTY for d in decision.duties)
+
+        def row(state: JobState, reason: str | None = None) -> JobRow:
+            return JobRow(
                 id=job_id,
                 agreement_id=agreement.id,
                 transfer_id=grant.transfer_id,
@@ -531,23 +613,27 @@ class JobService:
                 scenario_id=body.scenario,
                 dataset_id=agreement.dataset_id,
                 kind=kind,
-                state=JobState.QUEUED.value,
+                state=JOB.transition(JobState.QUEUED, state).value,
                 spec=orjson.dumps(body.spec).decode(),
                 result=None,
-                reason=None,
+                reason=reason,
                 epsilon=0.0,
                 created_at=now,
                 updated_at=now,
             )
-            s.add(row)
-            s.commit()
-        decision = self._decide(job_id, grant, agreement, spec, rules, body.scenario)
-        review = any(d.action == REVIEW_DUTY for d in decision.duties)
+
+        if not decision.allowed:
+            reasons = list(decision.reasons)
+            self._insert(row(JobState.REFUSED, ("; ".join(reasons) or "denied by policy")[:4000]))
+            audit.flush()
+            raise PolicyDeniedError(
+                "the agreement's policy does not allow this job", reasons=reasons, job_id=job_id
+            )
         if review and kind == "glm":
             # Each IRLS step releases aggregates at once: nothing a person could hold back in time.
             why = "the agreement requires output review, which per-iteration GLM statistics cannot wait for"
-            self._move(job_id, JobState.REFUSED, why)
-            self._record(
+            self._insert(row(JobState.REFUSED, why))
+            audit(
                 grant.consumer,
                 "dataplane.job.run",
                 f"job:{job_id}",
@@ -557,20 +643,23 @@ class JobService:
                 agreement_id=agreement.id,
                 details={"job_id": job_id},
             )
+            audit.flush()
             raise ForbiddenError(why, reason="review-required", job_id=job_id)
-        self._move(job_id, JobState.RUNNING)
+        self._insert(row(JobState.RUNNING))
         try:
             consent = self._consent().cohort(
-                body.scenario, data_classes_of(spec), actor=f"dataplane:{job_id}", at=now
+                body.scenario, data_classes_of(spec), actor=f"dataplane:{job_id}", at=now, record=audit
             )
             ctx = JobContext(job_id, grant.consumer, body.scenario, agreement.dataset_id)
             if kind == "glm":
                 self.close_idle_glm_sessions()
-                return self._open_glm(job_id, spec, consent, rules, glms)
+                out = self._open_glm(job_id, spec, consent, rules, glms)
+                audit.flush()
+                return out
             with self._engine_lock:
                 result = run_job(
                     spec,
-                    DuckDBEngine(self._connect()),
+                    self._engine_now(),
                     consent,
                     rules,
                     ctx,
@@ -579,10 +668,22 @@ class JobService:
                     now=now,
                 )
         except Exception as exc:
-            self._end_on_error(job_id, agreement.id, body.scenario, grant.consumer, exc)
+            self._end_on_error(job_id, agreement.id, body.scenario, grant.consumer, exc, audit)
             raise
         payload = self._payload(job_id, grant, agreement, body.scenario, result.to_dict(), now)
-        return self._succeed(job_id, payload, result.epsilon_spent, review=review)
+        return self._succeed(job_id, payload, result.epsilon_spent, review=review, audit=audit)
+
+    def _insert(self, row: JobRow) -> None:
+        with self.db.session() as s:
+            s.add(row)
+            s.commit()
+
+    def _engine_now(self) -> DuckDBEngine:
+        """The engine over the store's current connection (call under `_engine_lock`)."""
+        con = self._connect()
+        if self._engine is None or self._engine[0] is not con:
+            self._engine = (con, DuckDBEngine(con, reuse_consent=True))
+        return self._engine[1]
 
     def _decide(
         self,
@@ -592,11 +693,13 @@ class JobService:
         spec: QuerySpec,
         rules: DisclosureRules,
         scenario: str,
+        record: AuditRecorder,
     ) -> Decision:
-        """The gate's decision at phase JOB, audited as `policy.decision`; a denial refuses the job."""
+        """The gate's decision at phase JOB, recorded as `policy.decision` to `record` (the job's batch)."""
         params = job_parameters(spec, rules)
         with self.db.session() as s:
             # A held result is a use: the computation ran and its budget is spent, released or not.
+            # Counted on the (agreement_id, state) index.
             uses = s.scalar(
                 select(func.count())
                 .select_from(JobRow)
@@ -620,7 +723,7 @@ class JobService:
             epsilon_spent=self.ledger.spent(BudgetKey(grant.consumer, scenario, agreement.dataset_id)),
         )
         record_decision(
-            self._record,
+            record,
             grant.consumer,
             f"job:{job_id}",
             d.decision,
@@ -637,22 +740,24 @@ class JobService:
                 **params,
             },
         )
-        if not d.allowed:
-            reasons = list(d.decision.reasons)
-            self._move(job_id, JobState.REFUSED, "; ".join(reasons) or "denied by policy")
-            raise PolicyDeniedError(
-                "the agreement's policy does not allow this job", reasons=reasons, job_id=job_id
-            )
         return d.decision
 
     def _end_on_error(
-        self, job_id: str, agreement_id: str, scenario: str, consumer: str, exc: Exception
+        self,
+        job_id: str,
+        agreement_id: str,
+        scenario: str,
+        consumer: str,
+        exc: Exception,
+        audit: _JobAudit | None = None,
     ) -> None:
+        """The job ends REFUSED or FAILED with the reason; audited at once, after the job's held entries."""
         refused = isinstance(exc, ForbiddenError)
         client = isinstance(exc, HealthspaceError)
         reason = str(getattr(exc, "detail", "")) if client else f"internal error ({type(exc).__name__})"
         self._move(job_id, JobState.REFUSED if refused else JobState.FAILED, reason)
-        self._record(
+        audit = audit or _JobAudit(self._record, self._record_many, self._clock)
+        audit(
             consumer,
             "dataplane.job.run",
             f"job:{job_id}",
@@ -662,6 +767,7 @@ class JobService:
             agreement_id=agreement_id,
             details={"job_id": job_id},
         )
+        audit.flush()
 
     def _payload(
         self,
@@ -684,7 +790,13 @@ class JobService:
         }
 
     def _succeed(
-        self, job_id: str, payload: dict[str, Any], epsilon: float, *, review: bool = False
+        self,
+        job_id: str,
+        payload: dict[str, Any],
+        epsilon: float,
+        *,
+        review: bool = False,
+        audit: _JobAudit | None = None,
     ) -> JobPublic:
         envelope = canonical_json(sign_payload(self.key, payload)).decode()
         held = None
@@ -706,7 +818,8 @@ class JobService:
                 else None
             )
             out = _public(row, review=summary)
-        self._record(
+        audit = audit or _JobAudit(self._record, self._record_many, self._clock)
+        audit(
             out.consumer_id,
             "dataplane.job.run",
             f"job:{job_id}",
@@ -716,7 +829,7 @@ class JobService:
             details={"job_id": job_id, "epsilon_spent": epsilon, "kind": out.kind, "held": review},
         )
         if held is not None:
-            self._record(
+            audit(
                 f"connector:{self.provider_id}",
                 "dataplane.review.hold",
                 f"review:{held.id}",
@@ -726,6 +839,7 @@ class JobService:
                 agreement_id=out.agreement_id,
                 details={"job_id": job_id, "required": held.required},
             )
+        audit.flush()
         return out
 
     def _move(self, job_id: str, target: JobState, reason: str | None = None) -> JobRow:
