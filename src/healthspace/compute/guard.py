@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select, update
 
 from healthspace.compute.disclosure import DisclosureError
 from healthspace.compute.tables import CohortHistoryRow
@@ -89,29 +89,36 @@ class SqlCohortHistory:
 
     def record(self, dataset_id: str, consumer_id: str, sets: list[np.ndarray], at: datetime) -> None:
         """Remember `sets` as released at `at`; an identical set released before to the same consumer
-        is replaced, so repeating a query (a dashboard, a benchmark) keeps one row to compare with, whose
-        time is the latest release (the window then runs from there, as with a copy per release)."""
+        is moved to `at` instead of stored again, so repeating a query (a dashboard, a benchmark) keeps
+        one row to compare with, whose time is the latest release (the window then runs from there, as
+        with a copy per release). Core statements in one transaction: this runs on every job."""
         t = CohortHistoryRow
+        new: list[dict[str, object]] = []
         with self.db.session() as s:
             for ids in sets:
                 blob = encode_ids(ids)  # deterministic: the same ids give the same bytes
-                s.execute(
-                    delete(t).where(
+                moved = s.execute(
+                    update(t)
+                    .where(
                         t.dataset_id == dataset_id,
                         t.consumer_id == consumer_id,
                         t.size == len(ids),
                         t.ids == blob,
                     )
+                    .values(recorded_at=at)
                 )
-                s.add(
-                    CohortHistoryRow(
-                        dataset_id=dataset_id,
-                        consumer_id=consumer_id,
-                        size=len(ids),
-                        ids=blob,
-                        recorded_at=at,
+                if not getattr(moved, "rowcount", 0):
+                    new.append(
+                        {
+                            "dataset_id": dataset_id,
+                            "consumer_id": consumer_id,
+                            "size": len(ids),
+                            "ids": blob,
+                            "recorded_at": at,
+                        }
                     )
-                )
+            if new:
+                s.execute(insert(t), new)
 
     def forget_before(self, cutoff: datetime) -> int:
         with self.db.session() as s:
