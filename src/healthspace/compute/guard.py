@@ -25,9 +25,20 @@ __all__ = [
 ]
 
 
+# Gaps below this compress well (most of each 8-byte delta is zeros); wider ones are random bits.
+_DENSE_GAP = 1 << 32
+
+
 def encode_ids(ids: np.ndarray) -> bytes:
-    """Sorted unique int64 ids, delta-encoded and compressed."""
-    return zlib.compress(np.diff(ids.astype(np.int64), prepend=np.int64(0)).tobytes(), 1)
+    """Sorted unique int64 ids, delta-encoded, in a zlib stream (deterministic: same ids, same bytes).
+
+    Dense ids (small gaps) are compressed. Hashed ids (the store's person ids: random 63-bit values,
+    so gaps of ~2^63/n) gain ~15 % from compression at a cost of milliseconds per 20,000 ids, which
+    every job pays; they are stored (zlib level 0, the same format for `decode_ids`).
+    """
+    deltas = np.diff(ids.astype(np.int64), prepend=np.int64(0))
+    dense = len(deltas) < 2 or int(np.abs(deltas[1:]).max()) < _DENSE_GAP
+    return zlib.compress(deltas.tobytes(), 1 if dense else 0)
 
 
 def decode_ids(blob: bytes) -> np.ndarray:
@@ -146,7 +157,13 @@ class DifferencingGuard:
         since = (now or utcnow()) - self.window
         for ids in sets:
             near = self.history.near(dataset_id, len(ids), self.min_difference, since)
-            differences = [int(np.setxor1d(ids, old, assume_unique=True).size) for old in near]
+            # An identical set (a repeated query) is told by one comparison, not a sort of both sets.
+            differences = [
+                0
+                if len(old) == len(ids) and np.array_equal(old, ids)
+                else int(np.setxor1d(ids, old, assume_unique=True).size)
+                for old in near
+            ]
             if 0 in differences:
                 # Released before as it is: repeating it reveals nothing, whatever it differs from.
                 continue
