@@ -17,6 +17,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from healthspace.audit.log import AuditRecorder
 from healthspace.audit.models import AuditEntry, Outcome
@@ -601,51 +602,59 @@ class JobService:
         now = self._clock.now()
         job_id = f"job-{secrets.token_hex(12)}"
         audit = _JobAudit(self._record, self._record_many, self._clock)
-        decision = self._decide(job_id, grant, agreement, spec, rules, body.scenario, audit)
-        review = any(d.action == REVIEW_DUTY for d in decision.duties)
-
-        def row(state: JobState, reason: str | None = None) -> JobRow:
-            return JobRow(
-                id=job_id,
-                agreement_id=agreement.id,
-                transfer_id=grant.transfer_id,
-                consumer_id=grant.consumer,
-                scenario_id=body.scenario,
-                dataset_id=agreement.dataset_id,
-                kind=kind,
-                state=JOB.transition(JobState.QUEUED, state).value,
-                spec=orjson.dumps(body.spec).decode(),
-                result=None,
-                reason=reason,
-                epsilon=0.0,
-                created_at=now,
-                updated_at=now,
+        # Each IRLS step releases aggregates at once: nothing a person could hold back in time.
+        no_review_for_glm = (
+            "the agreement requires output review, which per-iteration GLM statistics cannot wait for"
+        )
+        with self.db.session() as s:
+            # One transaction reads the use count and the budget, and stores the job as decided.
+            decision = self._decide(s, job_id, grant, agreement, spec, rules, body.scenario, audit)
+            review = any(d.action == REVIEW_DUTY for d in decision.duties)
+            if not decision.allowed:
+                state, why = JobState.REFUSED, "; ".join(decision.reasons) or "denied by policy"
+            elif review and kind == "glm":
+                state, why = JobState.REFUSED, no_review_for_glm
+            else:
+                state, why = JobState.RUNNING, None
+            s.add(
+                JobRow(
+                    id=job_id,
+                    agreement_id=agreement.id,
+                    transfer_id=grant.transfer_id,
+                    consumer_id=grant.consumer,
+                    scenario_id=body.scenario,
+                    dataset_id=agreement.dataset_id,
+                    kind=kind,
+                    state=JOB.transition(JobState.QUEUED, state).value,
+                    spec=orjson.dumps(body.spec).decode(),
+                    result=None,
+                    reason=None if why is None else why[:4000],
+                    epsilon=0.0,
+                    created_at=now,
+                    updated_at=now,
+                )
             )
-
+            s.commit()
         if not decision.allowed:
-            reasons = list(decision.reasons)
-            self._insert(row(JobState.REFUSED, ("; ".join(reasons) or "denied by policy")[:4000]))
             audit.flush()
             raise PolicyDeniedError(
-                "the agreement's policy does not allow this job", reasons=reasons, job_id=job_id
+                "the agreement's policy does not allow this job",
+                reasons=list(decision.reasons),
+                job_id=job_id,
             )
-        if review and kind == "glm":
-            # Each IRLS step releases aggregates at once: nothing a person could hold back in time.
-            why = "the agreement requires output review, which per-iteration GLM statistics cannot wait for"
-            self._insert(row(JobState.REFUSED, why))
+        if state is JobState.REFUSED:
             audit(
                 grant.consumer,
                 "dataplane.job.run",
                 f"job:{job_id}",
                 Outcome.DENIED,
-                why,
+                no_review_for_glm,
                 scenario_id=body.scenario,
                 agreement_id=agreement.id,
                 details={"job_id": job_id},
             )
             audit.flush()
-            raise ForbiddenError(why, reason="review-required", job_id=job_id)
-        self._insert(row(JobState.RUNNING))
+            raise ForbiddenError(no_review_for_glm, reason="review-required", job_id=job_id)
         try:
             consent = self._consent().cohort(
                 body.scenario, data_classes_of(spec), actor=f"dataplane:{job_id}", at=now, record=audit
@@ -673,11 +682,6 @@ class JobService:
         payload = self._payload(job_id, grant, agreement, body.scenario, result.to_dict(), now)
         return self._succeed(job_id, payload, result.epsilon_spent, review=review, audit=audit)
 
-    def _insert(self, row: JobRow) -> None:
-        with self.db.session() as s:
-            s.add(row)
-            s.commit()
-
     def _engine_now(self) -> DuckDBEngine:
         """The engine over the store's current connection (call under `_engine_lock`)."""
         con = self._connect()
@@ -687,6 +691,7 @@ class JobService:
 
     def _decide(
         self,
+        s: Session,
         job_id: str,
         grant: AccessGrant,
         agreement: AgreementView,
@@ -695,19 +700,19 @@ class JobService:
         scenario: str,
         record: AuditRecorder,
     ) -> Decision:
-        """The gate's decision at phase JOB, recorded as `policy.decision` to `record` (the job's batch)."""
+        """The gate's decision at phase JOB, recorded as `policy.decision` to `record` (the job's batch);
+        use count and budget are read in `s`."""
         params = job_parameters(spec, rules)
-        with self.db.session() as s:
-            # A held result is a use: the computation ran and its budget is spent, released or not.
-            # Counted on the (agreement_id, state) index.
-            uses = s.scalar(
-                select(func.count())
-                .select_from(JobRow)
-                .where(
-                    JobRow.agreement_id == agreement.id,
-                    JobRow.state.in_((JobState.SUCCEEDED.value, JobState.HELD.value)),
-                )
+        # A held result is a use: the computation ran and its budget is spent, released or not.
+        # Counted on the (agreement_id, state) index.
+        uses = s.scalar(
+            select(func.count())
+            .select_from(JobRow)
+            .where(
+                JobRow.agreement_id == agreement.id,
+                JobRow.state.in_((JobState.SUCCEEDED.value, JobState.HELD.value)),
             )
+        )
         d = self.gate.decide(
             agreement.policy,
             agreement.dataset_id,
@@ -720,7 +725,9 @@ class JobService:
             cell_size=params["cell_size"],
             execution_location="provider",
             use_count=int(uses or 0),
-            epsilon_spent=self.ledger.spent(BudgetKey(grant.consumer, scenario, agreement.dataset_id)),
+            epsilon_spent=self.ledger.spent(
+                BudgetKey(grant.consumer, scenario, agreement.dataset_id), session=s
+            ),
         )
         record_decision(
             record,
