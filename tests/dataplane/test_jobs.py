@@ -10,7 +10,10 @@ import pytest
 from sqlalchemy import select
 
 from healthspace.audit.models import Outcome
-from healthspace.compute import DuckDBEngine, JobContext, parse_spec, run_job
+from healthspace.compute import DifferencingGuard, DuckDBEngine, JobContext, parse_spec, run_job
+from healthspace.compute.disclosure import DisclosureError
+from healthspace.compute.guard import decode_ids
+from healthspace.compute.tables import CohortHistoryRow
 from healthspace.connector.dataplane import JobCreate, JobState, data_classes_of, rules_from_policy
 from healthspace.connector.dataplane.tables import JobRow
 from healthspace.connector.dsp.dataplane import mint_access_token
@@ -376,3 +379,26 @@ def test_a_job_interrupted_mid_run_is_left_running_never_succeeded(
         states = list(s.scalars(select(JobRow.state).where(JobRow.agreement_id == "agr-crash")))
     assert states == [JobState.RUNNING.value]
     assert not [e for e in entries(hk, "dataplane.job.run") if e.agreement_id == "agr-crash"]
+
+
+def test_a_jobs_person_sets_are_stored_with_it_and_guard_the_next_job(gz: Provider) -> None:
+    # A cohort no other test releases (men with diabetes but no hypertension), so its set is new.
+    men_with_t2d = {
+        "version": 1,
+        "cohort": {
+            "inclusion": [E11, {"type": "sex", "sex": "male"}],
+            "exclusion": [{"type": "event", "event": {"domain": "condition", "codes": ["I10"]}}],
+        },
+        "analyses": [{"type": "count", "id": "n"}],
+    }
+    with gz.db.session() as s:
+        before = set(s.scalars(select(CohortHistoryRow.seq)))
+    r = post_job(gz, gz.token("agr-plain"), men_with_t2d)
+    assert r.status_code == 200, r.text
+    with gz.db.session() as s:
+        new = [row for row in s.scalars(select(CohortHistoryRow)) if row.seq not in before]
+    assert [(row.dataset_id, row.consumer_id) for row in new] == [(gz.dataset_id, CONSUMER)]
+    cohort = decode_ids(new[0].ids)
+    # The stored set is the job's cohort: a later release of it minus one person is refused.
+    with pytest.raises(DisclosureError, match="minimum difference"):
+        DifferencingGuard(gz.service.history, 10).check(gz.dataset_id, [cohort[1:]])

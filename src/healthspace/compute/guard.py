@@ -9,6 +9,7 @@ from typing import Protocol
 
 import numpy as np
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.orm import Session
 
 from healthspace.compute.disclosure import DisclosureError
 from healthspace.compute.tables import CohortHistoryRow
@@ -103,33 +104,39 @@ class SqlCohortHistory:
         is moved to `at` instead of stored again, so repeating a query (a dashboard, a benchmark) keeps
         one row to compare with, whose time is the latest release (the window then runs from there, as
         with a copy per release). Core statements in one transaction: this runs on every job."""
+        with self.db.session() as s:
+            self.record_in(s, dataset_id, consumer_id, sets, at)
+
+    def record_in(
+        self, s: Session, dataset_id: str, consumer_id: str, sets: list[np.ndarray], at: datetime
+    ) -> None:
+        """`record` inside a caller's transaction (the data plane's, which also stores the result)."""
         t = CohortHistoryRow
         new: list[dict[str, object]] = []
-        with self.db.session() as s:
-            for ids in sets:
-                blob = encode_ids(ids)  # deterministic: the same ids give the same bytes
-                moved = s.execute(
-                    update(t)
-                    .where(
-                        t.dataset_id == dataset_id,
-                        t.consumer_id == consumer_id,
-                        t.size == len(ids),
-                        t.ids == blob,
-                    )
-                    .values(recorded_at=at)
+        for ids in sets:
+            blob = encode_ids(ids)  # deterministic: the same ids give the same bytes
+            moved = s.execute(
+                update(t)
+                .where(
+                    t.dataset_id == dataset_id,
+                    t.consumer_id == consumer_id,
+                    t.size == len(ids),
+                    t.ids == blob,
                 )
-                if not getattr(moved, "rowcount", 0):
-                    new.append(
-                        {
-                            "dataset_id": dataset_id,
-                            "consumer_id": consumer_id,
-                            "size": len(ids),
-                            "ids": blob,
-                            "recorded_at": at,
-                        }
-                    )
-            if new:
-                s.execute(insert(t), new)
+                .values(recorded_at=at)
+            )
+            if not getattr(moved, "rowcount", 0):
+                new.append(
+                    {
+                        "dataset_id": dataset_id,
+                        "consumer_id": consumer_id,
+                        "size": len(ids),
+                        "ids": blob,
+                        "recorded_at": at,
+                    }
+                )
+        if new:
+            s.execute(insert(t), new)
 
     def forget_before(self, cutoff: datetime) -> int:
         with self.db.session() as s:

@@ -278,6 +278,26 @@ def _aware(t: datetime) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
+class _HeldHistory:
+    """The differencing guard's history for one job: reads the stored history, and holds the job's
+    person sets until `store` writes them in the transaction that stores the job's result."""
+
+    def __init__(self, history: SqlCohortHistory) -> None:
+        self._history = history
+        self._held: list[tuple[str, str, list[np.ndarray], datetime]] = []
+
+    def near(self, dataset_id: str, size: int, slack: int, since: datetime) -> list[np.ndarray]:
+        return self._history.near(dataset_id, size, slack, since)
+
+    def record(self, dataset_id: str, consumer_id: str, sets: list[np.ndarray], at: datetime) -> None:
+        self._held.append((dataset_id, consumer_id, sets, at))
+
+    def store(self, s: Session) -> None:
+        for dataset_id, consumer_id, sets, at in self._held:
+            self._history.record_in(s, dataset_id, consumer_id, sets, at)
+        self._held = []
+
+
 class _JobAudit:
     """An `AuditRecorder` holding one job's entries until the job ends, then appending them together.
 
@@ -665,7 +685,15 @@ class JobService:
                 out = self._open_glm(job_id, spec, consent, rules, glms)
                 audit.flush()
                 return out
-            with self._engine_lock:
+        except Exception as exc:
+            self._end_on_error(job_id, agreement.id, body.scenario, grant.consumer, exc, audit)
+            raise
+        # The guard's check and the storing of this job's person sets happen under one hold of the
+        # engine lock, so no other job is checked against a history that lacks them; the sets are
+        # stored in the transaction that stores the result (both or neither).
+        with self._engine_lock:
+            history = _HeldHistory(self.history)
+            try:
                 result = run_job(
                     spec,
                     self._engine_now(),
@@ -673,14 +701,16 @@ class JobService:
                     rules,
                     ctx,
                     ledger=self.ledger,
-                    guard=DifferencingGuard(self.history, rules.difference_floor),
+                    guard=DifferencingGuard(history, rules.difference_floor),
                     now=now,
                 )
-        except Exception as exc:
-            self._end_on_error(job_id, agreement.id, body.scenario, grant.consumer, exc, audit)
-            raise
-        payload = self._payload(job_id, grant, agreement, body.scenario, result.to_dict(), now)
-        return self._succeed(job_id, payload, result.epsilon_spent, review=review, audit=audit)
+            except Exception as exc:
+                self._end_on_error(job_id, agreement.id, body.scenario, grant.consumer, exc, audit)
+                raise
+            payload = self._payload(job_id, grant, agreement, body.scenario, result.to_dict(), now)
+            return self._succeed(
+                job_id, payload, result.epsilon_spent, review=review, audit=audit, history=history
+            )
 
     def _engine_now(self) -> DuckDBEngine:
         """The engine over the store's current connection (call under `_engine_lock`)."""
@@ -804,6 +834,7 @@ class JobService:
         *,
         review: bool = False,
         audit: _JobAudit | None = None,
+        history: _HeldHistory | None = None,
     ) -> JobPublic:
         envelope = canonical_json(sign_payload(self.key, payload)).decode()
         held = None
@@ -811,6 +842,8 @@ class JobService:
             row = s.get(JobRow, job_id)
             if row is None:
                 raise NotFoundError(f"no job {job_id!r}")
+            if history is not None:
+                history.store(s)
             if review:
                 held = self.review.hold(s, row, envelope, epsilon)
             else:
