@@ -5,10 +5,10 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Table, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from healthspace.compute.disclosure import DisclosureError
@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 
+_HISTORY = cast(Table, CohortHistoryRow.__table__)
 # Gaps below this compress well (most of each 8-byte delta is zeros); wider ones are random bits.
 _DENSE_GAP = 1 << 32
 
@@ -83,15 +84,16 @@ class SqlCohortHistory:
         self.db = db
 
     def near(self, dataset_id: str, size: int, slack: int, since: datetime) -> list[np.ndarray]:
-        t = CohortHistoryRow
-        with self.db.session() as s:
+        t = _HISTORY
+        # A plain connection, not an ORM session: this read runs on every job.
+        with self.db.engine.connect() as c:
             blobs = (
-                s.execute(
-                    select(t.ids).where(
-                        t.dataset_id == dataset_id,
-                        t.size > size - slack,
-                        t.size < size + slack,
-                        t.recorded_at >= since,
+                c.execute(
+                    select(t.c.ids).where(
+                        t.c.dataset_id == dataset_id,
+                        t.c.size > size - slack,
+                        t.c.size < size + slack,
+                        t.c.recorded_at >= since,
                     )
                 )
                 .scalars()
@@ -110,18 +112,21 @@ class SqlCohortHistory:
     def record_in(
         self, s: Session, dataset_id: str, consumer_id: str, sets: list[np.ndarray], at: datetime
     ) -> None:
-        """`record` inside a caller's transaction (the data plane's, which also stores the result)."""
-        t = CohortHistoryRow
+        """`record` inside a caller's transaction (the data plane's, which also stores the result).
+
+        Statements on the Core table: on the ORM class, SQLAlchemy would evaluate each UPDATE's
+        criteria against the session's objects first (synchronize_session), on every job."""
+        t = _HISTORY
         new: list[dict[str, object]] = []
         for ids in sets:
             blob = encode_ids(ids)  # deterministic: the same ids give the same bytes
             moved = s.execute(
                 update(t)
                 .where(
-                    t.dataset_id == dataset_id,
-                    t.consumer_id == consumer_id,
-                    t.size == len(ids),
-                    t.ids == blob,
+                    t.c.dataset_id == dataset_id,
+                    t.c.consumer_id == consumer_id,
+                    t.c.size == len(ids),
+                    t.c.ids == blob,
                 )
                 .values(recorded_at=at)
             )

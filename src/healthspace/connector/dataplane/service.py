@@ -8,14 +8,14 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import duckdb
 import jwt
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -272,6 +272,9 @@ class _FixedCrossBorder:
 
     def current(self) -> CrossBorderSet:
         return CrossBorderSet(self._rules, tuple(self._approvals()), self._clock.now())
+
+
+_JOBS = cast(Table, JobRow.__table__)
 
 
 def _aware(t: datetime) -> datetime:
@@ -839,18 +842,15 @@ class JobService:
         envelope = canonical_json(sign_payload(self.key, payload)).decode()
         held = None
         with self.db.session() as s:
-            row = s.get(JobRow, job_id)
-            if row is None:
-                raise NotFoundError(f"no job {job_id!r}")
             if history is not None:
                 history.store(s)
             if review:
+                row = s.get(JobRow, job_id)
+                if row is None:
+                    raise NotFoundError(f"no job {job_id!r}")
                 held = self.review.hold(s, row, envelope, epsilon)
             else:
-                row.state = JOB.transition(JobState(row.state), JobState.SUCCEEDED).value
-                row.result = envelope
-                row.epsilon = epsilon
-                row.updated_at = self._clock.now()
+                row = self._finish(s, job_id, JobState.SUCCEEDED, result=envelope, epsilon=epsilon)
             s.commit()
             summary = (
                 {"id": held.id, "state": held.state, "approvals": 0, "required": held.required}
@@ -881,6 +881,28 @@ class JobService:
             )
         audit.flush()
         return out
+
+    def _finish(self, s: Session, job_id: str, target: JobState, **values: Any) -> JobRow:
+        """Move a RUNNING job to `target` with `values`, in `s`: one UPDATE ... RETURNING on the Core
+        table (this runs on every job; the ORM would load the row first). The transition is checked
+        against the state machine, and the UPDATE applies only while the stored state is RUNNING; a
+        job in any other state gets the state machine's refusal."""
+        source = JobState.RUNNING
+        JOB.transition(source, target)
+        t = _JOBS
+        stored = s.execute(
+            update(t)
+            .where(t.c.id == job_id, t.c.state == source.value)
+            .values(state=target.value, updated_at=self._clock.now(), **values)
+            .returning(*t.c)
+        ).one_or_none()
+        if stored is None:
+            current = s.execute(select(t.c.state).where(t.c.id == job_id)).scalar_one_or_none()
+            if current is None:
+                raise NotFoundError(f"no job {job_id!r}")
+            JOB.transition(JobState(current), target)  # refuses: the job is no longer RUNNING
+            raise ConflictError(f"job {job_id!r} changed state meanwhile")
+        return JobRow(**stored._mapping)
 
     def _move(self, job_id: str, target: JobState, reason: str | None = None) -> JobRow:
         with self.db.session() as s:
