@@ -15,7 +15,7 @@ import jwt
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -275,6 +275,15 @@ class _FixedCrossBorder:
 
 
 _JOBS = cast(Table, JobRow.__table__)
+# Built once: the statement and its cache key are then not rebuilt on every job.
+_USES = (
+    select(func.count())
+    .select_from(_JOBS)
+    .where(
+        _JOBS.c.agreement_id == bindparam("agreement_id"),
+        _JOBS.c.state.in_((JobState.SUCCEEDED.value, JobState.HELD.value)),
+    )
+)
 
 
 def _aware(t: datetime) -> datetime:
@@ -639,8 +648,9 @@ class JobService:
                 state, why = JobState.REFUSED, no_review_for_glm
             else:
                 state, why = JobState.RUNNING, None
-            s.add(
-                JobRow(
+            # A Core INSERT: the ORM's unit of work would cost as much again, on every job.
+            s.execute(
+                insert(_JOBS).values(
                     id=job_id,
                     agreement_id=agreement.id,
                     transfer_id=grant.transfer_id,
@@ -738,14 +748,7 @@ class JobService:
         params = job_parameters(spec, rules)
         # A held result is a use: the computation ran and its budget is spent, released or not.
         # Counted on the (agreement_id, state) index.
-        uses = s.scalar(
-            select(func.count())
-            .select_from(JobRow)
-            .where(
-                JobRow.agreement_id == agreement.id,
-                JobRow.state.in_((JobState.SUCCEEDED.value, JobState.HELD.value)),
-            )
-        )
+        uses = s.scalar(_USES, {"agreement_id": agreement.id})
         d = self.gate.decide(
             agreement.policy,
             agreement.dataset_id,
