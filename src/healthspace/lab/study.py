@@ -254,13 +254,24 @@ def run_study(
             keys.setdefault(s.id, s.public_key)
     client = http or _client(timeout_s, connect_timeout_s)
     started = utcnow()
-    with ThreadPoolExecutor(max_workers=min(16, len(study.sites))) as pool:
-        futures = [
-            pool.submit(_call_site, client, s, study.scenario, study.spec, keys, keeper) for s in study.sites
-        ]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        outcomes = [f.result() for f in futures]
+    pool = _site_pool()
+    futures = [
+        pool.submit(_call_site, client, s, study.scenario, study.spec, keys, keeper) for s in study.sites
+    ]
+    wait(futures, return_when=FIRST_EXCEPTION)
+    outcomes = [f.result() for f in futures]
     return StudyResult(study.scenario, study.spec, started, utcnow(), outcomes, combine(outcomes))
+
+
+_SITE_THREADS = 32
+
+
+@functools.cache
+def _site_pool() -> ThreadPoolExecutor:
+    # One pool per process, its threads kept: starting threads for every study cost about a
+    # millisecond on a busy machine. Site calls never submit work of their own, so studies sharing
+    # the pool only queue (beyond 32 calls in flight), they cannot deadlock.
+    return ThreadPoolExecutor(max_workers=_SITE_THREADS, thread_name_prefix="lab-site")
 
 
 @functools.cache
