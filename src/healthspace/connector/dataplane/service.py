@@ -391,7 +391,9 @@ class JobService:
     resume after a restart (their designs are rebuilt and checked against the recorded digest).
 
     Without a `gate` (tests, tools) one is built from `consumer`, `approvals` and `crossborder_rules`,
-    so the decision takes the same code path either way.
+    so the decision takes the same code path either way. A job's audit entries (decision, consent
+    cohort, outcome) are appended together when it ends: with `record_many` (`AuditLog.append_many`)
+    in one commit, else through `record` one by one.
     """
 
     def __init__(
