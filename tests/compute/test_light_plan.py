@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import duckdb
+import pyarrow as pa
 import pytest
 
 from healthspace.bench.suites.compute import thousand_codes
@@ -14,6 +16,7 @@ from healthspace.compute import (
     DuckDBEngine,
     JobContext,
     MemoryCohortHistory,
+    attach_parquet,
     parse_spec,
     run_job,
 )
@@ -155,3 +158,47 @@ def test_count_by_1000_codes_equals_ground_truth(
     men = int((members.gender_concept_id == 8507).sum())
     women = int((members.gender_concept_id == 8532).sum())
     assert r["s"]["counts"] == [women, men, len(members) - men - women]
+
+
+def _count_by_sex(engine: DuckDBEngine, consent: ConsentFilter, cohort: dict[str, Any]) -> Any:
+    spec = spec_of(cohort, [COUNT, BY_SEX])
+    return run_job(spec, engine, consent, OPEN, JobContext("j", "c", "s", "gz")).analyses
+
+
+def test_a_reusing_engine_follows_each_new_consent_set(
+    synth_dirs: dict[str, Path], gz_consent: ConsentFilter
+) -> None:
+    # Prepare: a reusing engine and a plain one over the same files; a second consent set (every
+    # other consenting person) and a third holding the first's ids in a new array.
+    con, plain_con = duckdb.connect(), duckdb.connect()
+    attach_parquet(con, synth_dirs["gz"] / "omop")
+    attach_parquet(plain_con, synth_dirs["gz"] / "omop")
+    reusing, plain = DuckDBEngine(con, reuse_consent=True), DuckDBEngine(plain_con)
+    half = ConsentFilter(gz_consent.scenario_id, gz_consent.at, frozenset(), gz_consent.person_ids[::2])
+    again = ConsentFilter(
+        gz_consent.scenario_id, gz_consent.at, frozenset(), pa.array(gz_consent.person_ids.to_pylist())
+    )
+    # Execute / Assert: every cohort, each consent set in turn, equal to a fresh plain engine's result.
+    for consent in (gz_consent, gz_consent, half, again):
+        for name, cohort in sorted(LIGHT_COHORTS.items()):
+            assert _count_by_sex(reusing, consent, cohort) == _count_by_sex(plain, consent, cohort), name
+    assert _count_by_sex(reusing, half, LIGHT_COHORTS["t2d"]) != _count_by_sex(
+        reusing, gz_consent, LIGHT_COHORTS["t2d"]
+    )
+    con.close()
+    plain_con.close()
+
+
+def test_another_engine_on_the_same_connection_cannot_replace_a_reusing_engines_consent(
+    synth_dirs: dict[str, Path], gz_consent: ConsentFilter
+) -> None:
+    con = duckdb.connect()
+    attach_parquet(con, synth_dirs["gz"] / "omop")
+    reusing = DuckDBEngine(con, reuse_consent=True)
+    before = _count_by_sex(reusing, gz_consent, LIGHT_COHORTS["t2d"])
+    nobody = ConsentFilter.of(gz_consent.scenario_id, gz_consent.at, frozenset(), [])
+    other = DuckDBEngine(con)
+    other.set_consent(nobody)  # registers its own `consenting` relation on the shared connection
+    assert _count_by_sex(reusing, gz_consent, LIGHT_COHORTS["t2d"]) == before
+    assert before["n"]["count"] > 0
+    con.close()

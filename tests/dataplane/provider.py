@@ -242,6 +242,7 @@ def job_service(p: Provider, db: Database, audit: AuditLog, consent: ConsentServ
         consent=lambda: consent,
         connect=lazy_store_connection(p.store_path, p.keys_dir),
         record=audit.record,
+        record_many=audit.append_many,
         clock=p.clock,
         consumer=lambda cid: ConsumerProfile(jurisdiction="HK", participant_type="university"),
         approvals=lambda: p.approvals,

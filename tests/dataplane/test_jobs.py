@@ -7,10 +7,15 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from healthspace.audit.models import Outcome
-from healthspace.compute import DuckDBEngine, JobContext, parse_spec, run_job
-from healthspace.connector.dataplane import JobState, data_classes_of, rules_from_policy
+from healthspace.compute import DifferencingGuard, DuckDBEngine, JobContext, parse_spec, run_job
+from healthspace.compute.disclosure import DisclosureError
+from healthspace.compute.guard import decode_ids
+from healthspace.compute.tables import CohortHistoryRow
+from healthspace.connector.dataplane import JobCreate, JobState, data_classes_of, rules_from_policy
+from healthspace.connector.dataplane.tables import JobRow
 from healthspace.connector.dsp.dataplane import mint_access_token
 from healthspace.data.keys import LocalKeyStore
 from healthspace.data.store import ClinicalStore
@@ -299,3 +304,101 @@ def test_an_unknown_consumer_is_denied_at_the_job_phase(
     r = post_job(sz, sz.token("agr-unknown-consumer"), COUNT_SPEC)
     assert r.status_code == 403
     assert "not an active member" in r.json()["reasons"][0]
+
+
+def test_a_jobs_audit_entries_are_appended_together_in_order_when_it_ends(
+    gz: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[list[Any]] = []
+
+    def spy(batch: Any) -> Any:
+        batches.append(list(batch))
+        return gz.audit.append_many(batch)
+
+    monkeypatch.setattr(gz.service, "_record_many", spy)
+    before = gz.audit.size
+    job = post_job(gz, gz.token("agr-plain"), COUNT_SPEC).json()
+    assert [[(e.action, e.outcome) for e in b] for b in batches] == [
+        [
+            ("policy.decision", Outcome.ALLOWED),
+            ("consent.cohort", Outcome.SUCCESS),
+            ("dataplane.job.run", Outcome.SUCCESS),
+        ]
+    ]
+    logged = [e.entry for e in gz.audit.entries(before, gz.audit.size)]
+    assert [(e.action, e.subject) for e in logged] == [
+        ("policy.decision", f"job:{job['id']}"),
+        ("consent.cohort", f"scenario:{SCENARIO}"),
+        ("dataplane.job.run", f"job:{job['id']}"),
+    ]
+    assert logged[1].actor == f"dataplane:{job['id']}"
+
+
+def test_a_job_refused_after_the_decision_audits_decision_cohort_and_refusal(
+    providers: dict[str, Provider],
+) -> None:
+    hk = providers["hk"]
+    hk.add_agreement("agr-empty-cohort")
+    nobody = {**E11, "event": {**E11["event"], "codes": ["Z99"]}}  # no such code: an empty cohort
+    spec = {"version": 1, "cohort": {"inclusion": [nobody]}, "analyses": [{"type": "count", "id": "n"}]}
+    r = post_job(hk, hk.token("agr-empty-cohort"), spec)
+    assert (r.status_code, r.json()["code"]) == (403, "disclosure-refused")
+    with hk.db.session() as s:
+        rows = list(s.scalars(select(JobRow).where(JobRow.agreement_id == "agr-empty-cohort")))
+    assert [row.state for row in rows] == [JobState.REFUSED.value]
+    job_id = rows[0].id
+    mine = [
+        (e.action, e.outcome)
+        for e in hk.audit_entries()
+        if f"job:{job_id}" == e.subject or e.actor == f"dataplane:{job_id}"
+    ]
+    assert mine == [
+        ("policy.decision", Outcome.ALLOWED),
+        ("consent.cohort", Outcome.SUCCESS),
+        ("dataplane.job.run", Outcome.DENIED),
+    ]
+
+
+def test_a_job_interrupted_mid_run_is_left_running_never_succeeded(
+    providers: dict[str, Provider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hk = providers["hk"]
+    hk.add_agreement("agr-crash")
+
+    class Crash(BaseException):
+        """Stands for the process dying inside the engine: nothing after it runs."""
+
+    def crash() -> Any:
+        raise Crash
+
+    monkeypatch.setattr(hk.service, "_connect", crash)
+    checked = hk.service.authenticate(f"Bearer {hk.token('agr-crash')}")
+    with pytest.raises(Crash):
+        hk.service.submit(checked, JobCreate(scenario=SCENARIO, spec=COUNT_SPEC))
+    with hk.db.session() as s:
+        states = list(s.scalars(select(JobRow.state).where(JobRow.agreement_id == "agr-crash")))
+    assert states == [JobState.RUNNING.value]
+    assert not [e for e in entries(hk, "dataplane.job.run") if e.agreement_id == "agr-crash"]
+
+
+def test_a_jobs_person_sets_are_stored_with_it_and_guard_the_next_job(gz: Provider) -> None:
+    # A cohort no other test releases (men with diabetes but no hypertension), so its set is new.
+    men_with_t2d = {
+        "version": 1,
+        "cohort": {
+            "inclusion": [E11, {"type": "sex", "sex": "male"}],
+            "exclusion": [{"type": "event", "event": {"domain": "condition", "codes": ["I10"]}}],
+        },
+        "analyses": [{"type": "count", "id": "n"}],
+    }
+    with gz.db.session() as s:
+        before = set(s.scalars(select(CohortHistoryRow.seq)))
+    r = post_job(gz, gz.token("agr-plain"), men_with_t2d)
+    assert r.status_code == 200, r.text
+    with gz.db.session() as s:
+        new = [row for row in s.scalars(select(CohortHistoryRow)) if row.seq not in before]
+    assert [(row.dataset_id, row.consumer_id) for row in new] == [(gz.dataset_id, CONSUMER)]
+    cohort = decode_ids(new[0].ids)
+    # The stored set is the job's cohort: a later release of it minus one person is refused.
+    with pytest.raises(DisclosureError, match="minimum difference"):
+        DifferencingGuard(gz.service.history, 10).check(gz.dataset_id, [cohort[1:]])

@@ -8,6 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from healthspace.compute.tables import BudgetAccountRow, BudgetSpendRow
 from healthspace.core.clock import utcnow
@@ -52,10 +53,17 @@ class BudgetLedger:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def spent(self, key: BudgetKey) -> float:
+    def spent(self, key: BudgetKey, session: Session | None = None) -> float:
+        """ε spent so far; read in `session` when given (a caller's transaction), else in its own."""
+        if session is not None:
+            return self._spent(session, key)
         with self.db.session() as s:
-            row = s.get(BudgetAccountRow, (key.consumer_id, key.scenario_id, key.dataset_id))
-            return 0.0 if row is None else row.spent_micro / MICRO
+            return self._spent(s, key)
+
+    @staticmethod
+    def _spent(s: Session, key: BudgetKey) -> float:
+        row = s.get(BudgetAccountRow, (key.consumer_id, key.scenario_id, key.dataset_id))
+        return 0.0 if row is None else row.spent_micro / MICRO
 
     def remaining(self, key: BudgetKey, limit: float) -> float:
         return max(0.0, (_limit(limit) - round(self.spent(key) * MICRO)) / MICRO)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -10,7 +11,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from healthspace.compute.sql import COHORT_TABLE, Dialect, Query
+from healthspace.compute.sql import COHORT_TABLE, Dialect, Query, eligible_persons
 from healthspace.consent.filter import ConsentFilter
 
 __all__ = [
@@ -33,6 +34,7 @@ OMOP_TABLES = (
     "death",
 )
 _CONSENT = "consenting"
+_REUSED = itertools.count(1)  # names of the relations a reusing engine keeps on its connection
 
 
 class ClinicalEngine(Protocol):
@@ -42,6 +44,11 @@ class ClinicalEngine(Protocol):
 
     def set_consent(self, consent: ConsentFilter) -> str:
         """Make the consenting person ids joinable; returns the relation name."""
+        ...
+
+    def light_base(self, relation: str) -> str | None:
+        """A table holding `sql.eligible_persons(relation)` for the consent set last given to
+        `set_consent` (kept across jobs), or None: the light plan then inlines that query."""
         ...
 
     def materialise(self, query: Query) -> None:
@@ -64,15 +71,46 @@ class ClinicalEngine(Protocol):
 
 
 class DuckDBEngine:
-    """A DuckDB connection, e.g. `ClinicalStore.open(path, keys).connect()` or `attach_parquet(...)`."""
+    """A DuckDB connection, e.g. `ClinicalStore.open(path, keys).connect()` or `attach_parquet(...)`.
+
+    With `reuse_consent`, the engine keeps what depends only on the consent set across jobs: the
+    registered consent relation and the light plan's eligible persons (`light_base`), rebuilt when a
+    different consent set (another `person_ids` array) comes. Only for a connection whose clinical
+    tables do not change while the engine lives (the data plane's snapshot of the store, which is
+    reopened, with a new engine, when the store commits); the relations get names of their own, so
+    other engines on the same connection cannot replace them.
+    """
 
     dialect: Dialect = "duckdb"
 
-    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, con: duckdb.DuckDBPyConnection, *, reuse_consent: bool = False) -> None:
         self.con = con
+        self._reuse = reuse_consent
+        n = next(_REUSED) if reuse_consent else 0
+        self._consent_name = f"hs_consenting_{n}" if reuse_consent else _CONSENT
+        self._eligible_name = f"hs_eligible_{n}"
+        # The arrays registered / materialised last (held, so identity means the same ids).
+        self._registered: pa.Array | None = None
+        self._eligible_of: pa.Array | None = None
 
     def set_consent(self, consent: ConsentFilter) -> str:
-        return consent.register(self.con, _CONSENT)
+        if self._reuse and self._registered is consent.person_ids:
+            return self._consent_name
+        name = consent.register(self.con, self._consent_name)
+        self._registered = consent.person_ids
+        return name
+
+    def light_base(self, relation: str) -> str | None:
+        if not self._reuse or relation != self._consent_name or self._registered is None:
+            return None
+        if self._eligible_of is not self._registered:
+            # Sorted: the cohort's ids then come out nearly in order for the guard's ORDER BY.
+            self.con.execute(
+                f"CREATE OR REPLACE TEMP TABLE {self._eligible_name} AS "
+                f"{eligible_persons(relation)} ORDER BY 1"
+            )
+            self._eligible_of = self._registered
+        return self._eligible_name
 
     def materialise(self, query: Query) -> None:
         self.con.execute(f"CREATE OR REPLACE TEMP TABLE {COHORT_TABLE} AS {query.sql}", query.params)
@@ -116,6 +154,9 @@ class PostgresEngine:
                 copy.write("".join(f"{int(i)}\n" for i in ids))
             cur.execute(f"ANALYZE {_CONSENT}")
         return _CONSENT
+
+    def light_base(self, relation: str) -> None:
+        return None  # inlined: PostgreSQL plans the consent join with the rest of the query
 
     def materialise(self, query: Query) -> None:
         with self.conn.cursor() as cur:

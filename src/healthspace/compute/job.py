@@ -461,7 +461,7 @@ def run_job(
     b = SqlBuilder(engine.dialect)
     relation = engine.set_consent(consent)
     if plan == "auto" and light_plan(spec):
-        b.use_light(spec, relation)
+        b.use_light(spec, relation, eligible=engine.light_base(relation))
     else:
         engine.materialise(b.cohort(spec, relation))
     if guard is not None:

@@ -33,13 +33,40 @@ from healthspace.compute.spec import (
     Window,
 )
 
-__all__ = ["COHORT_TABLE", "DOMAINS", "Dialect", "Domain", "Query", "SqlBuilder", "levels", "light_plan"]
+__all__ = [
+    "COHORT_TABLE",
+    "DOMAINS",
+    "Dialect",
+    "Domain",
+    "Query",
+    "SqlBuilder",
+    "eligible_persons",
+    "levels",
+    "light_plan",
+]
 
 Dialect = Literal["duckdb", "postgresql"]
 
 # The job's cohort is materialised once per job in this temporary table, then every analysis reads it.
 COHORT_TABLE = "hs_cohort"
 SEX_LEVELS = ("female", "male", "other")
+_SEX = "CASE p.gender_concept_id WHEN 8507 THEN 'male' WHEN 8532 THEN 'female' ELSE 'other' END"
+
+
+def eligible_persons(consent_table: str) -> str:
+    """SELECT person_id, sex of the consenting persons with a person row and an observation period.
+
+    The persons any light-plan cohort is drawn from (the full plan's person ⋈ consent ⋈ observation
+    join, without dates or ages). It depends on the consent relation and the store only, not on the
+    spec, so an engine whose store does not change may materialise it once per consent cohort
+    (`DuckDBEngine(reuse_consent=True)`). Fixed text: the only name in it is `consent_table`.
+    """
+    if not consent_table.isidentifier():
+        raise ValueError(f"relation name {consent_table!r} is not an identifier")
+    return (
+        f"SELECT p.person_id, {_SEX} AS sex FROM person p JOIN {consent_table} c ON c.person_id = p.person_id"
+        " WHERE p.person_id IN (SELECT o.person_id FROM observation_period o)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +111,7 @@ class SqlBuilder:
     _n: int = 0
     # Set by `use_light`: the cohort is then a subquery re-evaluated by each analysis, not a table.
     _light: QuerySpec | None = None
-    _consent: str = "consenting"
+    _eligible: str = ""
 
     def bind(self, value: Any) -> str:
         name = f"p{self._n}"
@@ -171,8 +198,7 @@ class SqlBuilder:
         join, index_expr = self._index_join(spec.cohort.index)
         birth = "make_date(p.year_of_birth, COALESCE(p.month_of_birth, 7), COALESCE(p.day_of_birth, 1))"
         inner = (
-            f"SELECT p.person_id, {index_expr} AS index_date, op.obs_end AS end_date,"
-            " CASE p.gender_concept_id WHEN 8507 THEN 'male' WHEN 8532 THEN 'female' ELSE 'other' END AS sex,"
+            f"SELECT p.person_id, {index_expr} AS index_date, op.obs_end AS end_date, {_SEX} AS sex,"
             f" CAST({index_expr} - {birth} AS DOUBLE PRECISION) / 365.25 AS age"
             f" FROM person p JOIN {consent_table} c ON c.person_id = p.person_id"
             " JOIN (SELECT person_id, MIN(observation_period_start_date) AS obs_start,"
@@ -188,15 +214,22 @@ class SqlBuilder:
 
     # --- the light plan: no dates, no ages, no temporary table -----------------------------------------
 
-    def use_light(self, spec: QuerySpec, consent_table: str = "consenting") -> None:
+    def use_light(
+        self, spec: QuerySpec, consent_table: str = "consenting", *, eligible: str | None = None
+    ) -> None:
         """Read the cohort as one subquery (person_id, sex) instead of the materialised table.
 
         Only for specs where `light_plan(spec)` holds: the subquery has no index date, end date or
         age, so anything needing them would be wrong, and the methods that read them refuse.
+        `eligible` names a relation holding `eligible_persons(consent_table)` (a table the engine
+        keeps); without it that query is inlined.
         """
         if not light_plan(spec):
             raise ValueError("this spec needs dates or ages: it cannot use the light plan")
-        self._light, self._consent = spec, consent_table
+        if eligible is not None and not eligible.isidentifier():
+            raise ValueError(f"relation name {eligible!r} is not an identifier")
+        self._light = spec
+        self._eligible = eligible or f"({eligible_persons(consent_table)})"
 
     def _source(self) -> str:
         """The cohort relation the analyses read, aliased `b` (fresh bound values on every call)."""
@@ -210,10 +243,14 @@ class SqlBuilder:
         return COHORT_TABLE
 
     def _semi(self, event: Event) -> str:
-        """The person ids with at least one such event, for `IN`/`NOT IN` (ids never NULL here)."""
+        """The person ids with at least one such event, for `IN`/`NOT IN` (ids never NULL here).
+
+        DISTINCT first: the semi-join then hashes one row per person instead of one per event (a
+        1,000-code list matches many events per person), which DuckDB does not do by itself.
+        """
         d = DOMAINS[event.domain]
         return (
-            f"SELECT e.person_id FROM {d.table} e"
+            f"SELECT DISTINCT e.person_id FROM {d.table} e"
             f" WHERE e.person_id IS NOT NULL AND {self.event_filter(event, 'e')}"
         )
 
@@ -226,20 +263,15 @@ class SqlBuilder:
 
     def _light_cohort(self, spec: QuerySpec) -> str:
         # The same persons as `cohort`: a person row, consent, at least one observation period (the
-        # full plan's inner join with the period aggregate) and, with a first_event index, one such
-        # event (its inner join); then the criteria as semi-joins, which DuckDB and PostgreSQL run as
-        # hash joins over each event table once.
-        where = ["p.person_id IN (SELECT o.person_id FROM observation_period o)"]
+        # full plan's inner join with the period aggregate; `eligible_persons`) and, with a
+        # first_event index, one such event (its inner join); then the criteria as semi-joins, which
+        # DuckDB and PostgreSQL run as hash joins over each event table once.
+        crit = []
         if spec.cohort.index.event is not None:
-            where.append(f"p.person_id IN ({self._semi(spec.cohort.index.event)})")
-        inner = (
-            "SELECT p.person_id,"
-            " CASE p.gender_concept_id WHEN 8507 THEN 'male' WHEN 8532 THEN 'female' ELSE 'other' END AS sex"
-            f" FROM person p JOIN {self._consent} c ON c.person_id = p.person_id WHERE {' AND '.join(where)}"
-        )
-        crit = [self._light_criterion(c) for c in spec.cohort.inclusion]
+            crit.append(f"b.person_id IN ({self._semi(spec.cohort.index.event)})")
+        crit += [self._light_criterion(c) for c in spec.cohort.inclusion]
         crit += [f"NOT ({self._light_criterion(c)})" for c in spec.cohort.exclusion]
-        sql = f"SELECT b.person_id, b.sex FROM ({inner}) b"
+        sql = f"SELECT b.person_id, b.sex FROM {self._eligible} b"
         return sql + (" WHERE " + " AND ".join(crit) if crit else "")
 
     # --- analyses over the cohort (the materialised table, or the light subquery) --------------------

@@ -241,6 +241,7 @@ def _make_jobs(
         consent=lambda: consent,
         connect=lazy_store_connection(d / "clinical" / "live" / f"{me}-ehr", d / "keys"),
         record=rt.audit.record,
+        record_many=rt.audit.append_many,
         clock=rt.clock,
         consumer=consumer,
         approvals=lambda: gate.cross_border.current().approvals,

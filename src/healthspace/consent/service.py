@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from healthspace.audit.log import AuditLog
+from healthspace.audit.log import AuditLog, AuditRecorder
 from healthspace.audit.models import Outcome, format_time
 from healthspace.consent.fhir import ImportReport, PatientRefs, parse_ndjson, to_fhir
 from healthspace.consent.filter import ConsentFilter
@@ -354,11 +354,19 @@ class ConsentService:
         return result
 
     def cohort(
-        self, scenario_id: str, data_classes: Iterable[str], *, actor: str, at: datetime | None = None
+        self,
+        scenario_id: str,
+        data_classes: Iterable[str],
+        *,
+        actor: str,
+        at: datetime | None = None,
+        record: AuditRecorder | None = None,
     ) -> ConsentFilter:
         """The consenting cohort for a use: one SQL query over the whole registry, no per-patient trips.
 
         Raises on any failure, so a job that cannot get its cohort cannot run (never "everyone").
+        The `consent.cohort` entry goes to `record` when given (the data plane passes its job's
+        batch, committed with the job's other entries when the job ends), else to the audit log now.
         """
         classes = frozenset(data_classes)
         if not classes:
@@ -385,7 +393,7 @@ class ConsentService:
                 until = self._store.next_change(s, scenario_id, at)
                 self._cohorts[key] = _CachedCohort(version, at, until, cohort)
         ids = cohort.person_ids
-        self._audit.record(
+        (record or self._audit.record)(
             actor,
             "consent.cohort",
             f"scenario:{scenario_id}",

@@ -252,21 +252,26 @@ def run_study(
     for s in study.sites:
         if s.public_key is not None:
             keys.setdefault(s.id, s.public_key)
-    own = http is None
     client = http or _client(timeout_s, connect_timeout_s)
     started = utcnow()
-    try:
-        with ThreadPoolExecutor(max_workers=min(16, len(study.sites))) as pool:
-            futures = [
-                pool.submit(_call_site, client, s, study.scenario, study.spec, keys, keeper)
-                for s in study.sites
-            ]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            outcomes = [f.result() for f in futures]
-    finally:
-        if own:
-            client.close()
+    pool = _site_pool()
+    futures = [
+        pool.submit(_call_site, client, s, study.scenario, study.spec, keys, keeper) for s in study.sites
+    ]
+    wait(futures, return_when=FIRST_EXCEPTION)
+    outcomes = [f.result() for f in futures]
     return StudyResult(study.scenario, study.spec, started, utcnow(), outcomes, combine(outcomes))
+
+
+_SITE_THREADS = 32
+
+
+@functools.cache
+def _site_pool() -> ThreadPoolExecutor:
+    # One pool per process, its threads kept: starting threads for every study cost about a
+    # millisecond on a busy machine. Site calls never submit work of their own, so studies sharing
+    # the pool only queue (beyond 32 calls in flight), they cannot deadlock.
+    return ThreadPoolExecutor(max_workers=_SITE_THREADS, thread_name_prefix="lab-site")
 
 
 @functools.cache
@@ -276,9 +281,13 @@ def _tls() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+@functools.cache
 def _client(timeout_s: float, connect_timeout_s: float) -> httpx.Client:
-    """The lab's own client when none is given: shared TLS context, and TCP_NODELAY because httpx writes
-    a POST's headers and body separately and Nagle's algorithm would hold the body for the peer's ACK."""
+    """The lab's own client when none is given, one per timeout pair for the process (never closed):
+    its pool keeps connections to the providers alive between studies, so a study does not pay a TCP
+    connect per site (a provider closes an idle one; httpx drops it then and connects anew). Shared
+    TLS context, and TCP_NODELAY because httpx writes a POST's headers and body separately and
+    Nagle's algorithm would hold the body for the peer's ACK. httpx clients are thread-safe."""
     transport = httpx.HTTPTransport(
         verify=_tls(), socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
     )
@@ -305,30 +314,25 @@ def fetch_released(
             keys.setdefault(s.id, s.public_key)
     keeper = tokens or DEFAULT_TOKENS
     by_id = {s.id: s for s in study.sites}
-    own = http is None
     client = http or _client(timeout_s, 5.0)
     outcomes: list[SiteOutcome] = []
-    try:
-        for o in result.sites:
-            site = by_id.get(o.site)
-            if not o.held or site is None or not o.job_id:
-                outcomes.append(o)
-                continue
-            out = SiteOutcome(o.site, "failed", agreement_id=o.agreement_id, job_id=o.job_id)
+    for o in result.sites:
+        site = by_id.get(o.site)
+        if not o.held or site is None or not o.job_id:
+            outcomes.append(o)
+            continue
+        out = SiteOutcome(o.site, "failed", agreement_id=o.agreement_id, job_id=o.job_id)
 
-            def step(out: SiteOutcome = out, site: Site = site) -> None:
-                r = keeper.call(client, site, "GET", f"/jobs/{out.job_id}")
-                out.http_status = r.status_code
-                if r.status_code != 200:
-                    out.detail, out.reasons = _problem(r)
-                    out.status = "refused" if r.status_code in (401, 403) else "failed"
-                    return
-                _accept(client, site, r.json(), out, keys)
+        def step(out: SiteOutcome = out, site: Site = site) -> None:
+            r = keeper.call(client, site, "GET", f"/jobs/{out.job_id}")
+            out.http_status = r.status_code
+            if r.status_code != 200:
+                out.detail, out.reasons = _problem(r)
+                out.status = "refused" if r.status_code in (401, 403) else "failed"
+                return
+            _accept(client, site, r.json(), out, keys)
 
-            outcomes.append(_guarded(out, time.perf_counter(), step))
-    finally:
-        if own:
-            client.close()
+        outcomes.append(_guarded(out, time.perf_counter(), step))
     return StudyResult(result.scenario, result.spec, result.started_at, utcnow(), outcomes, combine(outcomes))
 
 
@@ -638,38 +642,33 @@ def fit_federated_glm(
     """
     keys = public_keys if public_keys is not None else {}
     keeper = tokens or DEFAULT_TOKENS
-    own = http is None
     client = http or _client(timeout_s, 5.0)
-    try:
-        opened = run_study(study, http=client, public_keys=keys, tokens=keeper).sites
-        if not all(o.ok for o in opened):
-            for o in opened:
-                if o.ok and o.job_id:
-                    site = next(s for s in study.sites if s.id == o.site)
-                    # Best effort: an uncancelled session still ends at the provider's iteration cap.
-                    with contextlib.suppress(httpx.HTTPError, TokenRefreshError):
-                        keeper.call(client, site, "POST", f"/jobs/{o.job_id}/cancel")
-            bad = ", ".join(f"{o.site}: {o.status}" for o in opened if not o.ok)
-            return GlmStudyResult(None, opened, f"not every site opened the GLM ({bad})")
-        callables = []
-        info: dict[str, Any] = {}
-        for o, site in zip(opened, study.sites, strict=True):
-            job = o.result or {}
-            info = (job.get("glm") or {}).get(analysis) or {}
-            if not info:
-                raise ValidationError(f"site {site.id} has no GLM analysis {analysis!r}")
-            key = keys.get(site.id) or fetch_public_key(client, site)
-            keys[site.id] = key
-            callables.append(_HttpGlmSite(client, site, str(o.job_id), analysis, key, keeper))
-        fit = fit_glm(callables, info["family"], int(info["n_params"]), names=list(info["names"]))
-        for o, site in zip(opened, study.sites, strict=True):
-            r = keeper.call(client, site, "POST", f"/glm/{o.job_id}/finish")
-            o.http_status = r.status_code
-            if r.status_code == 200:
-                o.result = verify_envelope(r.json().get("signed") or {}, keys[site.id])
-            else:
-                o.status, o.detail = "failed", _problem(r)[0]
-        return GlmStudyResult(fit, opened)
-    finally:
-        if own:
-            client.close()
+    opened = run_study(study, http=client, public_keys=keys, tokens=keeper).sites
+    if not all(o.ok for o in opened):
+        for o in opened:
+            if o.ok and o.job_id:
+                site = next(s for s in study.sites if s.id == o.site)
+                # Best effort: an uncancelled session still ends at the provider's iteration cap.
+                with contextlib.suppress(httpx.HTTPError, TokenRefreshError):
+                    keeper.call(client, site, "POST", f"/jobs/{o.job_id}/cancel")
+        bad = ", ".join(f"{o.site}: {o.status}" for o in opened if not o.ok)
+        return GlmStudyResult(None, opened, f"not every site opened the GLM ({bad})")
+    callables = []
+    info: dict[str, Any] = {}
+    for o, site in zip(opened, study.sites, strict=True):
+        job = o.result or {}
+        info = (job.get("glm") or {}).get(analysis) or {}
+        if not info:
+            raise ValidationError(f"site {site.id} has no GLM analysis {analysis!r}")
+        key = keys.get(site.id) or fetch_public_key(client, site)
+        keys[site.id] = key
+        callables.append(_HttpGlmSite(client, site, str(o.job_id), analysis, key, keeper))
+    fit = fit_glm(callables, info["family"], int(info["n_params"]), names=list(info["names"]))
+    for o, site in zip(opened, study.sites, strict=True):
+        r = keeper.call(client, site, "POST", f"/glm/{o.job_id}/finish")
+        o.http_status = r.status_code
+        if r.status_code == 200:
+            o.result = verify_envelope(r.json().get("signed") or {}, keys[site.id])
+        else:
+            o.status, o.detail = "failed", _problem(r)[0]
+    return GlmStudyResult(fit, opened)

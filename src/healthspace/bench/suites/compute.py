@@ -77,10 +77,14 @@ _SPEC_1000 = _spec({"domain": "condition", "codes": _CODES})
 
 
 class _TimedEngine(DuckDBEngine):
-    """A DuckDB engine that sums the seconds spent in its queries (not in the consent registration)."""
+    """A DuckDB engine that sums the seconds spent in its queries (not in the consent registration).
+
+    It keeps the consent relation and the eligible persons across jobs, as the data plane's engine does
+    (`reuse_consent`); they are built during each figure's warm-up run.
+    """
 
     def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
-        super().__init__(con)
+        super().__init__(con, reuse_consent=True)
         self.seconds = 0.0
 
     def _time(self, fn: Callable[[Query], Any], query: Query) -> Any:

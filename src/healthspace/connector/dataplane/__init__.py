@@ -3,7 +3,10 @@
 make_dataplane_router(get_service) -> APIRouter        mount on the connector app (jobs, GLM, token)
 make_review_router(get_service, staff) -> APIRouter    the output-review airlock for staff API keys
 JobService(db, provider_id=, provider_jurisdiction=, key=, agreement=, transfer=, consent=, connect=,
-           record=, clock=, consumer=, approvals=)    needs migration branches "jobs" and "compute"
+           record=, record_many=, clock=, consumer=, approvals=)
+                                                        needs migration branches "jobs" and "compute";
+                                                        record_many (AuditLog.append_many) batches a
+                                                        job's audit entries into one commit
 lazy_store_connection(path, keys_dir)                   the store's DuckDB connection, fresh after each commit
 """
 

@@ -5,21 +5,22 @@ from __future__ import annotations
 import base64
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import duckdb
 import jwt
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from healthspace.audit.log import AuditRecorder
-from healthspace.audit.models import Outcome
+from healthspace.audit.models import AuditEntry, Outcome
 from healthspace.compute import (
     BudgetKey,
     BudgetLedger,
@@ -273,8 +274,106 @@ class _FixedCrossBorder:
         return CrossBorderSet(self._rules, tuple(self._approvals()), self._clock.now())
 
 
+_JOBS = cast(Table, JobRow.__table__)
+# Built once: the statement and its cache key are then not rebuilt on every job.
+_USES = (
+    select(func.count())
+    .select_from(_JOBS)
+    .where(
+        _JOBS.c.agreement_id == bindparam("agreement_id"),
+        _JOBS.c.state.in_((JobState.SUCCEEDED.value, JobState.HELD.value)),
+    )
+)
+
+
 def _aware(t: datetime) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+
+
+class _HeldHistory:
+    """The differencing guard's history for one job: reads the stored history, and holds the job's
+    person sets until `store` writes them in the transaction that stores the job's result."""
+
+    def __init__(self, history: SqlCohortHistory) -> None:
+        self._history = history
+        self._held: list[tuple[str, str, list[np.ndarray], datetime]] = []
+
+    def near(self, dataset_id: str, size: int, slack: int, since: datetime) -> list[np.ndarray]:
+        return self._history.near(dataset_id, size, slack, since)
+
+    def record(self, dataset_id: str, consumer_id: str, sets: list[np.ndarray], at: datetime) -> None:
+        self._held.append((dataset_id, consumer_id, sets, at))
+
+    def store(self, s: Session) -> None:
+        for dataset_id, consumer_id, sets, at in self._held:
+            self._history.record_in(s, dataset_id, consumer_id, sets, at)
+        self._held = []
+
+
+class _JobAudit:
+    """An `AuditRecorder` holding one job's entries until the job ends, then appending them together.
+
+    A job writes its policy decision, its consent cohort and its outcome; appended one by one that is
+    three durable commits per job. Held here and appended with `record_many` (`AuditLog.append_many`:
+    one transaction, one fsync) they cost one. Entries are built (and validated) when recorded, with
+    the time they happened. Without `record_many` they go to `record` one by one, in order.
+    """
+
+    def __init__(
+        self,
+        record: AuditRecorder,
+        record_many: Callable[[Sequence[AuditEntry]], object] | None,
+        clock: Clock,
+    ) -> None:
+        self._record, self._many, self._clock = record, record_many, clock
+        self._entries: list[AuditEntry] = []
+
+    def __call__(
+        self,
+        actor: str,
+        action: str,
+        subject: str,
+        outcome: Outcome,
+        reason: str = "",
+        *,
+        scenario_id: str | None = None,
+        agreement_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> object:
+        self._entries.append(
+            AuditEntry(
+                time=self._clock.now(),
+                actor=actor,
+                action=action,
+                subject=subject,
+                outcome=outcome,
+                reason=reason,
+                scenario_id=scenario_id,
+                agreement_id=agreement_id,
+                details=details or {},
+            )
+        )
+        return None
+
+    def flush(self) -> None:
+        """Append every held entry now (all or none with `record_many`); raises if the log refuses."""
+        entries, self._entries = self._entries, []
+        if not entries:
+            return
+        if self._many is not None:
+            self._many(entries)
+            return
+        for e in entries:
+            self._record(
+                e.actor,
+                e.action,
+                e.subject,
+                e.outcome,
+                e.reason,
+                scenario_id=e.scenario_id,
+                agreement_id=e.agreement_id,
+                details=e.details,
+            )
 
 
 class JobService:
@@ -292,7 +391,9 @@ class JobService:
     resume after a restart (their designs are rebuilt and checked against the recorded digest).
 
     Without a `gate` (tests, tools) one is built from `consumer`, `approvals` and `crossborder_rules`,
-    so the decision takes the same code path either way.
+    so the decision takes the same code path either way. A job's audit entries (decision, consent
+    cohort, outcome) are appended together when it ends: with `record_many` (`AuditLog.append_many`)
+    in one commit, else through `record` one by one.
     """
 
     def __init__(
@@ -308,6 +409,7 @@ class JobService:
         connect: Callable[[], duckdb.DuckDBPyConnection],
         record: AuditRecorder,
         clock: Clock,
+        record_many: Callable[[Sequence[AuditEntry]], object] | None = None,
         consumer: Callable[[str], ConsumerProfile] | None = None,
         approvals: Callable[[], Iterable[ExportApproval]] | None = None,
         crossborder_rules: Mapping[str, JurisdictionRules] = DEFAULT_RULES,
@@ -328,6 +430,7 @@ class JobService:
         self._consent = consent
         self._connect = connect
         self._record = record
+        self._record_many = record_many
         self._clock = clock
         self.gate = gate or PolicyGate(
             provider_id,
@@ -343,6 +446,10 @@ class JobService:
         self._ttl = token_ttl
         self._grace = refresh_grace
         self._engine_lock = threading.Lock()
+        # One engine per store connection, kept across jobs (under `_engine_lock`): the connection is
+        # a snapshot of the store (reopened, so a new engine, when the store commits), so what depends
+        # only on the consent cohort is built once per cohort (`DuckDBEngine(reuse_consent=True)`).
+        self._engine: tuple[duckdb.DuckDBPyConnection, DuckDBEngine] | None = None
         self._resume_lock = threading.Lock()
         self._sessions: dict[str, _GlmSession] = {}
         self.ledger = BudgetLedger(db)
@@ -510,7 +617,13 @@ class JobService:
     # --- jobs --------------------------------------------------------------------------------------
 
     def submit(self, checked: _Checked, body: JobCreate) -> JobPublic:
-        """Run a job synchronously (a GLM spec opens an iteration session instead) and return it."""
+        """Run a job synchronously (a GLM spec opens an iteration session instead) and return it.
+
+        The job row is written once the policy has decided: REFUSED on a denial, else RUNNING (so a
+        crash mid-job leaves a job that visibly did not succeed), then its end state; both go through
+        `JOB.transition` from QUEUED. The job's audit entries (decision, consent cohort, outcome) are
+        appended together when it ends, whichever way it ends (see `_JobAudit`).
+        """
         spec = parse_spec(body.spec)
         grant, agreement = checked.grant, checked.agreement
         rules = rules_from_policy(agreement.policy, self._k_default)
@@ -522,89 +635,122 @@ class JobService:
         kind = "glm" if glms else "query"
         now = self._clock.now()
         job_id = f"job-{secrets.token_hex(12)}"
+        audit = _JobAudit(self._record, self._record_many, self._clock)
+        # Each IRLS step releases aggregates at once: nothing a person could hold back in time.
+        no_review_for_glm = (
+            "the agreement requires output review, which per-iteration GLM statistics cannot wait for"
+        )
         with self.db.session() as s:
-            row = JobRow(
-                id=job_id,
-                agreement_id=agreement.id,
-                transfer_id=grant.transfer_id,
-                consumer_id=grant.consumer,
-                scenario_id=body.scenario,
-                dataset_id=agreement.dataset_id,
-                kind=kind,
-                state=JobState.QUEUED.value,
-                spec=orjson.dumps(body.spec).decode(),
-                result=None,
-                reason=None,
-                epsilon=0.0,
-                created_at=now,
-                updated_at=now,
+            # One transaction reads the use count and the budget, and stores the job as decided.
+            decision = self._decide(s, job_id, grant, agreement, spec, rules, body.scenario, audit)
+            review = any(d.action == REVIEW_DUTY for d in decision.duties)
+            if not decision.allowed:
+                state, why = JobState.REFUSED, "; ".join(decision.reasons) or "denied by policy"
+            elif review and kind == "glm":
+                state, why = JobState.REFUSED, no_review_for_glm
+            else:
+                state, why = JobState.RUNNING, None
+            # A Core INSERT: the ORM's unit of work would cost as much again, on every job.
+            s.execute(
+                insert(_JOBS).values(
+                    id=job_id,
+                    agreement_id=agreement.id,
+                    transfer_id=grant.transfer_id,
+                    consumer_id=grant.consumer,
+                    scenario_id=body.scenario,
+                    dataset_id=agreement.dataset_id,
+                    kind=kind,
+                    state=JOB.transition(JobState.QUEUED, state).value,
+                    spec=orjson.dumps(body.spec).decode(),
+                    result=None,
+                    reason=None if why is None else why[:4000],
+                    epsilon=0.0,
+                    created_at=now,
+                    updated_at=now,
+                )
             )
-            s.add(row)
             s.commit()
-        decision = self._decide(job_id, grant, agreement, spec, rules, body.scenario)
-        review = any(d.action == REVIEW_DUTY for d in decision.duties)
-        if review and kind == "glm":
-            # Each IRLS step releases aggregates at once: nothing a person could hold back in time.
-            why = "the agreement requires output review, which per-iteration GLM statistics cannot wait for"
-            self._move(job_id, JobState.REFUSED, why)
-            self._record(
+        if not decision.allowed:
+            audit.flush()
+            raise PolicyDeniedError(
+                "the agreement's policy does not allow this job",
+                reasons=list(decision.reasons),
+                job_id=job_id,
+            )
+        if state is JobState.REFUSED:
+            audit(
                 grant.consumer,
                 "dataplane.job.run",
                 f"job:{job_id}",
                 Outcome.DENIED,
-                why,
+                no_review_for_glm,
                 scenario_id=body.scenario,
                 agreement_id=agreement.id,
                 details={"job_id": job_id},
             )
-            raise ForbiddenError(why, reason="review-required", job_id=job_id)
-        self._move(job_id, JobState.RUNNING)
+            audit.flush()
+            raise ForbiddenError(no_review_for_glm, reason="review-required", job_id=job_id)
         try:
             consent = self._consent().cohort(
-                body.scenario, data_classes_of(spec), actor=f"dataplane:{job_id}", at=now
+                body.scenario, data_classes_of(spec), actor=f"dataplane:{job_id}", at=now, record=audit
             )
             ctx = JobContext(job_id, grant.consumer, body.scenario, agreement.dataset_id)
             if kind == "glm":
                 self.close_idle_glm_sessions()
-                return self._open_glm(job_id, spec, consent, rules, glms)
-            with self._engine_lock:
+                out = self._open_glm(job_id, spec, consent, rules, glms)
+                audit.flush()
+                return out
+        except Exception as exc:
+            self._end_on_error(job_id, agreement.id, body.scenario, grant.consumer, exc, audit)
+            raise
+        # The guard's check and the storing of this job's person sets happen under one hold of the
+        # engine lock, so no other job is checked against a history that lacks them; the sets are
+        # stored in the transaction that stores the result (both or neither).
+        with self._engine_lock:
+            history = _HeldHistory(self.history)
+            try:
                 result = run_job(
                     spec,
-                    DuckDBEngine(self._connect()),
+                    self._engine_now(),
                     consent,
                     rules,
                     ctx,
                     ledger=self.ledger,
-                    guard=DifferencingGuard(self.history, rules.difference_floor),
+                    guard=DifferencingGuard(history, rules.difference_floor),
                     now=now,
                 )
-        except Exception as exc:
-            self._end_on_error(job_id, agreement.id, body.scenario, grant.consumer, exc)
-            raise
-        payload = self._payload(job_id, grant, agreement, body.scenario, result.to_dict(), now)
-        return self._succeed(job_id, payload, result.epsilon_spent, review=review)
+            except Exception as exc:
+                self._end_on_error(job_id, agreement.id, body.scenario, grant.consumer, exc, audit)
+                raise
+            payload = self._payload(job_id, grant, agreement, body.scenario, result.to_dict(), now)
+            return self._succeed(
+                job_id, payload, result.epsilon_spent, review=review, audit=audit, history=history
+            )
+
+    def _engine_now(self) -> DuckDBEngine:
+        """The engine over the store's current connection (call under `_engine_lock`)."""
+        con = self._connect()
+        if self._engine is None or self._engine[0] is not con:
+            self._engine = (con, DuckDBEngine(con, reuse_consent=True))
+        return self._engine[1]
 
     def _decide(
         self,
+        s: Session,
         job_id: str,
         grant: AccessGrant,
         agreement: AgreementView,
         spec: QuerySpec,
         rules: DisclosureRules,
         scenario: str,
+        record: AuditRecorder,
     ) -> Decision:
-        """The gate's decision at phase JOB, audited as `policy.decision`; a denial refuses the job."""
+        """The gate's decision at phase JOB, recorded as `policy.decision` to `record` (the job's batch);
+        use count and budget are read in `s`."""
         params = job_parameters(spec, rules)
-        with self.db.session() as s:
-            # A held result is a use: the computation ran and its budget is spent, released or not.
-            uses = s.scalar(
-                select(func.count())
-                .select_from(JobRow)
-                .where(
-                    JobRow.agreement_id == agreement.id,
-                    JobRow.state.in_((JobState.SUCCEEDED.value, JobState.HELD.value)),
-                )
-            )
+        # A held result is a use: the computation ran and its budget is spent, released or not.
+        # Counted on the (agreement_id, state) index.
+        uses = s.scalar(_USES, {"agreement_id": agreement.id})
         d = self.gate.decide(
             agreement.policy,
             agreement.dataset_id,
@@ -617,10 +763,12 @@ class JobService:
             cell_size=params["cell_size"],
             execution_location="provider",
             use_count=int(uses or 0),
-            epsilon_spent=self.ledger.spent(BudgetKey(grant.consumer, scenario, agreement.dataset_id)),
+            epsilon_spent=self.ledger.spent(
+                BudgetKey(grant.consumer, scenario, agreement.dataset_id), session=s
+            ),
         )
         record_decision(
-            self._record,
+            record,
             grant.consumer,
             f"job:{job_id}",
             d.decision,
@@ -637,22 +785,24 @@ class JobService:
                 **params,
             },
         )
-        if not d.allowed:
-            reasons = list(d.decision.reasons)
-            self._move(job_id, JobState.REFUSED, "; ".join(reasons) or "denied by policy")
-            raise PolicyDeniedError(
-                "the agreement's policy does not allow this job", reasons=reasons, job_id=job_id
-            )
         return d.decision
 
     def _end_on_error(
-        self, job_id: str, agreement_id: str, scenario: str, consumer: str, exc: Exception
+        self,
+        job_id: str,
+        agreement_id: str,
+        scenario: str,
+        consumer: str,
+        exc: Exception,
+        audit: _JobAudit | None = None,
     ) -> None:
+        """The job ends REFUSED or FAILED with the reason; audited at once, after the job's held entries."""
         refused = isinstance(exc, ForbiddenError)
         client = isinstance(exc, HealthspaceError)
         reason = str(getattr(exc, "detail", "")) if client else f"internal error ({type(exc).__name__})"
         self._move(job_id, JobState.REFUSED if refused else JobState.FAILED, reason)
-        self._record(
+        audit = audit or _JobAudit(self._record, self._record_many, self._clock)
+        audit(
             consumer,
             "dataplane.job.run",
             f"job:{job_id}",
@@ -662,6 +812,7 @@ class JobService:
             agreement_id=agreement_id,
             details={"job_id": job_id},
         )
+        audit.flush()
 
     def _payload(
         self,
@@ -684,21 +835,27 @@ class JobService:
         }
 
     def _succeed(
-        self, job_id: str, payload: dict[str, Any], epsilon: float, *, review: bool = False
+        self,
+        job_id: str,
+        payload: dict[str, Any],
+        epsilon: float,
+        *,
+        review: bool = False,
+        audit: _JobAudit | None = None,
+        history: _HeldHistory | None = None,
     ) -> JobPublic:
         envelope = canonical_json(sign_payload(self.key, payload)).decode()
         held = None
         with self.db.session() as s:
-            row = s.get(JobRow, job_id)
-            if row is None:
-                raise NotFoundError(f"no job {job_id!r}")
+            if history is not None:
+                history.store(s)
             if review:
+                row = s.get(JobRow, job_id)
+                if row is None:
+                    raise NotFoundError(f"no job {job_id!r}")
                 held = self.review.hold(s, row, envelope, epsilon)
             else:
-                row.state = JOB.transition(JobState(row.state), JobState.SUCCEEDED).value
-                row.result = envelope
-                row.epsilon = epsilon
-                row.updated_at = self._clock.now()
+                row = self._finish(s, job_id, JobState.SUCCEEDED, result=envelope, epsilon=epsilon)
             s.commit()
             summary = (
                 {"id": held.id, "state": held.state, "approvals": 0, "required": held.required}
@@ -706,7 +863,8 @@ class JobService:
                 else None
             )
             out = _public(row, review=summary)
-        self._record(
+        audit = audit or _JobAudit(self._record, self._record_many, self._clock)
+        audit(
             out.consumer_id,
             "dataplane.job.run",
             f"job:{job_id}",
@@ -716,7 +874,7 @@ class JobService:
             details={"job_id": job_id, "epsilon_spent": epsilon, "kind": out.kind, "held": review},
         )
         if held is not None:
-            self._record(
+            audit(
                 f"connector:{self.provider_id}",
                 "dataplane.review.hold",
                 f"review:{held.id}",
@@ -726,7 +884,30 @@ class JobService:
                 agreement_id=out.agreement_id,
                 details={"job_id": job_id, "required": held.required},
             )
+        audit.flush()
         return out
+
+    def _finish(self, s: Session, job_id: str, target: JobState, **values: Any) -> JobRow:
+        """Move a RUNNING job to `target` with `values`, in `s`: one UPDATE ... RETURNING on the Core
+        table (this runs on every job; the ORM would load the row first). The transition is checked
+        against the state machine, and the UPDATE applies only while the stored state is RUNNING; a
+        job in any other state gets the state machine's refusal."""
+        source = JobState.RUNNING
+        JOB.transition(source, target)
+        t = _JOBS
+        stored = s.execute(
+            update(t)
+            .where(t.c.id == job_id, t.c.state == source.value)
+            .values(state=target.value, updated_at=self._clock.now(), **values)
+            .returning(*t.c)
+        ).one_or_none()
+        if stored is None:
+            current = s.execute(select(t.c.state).where(t.c.id == job_id)).scalar_one_or_none()
+            if current is None:
+                raise NotFoundError(f"no job {job_id!r}")
+            JOB.transition(JobState(current), target)  # refuses: the job is no longer RUNNING
+            raise ConflictError(f"job {job_id!r} changed state meanwhile")
+        return JobRow(**stored._mapping)
 
     def _move(self, job_id: str, target: JobState, reason: str | None = None) -> JobRow:
         with self.db.session() as s:
