@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -69,6 +70,12 @@ def within(published: int | None, true: int, bound: int, k: int = 10) -> bool:
     return true <= k - 1 + bound if published is None else abs(published - true) <= bound
 
 
+def _base_port(offset: int) -> int:
+    # Per test process: the demo skips ports in use, but two test runs on one machine probing the
+    # same range at once can both find a port free and then collide.
+    return 20000 + (os.getpid() % 600) * 20 + offset  # below the ephemeral range (32768-)
+
+
 @pytest.mark.slow
 def test_demo_once_starts_the_space_and_its_self_check_passes(tmp_path: Path) -> None:
     proc = subprocess.run(
@@ -83,7 +90,7 @@ def test_demo_once_starts_the_space_and_its_self_check_passes(tmp_path: Path) ->
             "--data-dir",
             str(tmp_path),
             "--base-port",
-            "18700",
+            str(_base_port(0)),
         ],
         capture_output=True,
         text=True,
@@ -235,7 +242,7 @@ def test_ctrl_c_stops_the_interactive_demo_and_every_service(tmp_path: Path) -> 
             "--data-dir",
             str(tmp_path / "d"),
             "--base-port",
-            "18760",
+            str(_base_port(10)),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
