@@ -77,6 +77,8 @@ class Plane:
                 clock=self.p.clock,
             )
         self.service = job_service(self.p, self.db, self.audit, consent)
+        # As the connector starts: jobs cut off are failed, but an open GLM session must survive it.
+        self.service.fail_interrupted()
         app = FastAPI()
         install_problem_handlers(app)
         service = self.service

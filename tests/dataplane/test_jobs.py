@@ -380,6 +380,19 @@ def test_a_job_interrupted_mid_run_is_left_running_never_succeeded(
     assert states == [JobState.RUNNING.value]
     assert not [e for e in entries(hk, "dataplane.job.run") if e.agreement_id == "agr-crash"]
 
+    # The restarted data plane ends it as FAILED, with an audit entry saying it was cut off.
+    monkeypatch.undo()
+    (job_id,) = hk.service.fail_interrupted()
+    with hk.db.session() as s:
+        row = s.get(JobRow, job_id)
+        assert row is not None
+        assert (row.agreement_id, row.state) == ("agr-crash", JobState.FAILED.value)
+        assert row.reason is not None
+        assert row.reason.startswith("interrupted")
+    (entry,) = [e for e in entries(hk, "dataplane.job.run") if e.agreement_id == "agr-crash"]
+    assert (entry.outcome, entry.details["job_id"]) == (Outcome.FAILURE, job_id)
+    assert hk.service.fail_interrupted() == []  # once
+
 
 def test_a_jobs_person_sets_are_stored_with_it_and_guard_the_next_job(gz: Provider) -> None:
     # A cohort no other test releases (men with diabetes but no hypertension), so its set is new.

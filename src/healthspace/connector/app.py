@@ -212,6 +212,7 @@ def open_runtime(settings: Settings, clock: Clock | None = None) -> ConnectorRun
         rt.consent.on_withdrawal(WithdrawalRetirer(service, rt.consent, f"connector:{config.participant_id}"))
     if rt.consent is not None:
         rt.jobs = _make_jobs(rt, rt.consent, rt.dsp, rt.gate)
+        rt.jobs.fail_interrupted()
     return rt
 
 

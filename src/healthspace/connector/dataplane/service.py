@@ -1002,6 +1002,46 @@ class JobService:
         self._sessions[job_id] = _GlmSession(sites)
         return out
 
+    def fail_interrupted(self) -> list[str]:
+        """End as FAILED (audited) the jobs a stopped data plane left RUNNING; returns their ids.
+
+        A query job runs inside its request, and a GLM job is RUNNING without a recorded session only
+        until `_open_glm` stores one: either one still RUNNING when the data plane starts was cut off
+        by a crash or a kill. Its result never left, and the entries it would have appended when it
+        ended (decision, cohort, outcome) were never written; this entry is the evidence that it ran.
+        GLM jobs with a recorded session are left alone: they resume. Called once at start-up, which
+        assumes one connector process per control-plane database (as deployed).
+        """
+        with self.db.session() as s:
+            cut_off = list(
+                s.execute(
+                    select(JobRow.id, JobRow.agreement_id, JobRow.scenario_id, JobRow.consumer_id)
+                    .outerjoin(GlmSessionRow, GlmSessionRow.job_id == JobRow.id)
+                    .where(JobRow.state == JobState.RUNNING.value, GlmSessionRow.job_id.is_(None))
+                )
+            )
+        why = "interrupted: the data plane stopped while the job ran; nothing was released"
+        failed: list[str] = []
+        for job_id, agreement_id, scenario, consumer in cut_off:
+            with self.db.session() as s:
+                try:
+                    self._finish(s, job_id, JobState.FAILED, reason=why)
+                except ConflictError:
+                    continue  # ended meanwhile
+                s.commit()
+            self._record(
+                consumer,
+                "dataplane.job.run",
+                f"job:{job_id}",
+                Outcome.FAILURE,
+                why,
+                scenario_id=scenario,
+                agreement_id=agreement_id,
+                details={"job_id": job_id, "interrupted": True},
+            )
+            failed.append(job_id)
+        return failed
+
     def close_idle_glm_sessions(self, limit: int = 100) -> list[str]:
         """Fail the open GLM sessions untouched for `glm_idle` (at most `limit` per call; called when
         a session opens, so abandoned ones do not stay RUNNING for ever). Returns their job ids."""
