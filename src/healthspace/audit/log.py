@@ -14,7 +14,7 @@ import gc
 import hashlib
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +41,7 @@ from healthspace.core.db import Database
 from healthspace.core.errors import HealthspaceError, ValidationError
 
 __all__ = [
+    "AuditBatch",
     "AuditIntegrityError",
     "AuditLog",
     "AuditRecorder",
@@ -374,6 +375,71 @@ class AuditRecorder(Protocol):
         agreement_id: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> object: ...
+
+
+class AuditBatch:
+    """An `AuditRecorder` that holds entries (stamped when recorded) until `flush` appends them together.
+
+    With `append_many` (`AuditLog.append_many`: one transaction, one fsync) the entries of one step
+    cost one durable commit instead of one each, all or none; without it they go to `record` one by
+    one, in order (tests and tools that pass a plain recorder).
+    """
+
+    def __init__(
+        self,
+        record: AuditRecorder,
+        append_many: Callable[[Sequence[AuditEntry]], object] | None,
+        clock: Clock,
+    ) -> None:
+        self._record, self._many, self._clock = record, append_many, clock
+        self._entries: list[AuditEntry] = []
+
+    def __call__(
+        self,
+        actor: str,
+        action: str,
+        subject: str,
+        outcome: Outcome | str,
+        reason: str = "",
+        *,
+        scenario_id: str | None = None,
+        agreement_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        self._entries.append(
+            AuditEntry(
+                time=self._clock.now(),
+                actor=actor,
+                action=action,
+                subject=subject,
+                outcome=Outcome(outcome),
+                reason=reason,
+                scenario_id=scenario_id,
+                agreement_id=agreement_id,
+                details=details or {},
+            )
+        )
+
+    def flush(self) -> None:
+        """Append every held entry now; raises if the log refuses (then nothing of them is appended
+        with `append_many`)."""
+        entries, self._entries = self._entries, []
+        if not entries:
+            return
+        if self._many is not None:
+            self._many(entries)
+            return
+        for e in entries:
+            self._record(
+                e.actor,
+                e.action,
+                e.subject,
+                e.outcome,
+                e.reason,
+                scenario_id=e.scenario_id,
+                agreement_id=e.agreement_id,
+                details=e.details,
+            )
 
 
 class AuditLog:

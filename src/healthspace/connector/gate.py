@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import httpx
 import orjson
 
-from healthspace.audit.log import AuditLog, AuditRecorder
-from healthspace.audit.models import AuditEntry, Outcome
+from healthspace.audit.log import AuditBatch, AuditLog, AuditRecorder
+from healthspace.audit.models import Outcome
 from healthspace.connector.dsp.service import DspService, policy_acceptable
 from healthspace.connector.dsp.tables import DatasetRow, NegotiationRow, TransferRow
 from healthspace.consent.models import WithdrawalEvent
@@ -282,20 +282,9 @@ class GatedDspService(DspService):
     def _note(self, entry: _Noted) -> None:
         pending: list[_Noted] | None = getattr(self._noted, "entries", None)
         if pending is None:  # outside a transaction: nothing to wait for
-            self._write(entry)
+            self._write_all([entry])
         else:
             pending.append(entry)
-
-    def _write(self, e: _Noted) -> None:
-        record_decision(
-            self._audit_log.record,
-            e.actor,
-            e.subject,
-            e.decision,
-            scenario_id=e.scenario_id,
-            agreement_id=e.agreement_id,
-            details=e.details,
-        )
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
@@ -312,41 +301,10 @@ class GatedDspService(DspService):
 
     def _write_all(self, noted: list[_Noted]) -> None:
         """The decisions of one transaction in one durable append (all or none), not an fsync each."""
-        if len(noted) <= 1:
-            for e in noted:
-                self._write(e)
-            return
-        now = self.clock.now()
-        entries: list[AuditEntry] = []
-
-        def collect(
-            actor: str,
-            action: str,
-            subject: str,
-            outcome: Outcome | str,
-            reason: str = "",
-            *,
-            scenario_id: str | None = None,
-            agreement_id: str | None = None,
-            details: dict[str, Any] | None = None,
-        ) -> None:
-            entries.append(
-                AuditEntry(
-                    time=now,
-                    actor=actor,
-                    action=action,
-                    subject=subject,
-                    outcome=Outcome(outcome),
-                    reason=reason,
-                    scenario_id=scenario_id,
-                    agreement_id=agreement_id,
-                    details=details or {},
-                )
-            )
-
+        batch = AuditBatch(self._audit_log.record, self._audit_log.append_many, self.clock)
         for e in noted:  # the one shape of a decision entry stays `record_decision`'s
             record_decision(
-                collect,
+                batch,
                 e.actor,
                 e.subject,
                 e.decision,
@@ -354,7 +312,7 @@ class GatedDspService(DspService):
                 agreement_id=e.agreement_id,
                 details=e.details,
             )
-        self._audit_log.append_many(entries)
+        batch.flush()
 
     def _decide(self, tx: Any, row: NegotiationRow, actor: str) -> None:
         dataset = self.store.dataset(tx.s, row.dataset_id or "")

@@ -19,7 +19,7 @@ from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from healthspace.audit.log import AuditRecorder
+from healthspace.audit.log import AuditBatch, AuditRecorder
 from healthspace.audit.models import AuditEntry, Outcome
 from healthspace.compute import (
     BudgetKey,
@@ -310,72 +310,6 @@ class _HeldHistory:
         self._held = []
 
 
-class _JobAudit:
-    """An `AuditRecorder` holding one job's entries until the job ends, then appending them together.
-
-    A job writes its policy decision, its consent cohort and its outcome; appended one by one that is
-    three durable commits per job. Held here and appended with `record_many` (`AuditLog.append_many`:
-    one transaction, one fsync) they cost one. Entries are built (and validated) when recorded, with
-    the time they happened. Without `record_many` they go to `record` one by one, in order.
-    """
-
-    def __init__(
-        self,
-        record: AuditRecorder,
-        record_many: Callable[[Sequence[AuditEntry]], object] | None,
-        clock: Clock,
-    ) -> None:
-        self._record, self._many, self._clock = record, record_many, clock
-        self._entries: list[AuditEntry] = []
-
-    def __call__(
-        self,
-        actor: str,
-        action: str,
-        subject: str,
-        outcome: Outcome,
-        reason: str = "",
-        *,
-        scenario_id: str | None = None,
-        agreement_id: str | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> object:
-        self._entries.append(
-            AuditEntry(
-                time=self._clock.now(),
-                actor=actor,
-                action=action,
-                subject=subject,
-                outcome=outcome,
-                reason=reason,
-                scenario_id=scenario_id,
-                agreement_id=agreement_id,
-                details=details or {},
-            )
-        )
-        return None
-
-    def flush(self) -> None:
-        """Append every held entry now (all or none with `record_many`); raises if the log refuses."""
-        entries, self._entries = self._entries, []
-        if not entries:
-            return
-        if self._many is not None:
-            self._many(entries)
-            return
-        for e in entries:
-            self._record(
-                e.actor,
-                e.action,
-                e.subject,
-                e.outcome,
-                e.reason,
-                scenario_id=e.scenario_id,
-                agreement_id=e.agreement_id,
-                details=e.details,
-            )
-
-
 class JobService:
     """Runs consumers' jobs on this provider's clinical store under their agreements.
 
@@ -622,7 +556,7 @@ class JobService:
         The job row is written once the policy has decided: REFUSED on a denial, else RUNNING (so a
         crash mid-job leaves a job that visibly did not succeed), then its end state; both go through
         `JOB.transition` from QUEUED. The job's audit entries (decision, consent cohort, outcome) are
-        appended together when it ends, whichever way it ends (see `_JobAudit`).
+        appended together when it ends, whichever way it ends (see `AuditBatch`).
         """
         spec = parse_spec(body.spec)
         grant, agreement = checked.grant, checked.agreement
@@ -635,7 +569,7 @@ class JobService:
         kind = "glm" if glms else "query"
         now = self._clock.now()
         job_id = f"job-{secrets.token_hex(12)}"
-        audit = _JobAudit(self._record, self._record_many, self._clock)
+        audit = AuditBatch(self._record, self._record_many, self._clock)
         # Each IRLS step releases aggregates at once: nothing a person could hold back in time.
         no_review_for_glm = (
             "the agreement requires output review, which per-iteration GLM statistics cannot wait for"
@@ -794,14 +728,14 @@ class JobService:
         scenario: str,
         consumer: str,
         exc: Exception,
-        audit: _JobAudit | None = None,
+        audit: AuditBatch | None = None,
     ) -> None:
         """The job ends REFUSED or FAILED with the reason; audited at once, after the job's held entries."""
         refused = isinstance(exc, ForbiddenError)
         client = isinstance(exc, HealthspaceError)
         reason = str(getattr(exc, "detail", "")) if client else f"internal error ({type(exc).__name__})"
         self._move(job_id, JobState.REFUSED if refused else JobState.FAILED, reason)
-        audit = audit or _JobAudit(self._record, self._record_many, self._clock)
+        audit = audit or AuditBatch(self._record, self._record_many, self._clock)
         audit(
             consumer,
             "dataplane.job.run",
@@ -841,7 +775,7 @@ class JobService:
         epsilon: float,
         *,
         review: bool = False,
-        audit: _JobAudit | None = None,
+        audit: AuditBatch | None = None,
         history: _HeldHistory | None = None,
     ) -> JobPublic:
         envelope = canonical_json(sign_payload(self.key, payload)).decode()
@@ -863,7 +797,7 @@ class JobService:
                 else None
             )
             out = _public(row, review=summary)
-        audit = audit or _JobAudit(self._record, self._record_many, self._clock)
+        audit = audit or AuditBatch(self._record, self._record_many, self._clock)
         audit(
             out.consumer_id,
             "dataplane.job.run",
