@@ -216,6 +216,8 @@ class _Job:
         return {"type": "count", "count": self.publish(value)}
 
     def stratified(self, a: StratifiedCount) -> dict[str, Any]:
+        """Counts by one stratifier (a column of levels) or a cross-tab of two, with margins; noise
+        and suppression as for a histogram's table (`_table_release`)."""
         lv = [levels(s) for s in a.by]
         rows = self.engine.rows(self.b.stratified(a.by))
         shape = (len(lv[0]), len(lv[1]) if len(lv) == 2 else 1)
@@ -224,34 +226,15 @@ class _Job:
             i = lv[0].index(str(r[0]))
             j = lv[1].index(str(r[1])) if len(lv) == 2 else 0
             cells[i][j] = int(r[-1])
-        flat = self.noisy([v for row in cells for v in row])
-        cells = [flat[i * shape[1] : (i + 1) * shape[1]] for i in range(shape[0])]
-        # One-way tables are one row of a Grid; two-way tables keep the row/column layout.
-        grid = Grid([list(x) for x in zip(*cells, strict=True)] if len(lv) == 1 else cells)
-        primary_suppression(grid, self.rules.min_cell_size)
-        if self.spec.privacy is None:
-            secondary_suppression(grid)  # noise already protects a DP release; hiding is post-processing
-        self.suppressed += len(grid.hidden)
-        base = self.rules.rounding_base
-
-        def pub(r: int, c: int) -> int | None:
-            return None if (r, c) in grid.hidden else round_to(grid.value(r, c), base)
-
-        gr, gc = grid.shape
+        table, row_totals, col_totals, total = self._table_release(cells)
         out: dict[str, Any] = {
             "type": "stratified_count",
             "dims": [_stratifier_name(s) for s in a.by],
             "levels": lv,
         }
         if len(lv) == 1:
-            out["counts"] = [pub(0, c) for c in range(gc)]
-            out["total"] = pub(0, gc)
-        else:
-            out["counts"] = [[pub(r, c) for c in range(gc)] for r in range(gr)]
-            out["row_totals"] = [pub(r, gc) for r in range(gr)]
-            out["col_totals"] = [pub(gr, c) for c in range(gc)]
-            out["total"] = pub(gr, gc)
-        return out
+            return out | {"counts": [row[0] for row in table], "total": total}
+        return out | {"counts": table, "row_totals": row_totals, "col_totals": col_totals, "total": total}
 
     def measurement(self, a: MeasurementSummary) -> dict[str, Any]:
         row = self.engine.rows(self.b.measurement_summary(a.code, a.window, a.quantiles))[0]
@@ -287,15 +270,8 @@ class _Job:
         return out
 
     def histogram(self, a: MeasurementHistogram) -> dict[str, Any]:
-        """Counts by value band (rows) x stratum (columns, every level combination), with margins.
-
-        Under DP every cell of the full grid, empty ones included, gets noise (a person is in one
-        cell: sensitivity 1); each margin is the sum of its unclamped noisy cells, clamped at 0 once
-        (clamping each cell first would add the positive part of every cell's noise and bias the
-        margins upwards); both are post-processing. Cells and margins below k are then hidden.
-        Without DP, primary and secondary suppression treat the table as a cross-tab of bands x
-        strata with its margins.
-        """
+        """Counts by value band (rows) x stratum (columns, every level combination), with margins;
+        every cell of the full grid, empty ones included, is released (`_table_release`)."""
         bands = a.labels()
         lv = [levels(s) for s in a.by]
         combos = list(itertools.product(*lv))  # [()] without stratifiers: a one-way table
@@ -311,7 +287,7 @@ class _Job:
             "levels": lv,
         }
         # rows: one per band; then the band totals, the stratum totals and the grand total
-        table, band_totals, stratum_totals, total = self._histogram_release(cells)
+        table, band_totals, stratum_totals, total = self._table_release(cells)
         if not a.by:
             return out | {"counts": [row[0] for row in table], "total": total}
         return out | {
@@ -321,10 +297,17 @@ class _Job:
             "total": total,
         }
 
-    def _histogram_release(
+    def _table_release(
         self, cells: list[list[int]]
     ) -> tuple[list[list[int | None]], list[int | None], list[int | None], int | None]:
-        """Published cells, band totals, stratum totals and total of a bands x strata table."""
+        """Published cells, row totals, column totals and total of a table of disjoint counts (a
+        histogram's bands x strata, a stratified count's levels; one column: a one-way table).
+
+        Under DP every cell gets noise (a person is in one cell: sensitivity 1) and each margin is
+        the sum of its unclamped noisy cells, clamped at 0 once: clamping each cell first would add
+        the positive part of every empty cell's noise and bias the margins upwards. Both are
+        post-processing; cells and margins below k are then hidden (the noise protects the rest).
+        Without DP, primary and secondary suppression: no hidden cell follows from the margins."""
         rows, cols = len(cells), len(cells[0])
         p = self.spec.privacy
         if self.eps_each is not None and p is not None:
