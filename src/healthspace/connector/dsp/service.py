@@ -1019,9 +1019,8 @@ class DspService:
         msg: DspMessage,
         body: bytes | None = None,
     ) -> None:
-        # Leased to the worker only when nothing of this process is still waiting to go out: its
-        # messages leave in order.
-        lease = tx.lease_until if not self.store.has_pending(tx.s, row.id) else None
+        # Leased to the worker only when nothing of this process is still waiting to go out (the
+        # store checks in the same statement): its messages leave in order.
         out = self.store.enqueue(
             tx.s,
             process_id=row.id,
@@ -1031,10 +1030,10 @@ class DspService:
             message_type=message_key(msg),
             body=body if body is not None else to_json(msg),
             now=self.clock.now(),
-            lease_until=lease,
+            lease_until=tx.lease_until,
         )
         tx.queued(out)
-        if lease is not None:
+        if out.attempts:
             tx.leased.append(out)
 
     def list_negotiations(self, limit: int = 100, offset: int = 0) -> list[NegotiationPublic]:
