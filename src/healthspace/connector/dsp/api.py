@@ -7,7 +7,7 @@ back. Errors on DSP routes answer a DSP error body (`CatalogError`, `ContractNeg
 
 # No `from __future__ import annotations`: FastAPI must see the local Annotated aliases of the factory.
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 import httpx
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import AnyHttpUrl, BaseModel, Field
 
 from healthspace.connector.dsp.manager import DspManager
@@ -108,13 +109,18 @@ def _error(kind: str, exc: HealthspaceError, pid: str | None = None, body: bytes
 
 def make_dsp_routers(
     components: Callable[[Request], DspComponents],
-    peer: Callable[..., Caller],
+    peer: Callable[[Request], Caller],
     staff: Callable[..., Callable[[Request], StoredKey]],
 ) -> list[APIRouter]:
-    """The DSP routers: version (public), DSP endpoints (`peer` = authenticated caller dependency) and
-    management (`staff(*roles)` = API-key dependency for those roles)."""
+    """The DSP routers: version (public), DSP endpoints (`peer(request)` = the authenticated caller,
+    or an error; it may block, e.g. `identity.fastapi.peer_dependency(...)`) and management
+    (`staff(*roles)` = API-key dependency for those roles)."""
 
-    Peer = Annotated[Caller, Depends(peer)]  # noqa: N806
+    async def as_peer(request: Request, handle: Callable[[Caller], Response]) -> Response:
+        # Authentication and handler in one thread-pool hop: both block (the replay check and the
+        # handler write to the database); as a sync dependency and a sync endpoint they took two
+        # hand-offs between the event loop and a worker thread per request.
+        return await run_in_threadpool(lambda: handle(peer(request)))
 
     # Cheap look-ups run on the event loop (async): a sync dependency costs a thread-pool hop each.
     async def _components(request: Request) -> DspComponents:
@@ -147,34 +153,39 @@ def make_dsp_routers(
     # --- catalog -----------------------------------------------------------------------------------
 
     @dsp.post("/catalog/request")
-    def catalog_request(
+    async def catalog_request(
         request: Request,
         svc: Svc,
-        caller: Peer,
         body: Raw,
         offset: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> Response:
-        try:
-            msg = parse_as(body, CatalogRequestMessage)
-            page, total = svc.catalog(caller.participant_id, msg, offset, limit)
-        except HealthspaceError as exc:
-            return _error("catalog", exc)
-        links = []
-        base = f"{svc.public_url}/catalog/request"
-        if offset + limit < total:
-            links.append(f'<{base}?{urlencode({"offset": offset + limit, "limit": limit})}>; rel="next"')
-        if offset > 0:
-            prev = max(0, offset - limit)
-            links.append(f'<{base}?{urlencode({"offset": prev, "limit": limit})}>; rel="previous"')
-        return _json(page, headers={"Link": ", ".join(links)} if links else None)
+        def handle(caller: Caller) -> Response:
+            try:
+                msg = parse_as(body, CatalogRequestMessage)
+                page, total = svc.catalog(caller.participant_id, msg, offset, limit)
+            except HealthspaceError as exc:
+                return _error("catalog", exc)
+            links = []
+            base = f"{svc.public_url}/catalog/request"
+            if offset + limit < total:
+                links.append(f'<{base}?{urlencode({"offset": offset + limit, "limit": limit})}>; rel="next"')
+            if offset > 0:
+                prev = max(0, offset - limit)
+                links.append(f'<{base}?{urlencode({"offset": prev, "limit": limit})}>; rel="previous"')
+            return _json(page, headers={"Link": ", ".join(links)} if links else None)
+
+        return await as_peer(request, handle)
 
     @dsp.get("/catalog/datasets/{dataset_id:path}")
-    def catalog_dataset(dataset_id: str, svc: Svc, caller: Peer) -> Response:
-        try:
-            return _json(svc.dataset(caller.participant_id, dataset_id))
-        except HealthspaceError as exc:
-            return _error("catalog", exc)
+    async def catalog_dataset(request: Request, dataset_id: str, svc: Svc) -> Response:
+        def handle(caller: Caller) -> Response:
+            try:
+                return _json(svc.dataset(caller.participant_id, dataset_id))
+            except HealthspaceError as exc:
+                return _error("catalog", exc)
+
+        return await as_peer(request, handle)
 
     # --- negotiations ------------------------------------------------------------------------------
 
@@ -192,28 +203,37 @@ def make_dsp_routers(
             return _error("negotiation", exc, pid, body)
 
     @dsp.post("/negotiations/request")
-    def negotiation_request(svc: Svc, caller: Peer, body: Raw) -> Response:
-        try:
-            msg = parse_as(body, ContractRequestMessage)
-            ack, created = svc.on_contract_request(caller.participant_id, msg, None)
-            return _json(ack, 201 if created else 200)
-        except HealthspaceError as exc:
-            return _error("negotiation", exc, None, body)
+    async def negotiation_request(request: Request, svc: Svc, body: Raw) -> Response:
+        def handle(caller: Caller) -> Response:
+            try:
+                msg = parse_as(body, ContractRequestMessage)
+                ack, created = svc.on_contract_request(caller.participant_id, msg, None)
+                return _json(ack, 201 if created else 200)
+            except HealthspaceError as exc:
+                return _error("negotiation", exc, None, body)
+
+        return await as_peer(request, handle)
 
     @dsp.post("/negotiations/offers")
-    def negotiation_initial_offer(svc: Svc, caller: Peer, body: Raw) -> Response:
-        try:
-            msg = parse_as(body, ContractOfferMessage)
-            return _json(svc.on_initial_offer(caller.participant_id, msg), 201)
-        except HealthspaceError as exc:
-            return _error("negotiation", exc, None, body)
+    async def negotiation_initial_offer(request: Request, svc: Svc, body: Raw) -> Response:
+        def handle(caller: Caller) -> Response:
+            try:
+                msg = parse_as(body, ContractOfferMessage)
+                return _json(svc.on_initial_offer(caller.participant_id, msg), 201)
+            except HealthspaceError as exc:
+                return _error("negotiation", exc, None, body)
+
+        return await as_peer(request, handle)
 
     @dsp.get("/negotiations/{pid}")
-    def negotiation_get(pid: str, svc: Svc, caller: Peer) -> Response:
-        try:
-            return _json(svc.get_negotiation(caller.participant_id, pid))
-        except HealthspaceError as exc:
-            return _error("negotiation", exc, pid)
+    async def negotiation_get(request: Request, pid: str, svc: Svc) -> Response:
+        def handle(caller: Caller) -> Response:
+            try:
+                return _json(svc.get_negotiation(caller.participant_id, pid))
+            except HealthspaceError as exc:
+                return _error("negotiation", exc, pid)
+
+        return await as_peer(request, handle)
 
     routes: dict[str, type[DspMessage]] = {
         "request": ContractRequestMessage,
@@ -224,9 +244,9 @@ def make_dsp_routers(
         "termination": ContractNegotiationTerminationMessage,
     }
 
-    def negotiation_route(model: type[DspMessage]) -> Callable[..., Response]:
-        def endpoint(pid: str, svc: Svc, caller: Peer, body: Raw) -> Response:
-            return _negotiation(svc, caller, pid, body, model)
+    def negotiation_route(model: type[DspMessage]) -> Callable[..., Awaitable[Response]]:
+        async def endpoint(request: Request, pid: str, svc: Svc, body: Raw) -> Response:
+            return await as_peer(request, lambda caller: _negotiation(svc, caller, pid, body, model))
 
         return endpoint
 
@@ -241,20 +261,26 @@ def make_dsp_routers(
     # --- transfers ---------------------------------------------------------------------------------
 
     @dsp.post("/transfers/request")
-    def transfer_request(svc: Svc, caller: Peer, body: Raw) -> Response:
-        try:
-            msg = parse_as(body, TransferRequestMessage)
-            ack, created = svc.on_transfer_request(caller.participant_id, msg)
-            return _json(ack, 201 if created else 200)
-        except HealthspaceError as exc:
-            return _error("transfer", exc, None, body)
+    async def transfer_request(request: Request, svc: Svc, body: Raw) -> Response:
+        def handle(caller: Caller) -> Response:
+            try:
+                msg = parse_as(body, TransferRequestMessage)
+                ack, created = svc.on_transfer_request(caller.participant_id, msg)
+                return _json(ack, 201 if created else 200)
+            except HealthspaceError as exc:
+                return _error("transfer", exc, None, body)
+
+        return await as_peer(request, handle)
 
     @dsp.get("/transfers/{pid}")
-    def transfer_get(pid: str, svc: Svc, caller: Peer) -> Response:
-        try:
-            return _json(svc.get_transfer(caller.participant_id, pid))
-        except HealthspaceError as exc:
-            return _error("transfer", exc, pid)
+    async def transfer_get(request: Request, pid: str, svc: Svc) -> Response:
+        def handle(caller: Caller) -> Response:
+            try:
+                return _json(svc.get_transfer(caller.participant_id, pid))
+            except HealthspaceError as exc:
+                return _error("transfer", exc, pid)
+
+        return await as_peer(request, handle)
 
     transfer_routes: dict[str, type[DspMessage]] = {
         "start": TransferStartMessage,
@@ -263,13 +289,16 @@ def make_dsp_routers(
         "termination": TransferTerminationMessage,
     }
 
-    def transfer_route(model: type[DspMessage]) -> Callable[..., Response]:
-        def endpoint(pid: str, svc: Svc, caller: Peer, body: Raw) -> Response:
-            try:
-                msg = parse_as(body, model)
-                return _json(svc.on_transfer_message(caller.participant_id, pid, msg))
-            except HealthspaceError as exc:
-                return _error("transfer", exc, pid, body)
+    def transfer_route(model: type[DspMessage]) -> Callable[..., Awaitable[Response]]:
+        async def endpoint(request: Request, pid: str, svc: Svc, body: Raw) -> Response:
+            def handle(caller: Caller) -> Response:
+                try:
+                    msg = parse_as(body, model)
+                    return _json(svc.on_transfer_message(caller.participant_id, pid, msg))
+                except HealthspaceError as exc:
+                    return _error("transfer", exc, pid, body)
+
+            return await as_peer(request, handle)
 
         return endpoint
 
