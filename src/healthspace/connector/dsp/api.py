@@ -31,7 +31,9 @@ from healthspace.connector.dsp.service import (
 from healthspace.core.apikeys import Role as StaffRole
 from healthspace.core.apikeys import StoredKey
 from healthspace.core.errors import HealthspaceError, NotFoundError, ValidationError
-from healthspace.identity.tokens import Caller
+from healthspace.identity.errors import TokenRejectedError
+from healthspace.identity.fastapi import PeerDependency
+from healthspace.identity.tokens import Caller, TokenUse
 from healthspace.protocol.messages import (
     Auth,
     CatalogError,
@@ -95,6 +97,8 @@ def _pids_of(body: bytes) -> tuple[str | None, str | None]:
 
 
 def _error(kind: str, exc: HealthspaceError, pid: str | None = None, body: bytes = b"") -> Response:
+    if isinstance(exc, TokenRejectedError):
+        raise exc  # a replay found in the handler's transaction: 401 problem JSON, as any refused token
     reason = [exc.detail, *[f"{p['pointer'] or '/'}: {p['message']}" for p in exc.extra.get("problems", [])]]
     code = exc.code
     if kind == "catalog":
@@ -109,18 +113,38 @@ def _error(kind: str, exc: HealthspaceError, pid: str | None = None, body: bytes
 
 def make_dsp_routers(
     components: Callable[[Request], DspComponents],
-    peer: Callable[[Request], Caller],
+    peer: PeerDependency,
     staff: Callable[..., Callable[[Request], StoredKey]],
 ) -> list[APIRouter]:
-    """The DSP routers: version (public), DSP endpoints (`peer(request)` = the authenticated caller,
-    or an error; it may block, e.g. `identity.fastapi.peer_dependency(...)`) and management
-    (`staff(*roles)` = API-key dependency for those roles)."""
+    """The DSP routers: version (public), DSP endpoints (`peer` authenticates the caller:
+    `identity.fastapi.peer_dependency(...)`) and management (`staff(*roles)` = API-key dependency
+    for those roles)."""
 
+    # Authentication and handler run in one thread-pool hop: both block (the replay check and the
+    # handler use the database); as a sync dependency and a sync endpoint they took two hand-offs
+    # between the event loop and a worker thread per request.
     async def as_peer(request: Request, handle: Callable[[Caller], Response]) -> Response:
-        # Authentication and handler in one thread-pool hop: both block (the replay check and the
-        # handler write to the database); as a sync dependency and a sync endpoint they took two
-        # hand-offs between the event loop and a worker thread per request.
         return await run_in_threadpool(lambda: handle(peer(request)))
+
+    async def as_peer_writing(
+        request: Request, svc: DspService, handle: Callable[[Caller, TokenUse | None], Response]
+    ) -> Response:
+        """For handlers that write: the token's use is recorded in the handler's transaction (one
+        transaction per request fewer) and settled when the handler is done, whatever happened."""
+
+        def run() -> Response:
+            caller, token = peer.deferring_replay(request, svc.db)
+            try:
+                try:
+                    return handle(caller, token)
+                finally:
+                    if token is not None:
+                        token.settle()
+            except TokenRejectedError as exc:
+                peer.refused(request, exc)
+                raise
+
+        return await run_in_threadpool(run)
 
     # Cheap look-ups run on the event loop (async): a sync dependency costs a thread-pool hop each.
     async def _components(request: Request) -> DspComponents:
@@ -190,40 +214,45 @@ def make_dsp_routers(
     # --- negotiations ------------------------------------------------------------------------------
 
     def _negotiation(
-        svc: DspService, caller: Caller, pid: str, body: bytes, model: type[DspMessage]
+        svc: DspService,
+        caller: Caller,
+        token: TokenUse | None,
+        pid: str,
+        body: bytes,
+        model: type[DspMessage],
     ) -> Response:
         try:
             msg = parse_as(body, model)
             if isinstance(msg, ContractRequestMessage):
-                ack, _ = svc.on_contract_request(caller.participant_id, msg, pid)
+                ack, _ = svc.on_contract_request(caller.participant_id, msg, pid, token=token)
             else:
-                ack = svc.on_negotiation_message(caller.participant_id, pid, msg)
+                ack = svc.on_negotiation_message(caller.participant_id, pid, msg, token=token)
             return _json(ack)
         except HealthspaceError as exc:
             return _error("negotiation", exc, pid, body)
 
     @dsp.post("/negotiations/request")
     async def negotiation_request(request: Request, svc: Svc, body: Raw) -> Response:
-        def handle(caller: Caller) -> Response:
+        def handle(caller: Caller, token: TokenUse | None) -> Response:
             try:
                 msg = parse_as(body, ContractRequestMessage)
-                ack, created = svc.on_contract_request(caller.participant_id, msg, None)
+                ack, created = svc.on_contract_request(caller.participant_id, msg, None, token=token)
                 return _json(ack, 201 if created else 200)
             except HealthspaceError as exc:
                 return _error("negotiation", exc, None, body)
 
-        return await as_peer(request, handle)
+        return await as_peer_writing(request, svc, handle)
 
     @dsp.post("/negotiations/offers")
     async def negotiation_initial_offer(request: Request, svc: Svc, body: Raw) -> Response:
-        def handle(caller: Caller) -> Response:
+        def handle(caller: Caller, token: TokenUse | None) -> Response:
             try:
                 msg = parse_as(body, ContractOfferMessage)
-                return _json(svc.on_initial_offer(caller.participant_id, msg), 201)
+                return _json(svc.on_initial_offer(caller.participant_id, msg, token=token), 201)
             except HealthspaceError as exc:
                 return _error("negotiation", exc, None, body)
 
-        return await as_peer(request, handle)
+        return await as_peer_writing(request, svc, handle)
 
     @dsp.get("/negotiations/{pid}")
     async def negotiation_get(request: Request, pid: str, svc: Svc) -> Response:
@@ -246,7 +275,9 @@ def make_dsp_routers(
 
     def negotiation_route(model: type[DspMessage]) -> Callable[..., Awaitable[Response]]:
         async def endpoint(request: Request, pid: str, svc: Svc, body: Raw) -> Response:
-            return await as_peer(request, lambda caller: _negotiation(svc, caller, pid, body, model))
+            return await as_peer_writing(
+                request, svc, lambda caller, token: _negotiation(svc, caller, token, pid, body, model)
+            )
 
         return endpoint
 
@@ -262,15 +293,15 @@ def make_dsp_routers(
 
     @dsp.post("/transfers/request")
     async def transfer_request(request: Request, svc: Svc, body: Raw) -> Response:
-        def handle(caller: Caller) -> Response:
+        def handle(caller: Caller, token: TokenUse | None) -> Response:
             try:
                 msg = parse_as(body, TransferRequestMessage)
-                ack, created = svc.on_transfer_request(caller.participant_id, msg)
+                ack, created = svc.on_transfer_request(caller.participant_id, msg, token=token)
                 return _json(ack, 201 if created else 200)
             except HealthspaceError as exc:
                 return _error("transfer", exc, None, body)
 
-        return await as_peer(request, handle)
+        return await as_peer_writing(request, svc, handle)
 
     @dsp.get("/transfers/{pid}")
     async def transfer_get(request: Request, pid: str, svc: Svc) -> Response:
@@ -291,14 +322,14 @@ def make_dsp_routers(
 
     def transfer_route(model: type[DspMessage]) -> Callable[..., Awaitable[Response]]:
         async def endpoint(request: Request, pid: str, svc: Svc, body: Raw) -> Response:
-            def handle(caller: Caller) -> Response:
+            def handle(caller: Caller, token: TokenUse | None) -> Response:
                 try:
                     msg = parse_as(body, model)
-                    return _json(svc.on_transfer_message(caller.participant_id, pid, msg))
+                    return _json(svc.on_transfer_message(caller.participant_id, pid, msg, token=token))
                 except HealthspaceError as exc:
                     return _error("transfer", exc, pid, body)
 
-            return await as_peer(request, handle)
+            return await as_peer_writing(request, svc, handle)
 
         return endpoint
 

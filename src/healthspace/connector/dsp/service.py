@@ -44,6 +44,7 @@ from healthspace.core.errors import (
     ValidationError,
 )
 from healthspace.identity.keys import SigningKey
+from healthspace.identity.tokens import TokenUse
 from healthspace.protocol.messages import (
     Agreement,
     CatalogRequestMessage,
@@ -374,8 +375,14 @@ class DspService:
         self._wake = wake
 
     @contextmanager
-    def _tx(self) -> Iterator[_Tx]:
+    def _tx(self, token: TokenUse | None = None) -> Iterator[_Tx]:
+        """One DSP transaction. With `token` (a peer's request token whose replay check was left to
+        this transaction), its use is recorded first: a replay is refused before anything else, and
+        the request needs no transaction of its own for it. The caller settles the token afterwards
+        (`TokenUse.settle`), which records the use on its own if this transaction failed."""
         with self.store.writing() as s:
+            if token is not None:
+                token.record_in(s.connection())
             tx = _Tx(s, self.store)
             work = tx.work
             s.info["dsp_work"] = work
@@ -386,6 +393,8 @@ class DspService:
             touched.update(
                 o.id for o in s.identity_map.values() if isinstance(o, NegotiationRow | TransferRow)
             )
+        if token is not None:
+            token.committed()
         # The manager first: its work is what the peer is waiting for; audit and waiters come after.
         if work:
             self._wake(list(dict.fromkeys(work)))
@@ -502,12 +511,15 @@ class DspService:
     # --- negotiation: messages received --------------------------------------------------------------
 
     def on_contract_request(
-        self, caller: str, msg: ContractRequestMessage, pid: str | None
+        self, caller: str, msg: ContractRequestMessage, pid: str | None, *, token: TokenUse | None = None
     ) -> tuple[ContractNegotiation, bool]:
         """Initial request (`pid` None; answers the existing process if the consumerPid is known) or a
-        counter-request to our process `pid`. Returns the ACK and whether a process was created."""
+        counter-request to our process `pid`. Returns the ACK and whether a process was created.
+
+        `token` (every `on_*` handler): the caller's request token when its replay check is left to
+        this transaction (`RequestVerifier.verify_deferring_replay`); a replay raises 401."""
         now = self.clock.now()
-        with self._tx() as tx:
+        with self._tx(token) as tx:
             if pid is None:
                 if msg.provider_pid is not None or msg.callback_address is None:
                     raise DspRequestRefusedError(
@@ -552,10 +564,12 @@ class DspService:
             row.pending = "decide" if row.auto else None
             return _ack(row), False
 
-    def on_negotiation_message(self, caller: str, pid: str, msg: DspMessage) -> ContractNegotiation:
+    def on_negotiation_message(
+        self, caller: str, pid: str, msg: DspMessage, *, token: TokenUse | None = None
+    ) -> ContractNegotiation:
         """Any message to an existing negotiation other than a ContractRequestMessage."""
         now = self.clock.now()
-        with self._tx() as tx:
+        with self._tx(token) as tx:
             row = self._own_negotiation(tx, caller, pid)
             self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
             role = Role(row.role)
@@ -602,12 +616,14 @@ class DspService:
                 )
             return _ack(row)
 
-    def on_initial_offer(self, caller: str, msg: ContractOfferMessage) -> ContractNegotiation:
+    def on_initial_offer(
+        self, caller: str, msg: ContractOfferMessage, *, token: TokenUse | None = None
+    ) -> ContractNegotiation:
         """A provider-initiated negotiation (POST /negotiations/offers): a new consumer-side process."""
-        if msg.callback_address is None or msg.consumer_pid is not None:
-            raise DspRequestRefusedError("an initial offer has a callbackAddress and no consumerPid")
         now = self.clock.now()
-        with self._tx() as tx:
+        with self._tx(token) as tx:
+            if msg.callback_address is None or msg.consumer_pid is not None:
+                raise DspRequestRefusedError("an initial offer has a callbackAddress and no consumerPid")
             state = negotiation_next_state(_C, message_key(msg), None)
             own = new_pid()
             row = NegotiationRow(
@@ -683,9 +699,11 @@ class DspService:
 
     # --- transfer: messages received ------------------------------------------------------------------
 
-    def on_transfer_request(self, caller: str, msg: TransferRequestMessage) -> tuple[TransferProcess, bool]:
+    def on_transfer_request(
+        self, caller: str, msg: TransferRequestMessage, *, token: TokenUse | None = None
+    ) -> tuple[TransferProcess, bool]:
         now = self.clock.now()
-        with self._tx() as tx:
+        with self._tx(token) as tx:
             existing = self.store.transfer_by_consumer_pid(tx.s, _P, caller, msg.consumer_pid)
             if existing is not None:
                 return _tack(existing), False
@@ -732,9 +750,11 @@ class DspService:
             raise DspRequestRefusedError(f"agreement {agreement_id!r} is not finalized")
         return agreement
 
-    def on_transfer_message(self, caller: str, pid: str, msg: DspMessage) -> TransferProcess:
+    def on_transfer_message(
+        self, caller: str, pid: str, msg: DspMessage, *, token: TokenUse | None = None
+    ) -> TransferProcess:
         now = self.clock.now()
-        with self._tx() as tx:
+        with self._tx(token) as tx:
             row = self._own_transfer(tx, caller, pid)
             self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
             target = transfer_next_state(Role(row.role), message_key(msg), _T(row.state))
