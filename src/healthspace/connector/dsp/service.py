@@ -289,19 +289,6 @@ class _Tx:
                 if row.pending:
                     self.work.append(("step", _kind(row), row.id))
 
-    def mark(self) -> tuple[int, int, int, list[dict[str, Any]]]:
-        """Where the transaction stands, to go back to with `undo` when a savepoint is rolled back."""
-        return len(self.rows), len(self.work), len(self.leased), [snapshot(r) for r, _ in self.rows]
-
-    def undo(self, mark: tuple[int, int, int, list[dict[str, Any]]]) -> None:
-        """The savepoint taken at `mark` was rolled back: the rows read since are forgotten, and those
-        read before get back the values they had then (written or not, as then)."""
-        n_rows, n_work, n_leased, values = mark
-        del self.rows[n_rows:], self.work[n_work:], self.leased[n_leased:]
-        for (row, _), was in zip(self.rows, values, strict=True):
-            for k, v in was.items():
-                setattr(row, k, v)
-
 
 def _note_work(session: Session, _: Any) -> None:
     """After each flush of a DSP transaction, note the work it leaves owed by ORM-loaded rows (the
@@ -1304,27 +1291,40 @@ class DspService:
         returned with the step's audit entries: the caller delivers, then records (`record_all`), so
         the peer's next move does not wait for the audit log's durable commit."""
         actor = f"connector:{self.me}"
+        owed: str | None = None
+        try:
+            with self._tx() as tx:
+                if lease is not None:
+                    tx.lease_until = self.clock.now() + lease
+                row: NegotiationRow | TransferRow
+                row = tx.negotiation(pid) if kind == "negotiation" else tx.transfer(pid)
+                owed, row.pending = row.pending, None
+                if owed is None:
+                    return Step([], [])
+                if isinstance(row, TransferRow):
+                    self._transfer_step(tx, row, Role(row.role), owed, actor, "")
+                elif owed == "decide":
+                    self._decide(tx, row, actor)
+                else:
+                    self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
+        except HealthspaceError as exc:
+            if owed is None:
+                raise  # not the step's failure: the process could not be read
+            # The step's transaction rolled back (its messages, agreement and row changes with it);
+            # a second one records that the step is no longer owed. No savepoint around the step:
+            # that costs two statements on every step for the sake of the rare one that fails.
+            self._step_failed(kind, pid, owed, actor, exc.detail)
+            return Step([], [])
+        return Step(list(tx.leased), tx.audits if tx.leased else [])
+
+    def _step_failed(self, kind: str, pid: str, owed: str, actor: str, why: str) -> None:
         with self._tx() as tx:
-            if lease is not None:
-                tx.lease_until = self.clock.now() + lease
             row: NegotiationRow | TransferRow
             row = tx.negotiation(pid) if kind == "negotiation" else tx.transfer(pid)
-            owed, row.pending = row.pending, None
-            if owed is None:
-                return Step([], [])
-            mark = tx.mark()
-            try:
-                with tx.s.begin_nested():
-                    if isinstance(row, TransferRow):
-                        self._transfer_step(tx, row, Role(row.role), owed, actor, "")
-                    elif owed == "decide":
-                        self._decide(tx, row, actor)
-                    else:
-                        self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
-            except HealthspaceError as exc:
-                tx.undo(mark)  # rolled back with the savepoint: messages, and the row's other changes
-                tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, exc.detail)
-        return Step(list(tx.leased), tx.audits if tx.leased else [])
+            if row.pending != owed:
+                return  # another worker took the step meanwhile (and recorded how it went)
+            row.pending = None
+            tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, why)
 
     def _decide(self, tx: _Tx, row: NegotiationRow, actor: str) -> None:
         dataset = self.store.dataset(tx.s, row.dataset_id or "")
