@@ -252,6 +252,7 @@ class _Tx:
     leased: list[Outgoing] = field(default_factory=list)
     work: list[Work] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)
+    states: dict[str, str] = field(default_factory=dict)  # of the rows created here, as created
     # Detached rows read in this transaction, with their values as last written.
     rows: list[tuple[_Process, dict[str, Any]]] = field(default_factory=list)
 
@@ -271,6 +272,7 @@ class _Tx:
     def created(self, row: _Process) -> None:
         """A process row this transaction inserted (`DspStore.create_*`)."""
         self.touched.add(row.id)
+        self.states[row.id] = row.state
         if row.pending:
             self.work.append(("step", _kind(row), row.id))
 
@@ -351,6 +353,8 @@ class DspService:
         self._record_many = record_many
         self._changed = threading.Lock()
         self._versions: dict[str, int] = {}  # pid -> commits that touched it (what waiters watch)
+        # pid -> the state the last of those commits left it in (None: not known to the committer)
+        self._states: dict[str, str | None] = {}
         # One condition per process someone waits for, with its number of waiters: a commit wakes
         # only the waiters of what it touched (one shared condition woke every waiter on every
         # commit, which under concurrent negotiations is most of the wake-ups).
@@ -377,9 +381,9 @@ class DspService:
             tx.save()
             s.flush()
             touched = tx.touched | {pid for _, _, pid in work}
-            touched.update(
-                o.id for o in s.identity_map.values() if isinstance(o, NegotiationRow | TransferRow)
-            )
+            orm = [o for o in s.identity_map.values() if isinstance(o, NegotiationRow | TransferRow)]
+            touched.update(o.id for o in orm)
+            states = {**tx.states, **{r.id: r.state for r, _ in tx.rows}, **{o.id: o.state for o in orm}}
         if token is not None:
             token.committed()
         # The manager first: its work is what the peer is waiting for; audit and waiters come after.
@@ -390,13 +394,14 @@ class DspService:
         # else: the worker delivers first and records after (`run_pending`); a crash in between
         # loses the entries just as a crash between this commit and the audit append would.
         if touched:
-            self._touched(touched)
+            self._touched(touched, states)
 
-    def _touched(self, pids: set[str]) -> None:
-        """Tell waiters that a commit changed these processes."""
+    def _touched(self, pids: set[str], states: Mapping[str, str] | None = None) -> None:
+        """Tell waiters that a commit changed these processes (and, where known, the state it left)."""
         with self._changed:
             for pid in pids:
                 self._versions[pid] = self._versions.get(pid, 0) + 1
+                self._states[pid] = states.get(pid) if states else None
                 waiting = self._waiting.get(pid)
                 if waiting is not None:
                     waiting[0].notify_all()
@@ -1067,7 +1072,10 @@ class DspService:
             known = n.provider_pid is not None and n.consumer_pid is not None
             return in_state and (not acknowledged or known or final)
 
-        found: NegotiationPublic = self._wait(pid, lambda: self.negotiation(pid), done, timeout_s)
+        def not_yet(state: str) -> bool:
+            return bool(states) and state not in states and not NEGOTIATION.is_final(_N(state))
+
+        found: NegotiationPublic = self._wait(pid, lambda: self.negotiation(pid), done, not_yet, timeout_s)
         return found
 
     def wait_transfer(
@@ -1078,12 +1086,25 @@ class DspService:
             in_state = not states or t.state in states or final
             return in_state and (not acknowledged or t.provider_pid is not None or final)
 
-        found: TransferPublic = self._wait(pid, lambda: self.transfer(pid), done, timeout_s)
+        def not_yet(state: str) -> bool:
+            return bool(states) and state not in states and not TRANSFER.is_final(_T(state))
+
+        found: TransferPublic = self._wait(pid, lambda: self.transfer(pid), done, not_yet, timeout_s)
         return found
 
-    def _wait(self, pid: str, read: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float) -> Any:
+    def _wait(
+        self,
+        pid: str,
+        read: Callable[[], Any],
+        done: Callable[[Any], bool],
+        not_yet: Callable[[str], bool],
+        timeout_s: float,
+    ) -> Any:
         # Re-read only when a commit of this process touched `pid` (a cheap version check under
-        # the lock; only `pid`'s waiters are woken), not on every commit of every process.
+        # the lock; only `pid`'s waiters are woken), not on every commit of every process; and not
+        # when exactly one commit touched it since the last read and left it in a state that
+        # `not_yet` says cannot be done (with two or more, the order their notes arrived in need not
+        # be the order they committed in, so the row is read).
         deadline = time.monotonic() + max(0.0, min(timeout_s, 60.0))
         while True:
             with self._changed:
@@ -1096,7 +1117,12 @@ class DspService:
                 cond, n = self._waiting.get(pid) or (threading.Condition(self._changed), 0)
                 self._waiting[pid] = (cond, n + 1)
                 try:
-                    while self._versions.get(pid, 0) == seen and left > 0:
+                    while left > 0:
+                        version = self._versions.get(pid, 0)
+                        if version == seen + 1 and (state := self._states.get(pid)) and not_yet(state):
+                            seen = version  # e.g. AGREED while waiting for FINALIZED: nothing to read
+                        elif version != seen:
+                            break
                         cond.wait(left)
                         left = deadline - time.monotonic()
                 finally:
