@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import DBAPIError
 
-from healthspace.core.db import Database
+from healthspace.core.db import Database, needs_ping
 
 
 def test_migrating_with_no_branches_creates_no_tables(db_url: str) -> None:
@@ -31,5 +32,57 @@ def test_session_rolls_back_when_the_block_raises(db_url: str) -> None:
             insert_then_fail()
         with db.session() as s:
             assert s.execute(text("SELECT count(*) FROM t")).scalar_one() == 0
+    finally:
+        db.dispose()
+
+
+# --- disconnect safety on PostgreSQL: a pooled connection idle for a while is pinged before use ------
+
+
+def test_a_connection_is_pinged_when_its_idle_time_is_unknown_or_reaches_the_window() -> None:
+    assert needs_ping(None, 100.0, 0.5)
+    assert needs_ping(99.5, 100.0, 0.5)
+    assert needs_ping(10.0, 100.0, 0.5)
+    assert not needs_ping(99.9, 100.0, 0.5)
+
+
+def _kill_pooled_backend(db: Database, admin_url: str) -> None:
+    """Use the pool's one connection, then end its server process from outside (a server restart)."""
+    import psycopg
+
+    with db.session() as s:
+        backend = s.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+
+
+@pytest.mark.postgres
+def test_a_dead_connection_idle_past_the_window_is_replaced_before_use(
+    postgres_url: str, postgres_admin_url: str
+) -> None:
+    db = Database(postgres_url, ping_after_idle_s=0.0)  # every checkout counts as idle
+    try:
+        _kill_pooled_backend(db, postgres_admin_url)
+        with db.session() as s:  # the ping fails, the pool reconnects: the caller sees nothing
+            assert s.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_dead_connection_used_within_the_window_fails_one_transaction_then_the_pool_recovers(
+    postgres_url: str, postgres_admin_url: str
+) -> None:
+    """The price of skipping the ping for a connection just used: if the server went away in between,
+    that connection's next transaction fails (as a disconnect); the pool is invalidated and the next
+    transaction reconnects."""
+    db = Database(postgres_url, ping_after_idle_s=3600.0)
+    try:
+        _kill_pooled_backend(db, postgres_admin_url)
+        with pytest.raises(DBAPIError) as failed, db.session() as s:
+            s.execute(text("SELECT 1"))
+        assert failed.value.connection_invalidated
+        with db.session() as s:
+            assert s.execute(text("SELECT 1")).scalar_one() == 1
     finally:
         db.dispose()

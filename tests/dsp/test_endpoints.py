@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 
+from healthspace.client import ConnectorClient
 from healthspace.connector.dsp.dataplane import verify_access_token
 from healthspace.core.apikeys import Role
 from healthspace.core.settings import Settings
@@ -19,6 +22,7 @@ from healthspace.protocol.messages import (
     ContractNegotiation,
     ContractNegotiationError,
     ContractNegotiationEventMessage,
+    ContractNegotiationTerminationMessage,
     ContractRequestMessage,
     Offer,
     TransferError,
@@ -354,3 +358,100 @@ def test_openapi_describes_the_dsp_and_management_endpoints(space: Space) -> Non
         "/management/transfers/{pid}/{action}",
     }
     assert expected <= set(paths)
+
+
+# --- replay: a DSP request token is spent by the transaction of its message, or on its own if that fails
+
+
+def _send_with(node: Any, token: str, path: str, message: Any = None, raw: bytes = b"") -> Any:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    content = to_json(message) if message is not None else raw
+    return httpx.post(f"{node.url}{path}", content=content, headers=headers, timeout=10.0)
+
+
+def _denials(node: Any) -> list[dict[str, object]]:
+    with ConnectorClient(node.url, node.keys[Role.REGULATOR]) as c:
+        head = c.tree_head()
+        entries = [item["entry"] for item in c.audit_entries(0, head["tree_size"])]
+    return [e for e in entries if e["action"] == "peer.authenticate" and e["outcome"] == "denied"]
+
+
+def _requested(space: Space, staff: Staff, tck: TckPeer) -> ContractNegotiation:
+    """A negotiation waiting in REQUESTED for a steward (manual approval), opened by the stand-in peer."""
+    dataset_id = _publish(staff, "manual")
+    sent = tck.send(space.connectors[GZ], "POST", "/negotiations/request", _initial_request(tck, dataset_id))
+    assert sent.status_code == 201, sent.text
+    return parse_as(sent.content, ContractNegotiation)
+
+
+def _termination(ack: ContractNegotiation) -> ContractNegotiationTerminationMessage:
+    return ContractNegotiationTerminationMessage(
+        provider_pid=ack.provider_pid, consumer_pid=ack.consumer_pid, code="changed-mind"
+    )
+
+
+def test_a_replayed_dsp_message_is_refused_audited_and_changes_nothing(
+    space: Space, staff: Staff, fresh_tck: TckPeer
+) -> None:
+    gz = space.connectors[GZ]
+    dataset_id = _publish(staff, "manual")
+    token = fresh_tck.token_for(GZ)
+    first = _send_with(gz, token, "/negotiations/request", _initial_request(fresh_tck, dataset_id))
+    ack = parse_as(first.content, ContractNegotiation)
+    again = _send_with(gz, token, f"/negotiations/{ack.provider_pid}/termination", _termination(ack))
+    assert (first.status_code, again.status_code, again.json()["reason"]) == (201, 401, "replayed")
+    assert _denials(gz)[-1]["reason"] == "replayed"
+    assert _wait(staff, GZ, "negotiations", ack.provider_pid)["state"] == "REQUESTED"
+
+
+def test_a_token_whose_message_the_state_refused_cannot_be_used_again(
+    space: Space, staff: Staff, fresh_tck: TckPeer
+) -> None:
+    """The refusal happens inside the handler's transaction, after the token's use was written there:
+    the transaction rolls back, and the use must still be kept."""
+    gz = space.connectors[GZ]
+    ack = _requested(space, staff, fresh_tck)
+    token = fresh_tck.token_for(GZ)
+    forbidden = ContractNegotiationEventMessage(
+        provider_pid=ack.provider_pid, consumer_pid=ack.consumer_pid, event_type="ACCEPTED"
+    )
+    refused = _send_with(gz, token, f"/negotiations/{ack.provider_pid}/events", forbidden)
+    assert parse_as(refused.content, ContractNegotiationError).code == "dsp-message-not-allowed"
+    again = _send_with(gz, token, f"/negotiations/{ack.provider_pid}/termination", _termination(ack))
+    assert (again.status_code, again.json()["reason"]) == (401, "replayed")
+    assert _wait(staff, GZ, "negotiations", ack.provider_pid)["state"] == "REQUESTED"
+
+
+def test_a_token_whose_message_was_invalid_cannot_be_used_again(
+    space: Space, staff: Staff, fresh_tck: TckPeer
+) -> None:
+    """Refused before any transaction (the body is not a message): the token is spent all the same."""
+    gz = space.connectors[GZ]
+    ack = _requested(space, staff, fresh_tck)
+    token = fresh_tck.token_for(GZ)
+    path = f"/negotiations/{ack.provider_pid}/termination"
+    assert _send_with(gz, token, path, raw=b"{not json").status_code == 400
+    again = _send_with(gz, token, path, _termination(ack))
+    assert (again.status_code, again.json()["reason"]) == (401, "replayed")
+    assert _wait(staff, GZ, "negotiations", ack.provider_pid)["state"] == "REQUESTED"
+
+
+def test_concurrent_presentations_of_one_token_let_exactly_one_message_through(
+    space: Space, staff: Staff, fresh_tck: TckPeer
+) -> None:
+    gz = space.connectors[GZ]
+    dataset_id = _publish(staff, "manual")
+    token = fresh_tck.token_for(GZ)
+    messages = [_initial_request(fresh_tck, dataset_id) for _ in range(6)]
+    barrier = threading.Barrier(len(messages), timeout=10)
+
+    def send(message: ContractRequestMessage) -> int:
+        barrier.wait()
+        return int(_send_with(gz, token, "/negotiations/request", message).status_code)
+
+    with ThreadPoolExecutor(len(messages)) as pool:
+        codes = sorted(pool.map(send, messages))
+    assert codes == [201] + [401] * (len(messages) - 1)
+    listed = staff(GZ, Role.ADMIN).get("/management/negotiations", params={"limit": 1000}).json()
+    mine = {m.consumer_pid for m in messages}
+    assert len([n for n in listed if n["consumer_pid"] in mine]) == 1

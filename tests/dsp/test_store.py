@@ -179,6 +179,43 @@ def test_claim_next_leases_the_oldest_due_message_of_one_process_once(store: Dsp
     assert store.claim_next("urn:n:3", T0, lease) is None
 
 
+def test_a_message_queued_leased_waits_its_turn_behind_an_earlier_pending_one(store: DspStore) -> None:
+    until = T0 + timedelta(seconds=30)
+
+    def leased(process_id: str, i: int) -> tuple[int, bool]:
+        with store.db.session() as s:
+            out = store.enqueue(
+                s,
+                process_id=process_id,
+                kind="negotiation",
+                peer_id="hk-university",
+                url=f"http://127.0.0.1:1/{i}",
+                message_type="X",
+                body=b"{}",
+                now=T0,
+                lease_until=until,
+            )
+        with store.db.session() as s:
+            row = s.get(OutboxRow, out.seq)
+            assert row is not None
+            assert (row.attempts, row.lease_until) == ((1, until) if out.attempts else (0, None))
+        return out.attempts, row.lease_until is not None
+
+    # Nothing of the process waits: leased at once. Its own lease keeps it pending, so the next
+    # message of the same process is queued unleased; another process's is leased.
+    assert leased("urn:n:1", 0) == (1, True)
+    assert leased("urn:n:1", 1) == (0, False)
+    assert leased("urn:n:2", 0) == (1, True)
+    first = store.claim_next("urn:n:1", T0 + timedelta(seconds=31), timedelta(seconds=30))
+    assert first is not None
+    assert first.url == "http://127.0.0.1:1/0"  # after the lease ran out, the oldest goes first
+    store.settle_outbox(first.seq, sent=True, error=None, retry_at=None)
+    assert leased("urn:n:1", 2) == (0, False)  # /1 is still pending
+    second = store.claim_next("urn:n:1", T0, timedelta(seconds=30))
+    assert second is not None
+    assert second.url == "http://127.0.0.1:1/1"
+
+
 def test_claim_next_does_not_take_a_message_settled_while_it_waited(store: DspStore) -> None:
     """A worker that finds the oldest message locked by the worker settling it must not send it again."""
     _enqueue(store, "urn:n:1", 1)

@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import func, select
 
 from healthspace.core.db import Database
-from healthspace.identity.errors import Reason
+from healthspace.identity.errors import Reason, TokenRejectedError
 from healthspace.identity.replay import MemoryReplayGuard, ReplayGuard, SqlReplayGuard
 from healthspace.identity.tables import SeenTokenRow
-from healthspace.identity.tokens import mint_request_token
+from healthspace.identity.tokens import TokenUse, mint_request_token
 
 from .kit import HOSPITAL_ID, START, UNIVERSITY_ID, Space
 
@@ -134,3 +134,110 @@ def test_prune_reports_how_many_entries_it_deleted(db: Database) -> None:
     for i in range(3):
         guard.first_use(HOSPITAL_ID, f"t{i}", NOW + timedelta(seconds=10 * (i + 1)), NOW)
     assert guard.prune(NOW + timedelta(seconds=25)) == 2
+
+
+# --- the replay check left to the caller's transaction (`RequestVerifier.verify_deferring_replay`) ----
+
+
+def _header(space: Space) -> str:
+    return "Bearer " + mint_request_token(
+        space.hospital, space.credentials[HOSPITAL_ID], HOSPITAL_ID, UNIVERSITY_ID, space.clock.now()
+    )
+
+
+def _record_then_fail(db: Database, use: TokenUse) -> None:
+    """A handler's transaction that records the token's use, then fails (and rolls back)."""
+    with db.writing_core() as conn:
+        use.record_in(conn)
+        raise RuntimeError("the handler failed")
+
+
+def _seen(db: Database) -> int:
+    with db.session() as s:
+        return int(s.scalar(select(func.count()).select_from(SeenTokenRow)) or 0)
+
+
+def test_a_use_recorded_in_a_committed_transaction_is_spent(space: Space, db: Database) -> None:
+    verifier = space.verifier(replay=SqlReplayGuard(db))
+    header = _header(space)
+    caller, use = verifier.verify_deferring_replay(header, db)
+    assert use is not None
+    assert caller.participant_id == HOSPITAL_ID
+    with db.writing_core() as conn:
+        use.record_in(conn)
+    use.committed()
+    use.settle()  # nothing left to record
+    assert _seen(db) == 1
+    with pytest.raises(TokenRejectedError) as replay:
+        verifier.verify(header)
+    assert replay.value.extra["reason"] == Reason.REPLAYED.value
+
+
+def test_a_use_recorded_in_a_transaction_that_rolled_back_is_kept_by_settle(
+    space: Space, db: Database
+) -> None:
+    verifier = space.verifier(replay=SqlReplayGuard(db))
+    header = _header(space)
+    _, use = verifier.verify_deferring_replay(header, db)
+    assert use is not None
+    with pytest.raises(RuntimeError):
+        _record_then_fail(db, use)
+    assert _seen(db) == 0  # rolled back with the handler's work ...
+    use.settle()
+    assert _seen(db) == 1  # ... and recorded on its own
+    with pytest.raises(TokenRejectedError):
+        verifier.verify(header)
+
+
+def test_a_use_never_recorded_in_a_transaction_is_recorded_by_settle(space: Space, db: Database) -> None:
+    verifier = space.verifier(replay=SqlReplayGuard(db))
+    header = _header(space)
+    _, use = verifier.verify_deferring_replay(header, db)
+    assert use is not None
+    use.settle()  # e.g. the message was refused before any transaction
+    with pytest.raises(TokenRejectedError):
+        verifier.verify(header)
+
+
+def test_a_deferred_token_already_used_is_refused_in_the_transaction(space: Space, db: Database) -> None:
+    verifier = space.verifier(replay=SqlReplayGuard(db))
+    header = _header(space)
+    verifier.verify(header)
+    _, use = verifier.verify_deferring_replay(header, db)  # the check is the transaction's
+    assert use is not None
+    with pytest.raises(TokenRejectedError) as replay, db.writing_core() as conn:
+        use.record_in(conn)
+    assert replay.value.extra["reason"] == Reason.REPLAYED.value
+    use.settle()  # a refused token owes nothing more
+    assert _seen(db) == 1
+
+
+def test_settle_refuses_a_token_a_concurrent_presentation_used_meanwhile(space: Space, db: Database) -> None:
+    verifier = space.verifier(replay=SqlReplayGuard(db))
+    header = _header(space)
+    _, use = verifier.verify_deferring_replay(header, db)
+    assert use is not None
+    with pytest.raises(RuntimeError):
+        _record_then_fail(db, use)
+    verifier.verify(header)  # the twin got in after the rollback
+    with pytest.raises(TokenRejectedError) as replay:
+        use.settle()
+    assert replay.value.extra["reason"] == Reason.REPLAYED.value
+
+
+@pytest.mark.parametrize("where", ["memory", "another database"])
+def test_without_a_sql_guard_on_that_database_the_check_is_made_at_once(
+    space: Space, db: Database, sqlite_url: str, where: str
+) -> None:
+    other = Database(sqlite_url, branches=["identity"]) if where == "another database" else None
+    try:
+        guard = MemoryReplayGuard() if other is None else SqlReplayGuard(other)
+        verifier = space.verifier(replay=guard)
+        header = _header(space)
+        caller, use = verifier.verify_deferring_replay(header, db)
+        assert (caller.participant_id, use) == (HOSPITAL_ID, None)
+        with pytest.raises(TokenRejectedError):
+            verifier.verify_deferring_replay(header, db)
+    finally:
+        if other is not None:
+            other.dispose()

@@ -35,6 +35,7 @@ from healthspace.core.errors import (
     ConflictError,
     HealthspaceError,
 )
+from healthspace.identity.tokens import TokenUse
 from healthspace.policy.compiler import CompiledPolicy, compile_policy
 from healthspace.policy.gate import UseDecision, decide_use, scenarios_of
 from healthspace.policy.models import Decision, Facts, Phase
@@ -287,13 +288,13 @@ class GatedDspService(DspService):
             pending.append(entry)
 
     @contextmanager
-    def _tx(self) -> Iterator[Any]:
+    def _tx(self, token: TokenUse | None = None) -> Iterator[Any]:
         # Decisions are audited after the commit: the audit log shares the SQLite file whose single
         # writer lock the DSP transaction holds.
         entries: list[_Noted] = []
         self._noted.entries = entries
         try:
-            with super()._tx() as tx:
+            with super()._tx(token) as tx:
                 yield tx
         finally:
             self._noted.entries = None

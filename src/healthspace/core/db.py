@@ -8,6 +8,7 @@ tables and a new context never edits another's history.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
@@ -19,9 +20,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, DateTime, Dialect, Engine, MetaData, TypeDecorator, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-__all__ = ["Base", "Database", "UtcDateTime", "migrate"]
+__all__ = ["PING_AFTER_IDLE_S", "Base", "Database", "UtcDateTime", "migrate", "needs_ping"]
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -75,7 +77,45 @@ def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
     cur.close()
 
 
-def create(url: str) -> Engine:
+PING_AFTER_IDLE_S = 0.5
+"""A pooled PostgreSQL connection idle longer than this is pinged before use (see `_ping_when_idle`)."""
+
+
+def needs_ping(last_used: float | None, now: float, idle_s: float) -> bool:
+    """Whether a pooled connection last used at `last_used` (monotonic seconds; None: unknown) must be
+    pinged before it is handed out at `now`."""
+    return last_used is None or now - last_used >= idle_s
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Disconnect safety at checkout, paid only by connections that have been idle.
+
+    A pool pre-ping is one round trip per checkout, and a DSP negotiation checks out some twenty
+    connections; one that went back to the pool a moment ago is as likely to be alive as one just
+    pinged (connection pools such as HikariCP skip validation within 500 ms of use for the same
+    reason). So a connection idle for `idle_s` or more is pinged, and on failure the pool is
+    invalidated and a fresh connection taken, as with `pool_pre_ping`. A server that goes away within
+    `idle_s` of a connection's last use fails that connection's next transaction (its error is a
+    disconnect: SQLAlchemy then invalidates the pool, and the transactions after it reconnect).
+    """
+
+    def used(_dbapi: Any, record: Any, *_: Any) -> None:
+        record.info["hs_used_at"] = time.monotonic()
+
+    def checkout(dbapi: Any, record: Any, _proxy: Any) -> None:
+        if not needs_ping(record.info.get("hs_used_at"), time.monotonic(), idle_s):
+            return
+        try:
+            engine.dialect.do_ping(dbapi)
+        except Exception as exc:  # whatever the driver raises: this connection cannot be trusted
+            raise InvalidatePoolError(f"ping failed: {type(exc).__name__}") from exc
+
+    event.listen(engine, "connect", used)
+    event.listen(engine, "checkin", used)
+    event.listen(engine, "checkout", checkout)
+
+
+def create(url: str, ping_after_idle_s: float = PING_AFTER_IDLE_S) -> Engine:
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
@@ -85,7 +125,9 @@ def create(url: str) -> Engine:
         return engine
     if u.get_backend_name() == "postgresql" and u.get_driver_name() in ("", "psycopg2"):
         url = u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20)
+    _ping_when_idle(engine, ping_after_idle_s)
+    return engine
 
 
 _migrate_lock = threading.Lock()
@@ -109,9 +151,11 @@ def migrate(engine: Engine, branches: Iterable[str]) -> None:
 class Database:
     """An engine plus a session factory. `session()` is one transaction: commit on success, else rollback."""
 
-    def __init__(self, url: str, branches: Iterable[str] = ()) -> None:
+    def __init__(
+        self, url: str, branches: Iterable[str] = (), *, ping_after_idle_s: float = PING_AFTER_IDLE_S
+    ) -> None:
         self.url = url
-        self.engine = create(url)
+        self.engine = create(url, ping_after_idle_s)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer per file and makes the others retry with sleeps of 1, 2, 5, 10 ... ms.
         # Writers of this process that share the file (DSP state, audit log, replay guard) queue on

@@ -22,11 +22,12 @@ import httpx
 from fastapi import Request
 
 from healthspace.core.clock import Clock, SystemClock
+from healthspace.core.db import Database
 from healthspace.core.errors import HealthspaceError
 from healthspace.identity.keys import SigningKey
-from healthspace.identity.tokens import DEFAULT_TTL, Caller, RequestVerifier, mint_request_token
+from healthspace.identity.tokens import DEFAULT_TTL, Caller, RequestVerifier, TokenUse, mint_request_token
 
-__all__ = ["FailureCallback", "PeerAuth", "peer_dependency"]
+__all__ = ["FailureCallback", "PeerAuth", "PeerDependency", "peer_dependency"]
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,57 @@ FailureCallback = Callable[[Request, HealthspaceError], None]
 """Called with the request and the refusal (`error.extra["reason"]` says why) before it is answered."""
 
 
+class PeerDependency:
+    """Authenticates the peer behind a request (see `peer_dependency`). Calling it is the FastAPI
+    dependency; `deferring_replay` serves handlers that record the token's use in their own
+    transaction."""
+
+    def __init__(
+        self,
+        verifier: RequestVerifier | Callable[[Request], RequestVerifier],
+        on_failure: FailureCallback | None = None,
+    ) -> None:
+        self._verifier = verifier
+        self._on_failure = on_failure
+
+    def _find(self, request: Request) -> RequestVerifier:
+        v = self._verifier
+        return v if isinstance(v, RequestVerifier) else v(request)
+
+    # A plain `def`: FastAPI runs it in its thread pool, where the blocking replay check belongs.
+    def __call__(self, request: Request) -> Caller:
+        try:
+            return self._find(request).verify(request.headers.get("authorization"))
+        except HealthspaceError as error:
+            self.refused(request, error)
+            raise
+
+    def deferring_replay(self, request: Request, db: Database) -> tuple[Caller, TokenUse | None]:
+        """Authenticate, leaving the replay check to the caller's transaction on `db` when the
+        verifier's replay guard keeps its memory there (`RequestVerifier.verify_deferring_replay`).
+        A `TokenUse` returned MUST be recorded as it says; a refusal it raises goes to `refused`."""
+        try:
+            return self._find(request).verify_deferring_replay(request.headers.get("authorization"), db)
+        except HealthspaceError as error:
+            self.refused(request, error)
+            raise
+
+    def refused(self, request: Request, error: HealthspaceError) -> None:
+        """Report a refusal to `on_failure`. If it raises, the failure is logged and the request is
+        still refused with the original error: a broken audit sink must not turn a denial into
+        something else."""
+        if self._on_failure is None:
+            return
+        try:
+            self._on_failure(request, error)
+        except Exception:
+            log.exception("on_failure callback failed while refusing a peer")
+
+
 def peer_dependency(
     verifier: RequestVerifier | Callable[[Request], RequestVerifier],
     on_failure: FailureCallback | None = None,
-) -> Callable[[Request], Caller]:
+) -> PeerDependency:
     """A FastAPI dependency returning the authenticated `Caller`, or answering 401/403 problem JSON.
 
     `verifier` is the verifier itself or a function finding it from the request (e.g. in `app.state`).
@@ -45,23 +93,7 @@ def peer_dependency(
     logged and the request is still refused with the original error: a broken audit sink must not
     turn a denial into something else.
     """
-
-    def find(request: Request) -> RequestVerifier:
-        return verifier if isinstance(verifier, RequestVerifier) else verifier(request)
-
-    # A plain `def`: FastAPI runs it in its thread pool, where the blocking replay check belongs.
-    def authenticate_peer(request: Request) -> Caller:
-        try:
-            return find(request).verify(request.headers.get("authorization"))
-        except HealthspaceError as error:
-            if on_failure is not None:
-                try:
-                    on_failure(request, error)
-                except Exception:
-                    log.exception("on_failure callback failed while refusing a peer")
-            raise
-
-    return authenticate_peer
+    return PeerDependency(verifier, on_failure)
 
 
 class PeerAuth(httpx.Auth):

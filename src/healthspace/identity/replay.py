@@ -10,7 +10,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import CursorResult, Table, delete
+from sqlalchemy import Connection, CursorResult, Table, delete
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -79,22 +79,38 @@ class SqlReplayGuard:
             insert = sqlite.insert if db.dialect == "sqlite" else postgresql.insert
             self._insert_new = insert(_SEEN).on_conflict_do_nothing().returning(_SEEN.c.token_id)
 
+    @property
+    def database(self) -> Database:
+        """The database whose `identity_seen_tokens` table holds the memory."""
+        return self._db
+
     def first_use(self, issuer: str, token_id: str, expires_at: datetime, now: datetime) -> bool:
-        self._maybe_prune(now)
-        # SQLite keeps no zone, so every time is stored in UTC to keep comparisons meaningful.
-        values = {"issuer": issuer, "token_id": token_id, "expires_at": expires_at.astimezone(UTC)}
+        self.prune_if_due(now)
         # A plain connection and a statement built once: this insert runs for every peer request,
         # and an ORM session costs several times the statement.
         with self._db.writing_core() as conn:
-            if self._insert_new is not None:
-                # A row comes back only if this statement inserted it (rowcount is not reliable here).
-                return conn.execute(self._insert_new, values).first() is not None
-            try:
-                with conn.begin_nested():
-                    conn.execute(_SEEN.insert().values(**values))
-            except IntegrityError:
-                return False
-            return True
+            return self.first_use_in(conn, issuer, token_id, expires_at, now)
+
+    def first_use_in(
+        self, conn: Connection, issuer: str, token_id: str, expires_at: datetime, now: datetime
+    ) -> bool:
+        """`first_use` inside the caller's transaction on `conn` (a connection to `database`): the use
+        is recorded if and when that transaction commits. Until then a concurrent presentation of the
+        pair waits for it on PostgreSQL (the key's lock) and on SQLite (the single writer), and is
+        refused if it commits. A caller whose transaction rolls back must record the use again
+        (`first_use`) if the token is to stay spent. It does not prune (that takes a transaction of its
+        own): call `prune_if_due` before opening the transaction."""
+        # SQLite keeps no zone, so every time is stored in UTC to keep comparisons meaningful.
+        values = {"issuer": issuer, "token_id": token_id, "expires_at": expires_at.astimezone(UTC)}
+        if self._insert_new is not None:
+            # A row comes back only if this statement inserted it (rowcount is not reliable here).
+            return conn.execute(self._insert_new, values).first() is not None
+        try:
+            with conn.begin_nested():
+                conn.execute(_SEEN.insert().values(**values))
+        except IntegrityError:
+            return False
+        return True
 
     def prune(self, now: datetime) -> int:
         """Delete entries that expired before `now`; returns how many."""
@@ -105,7 +121,8 @@ class SqlReplayGuard:
             )
             return result.rowcount
 
-    def _maybe_prune(self, now: datetime) -> None:
+    def prune_if_due(self, now: datetime) -> None:
+        """`prune` if `prune_interval` has passed since the last time (in its own transaction)."""
         if self._next_prune is not None and now < self._next_prune:
             return
         # One pruning request at a time; the others go straight on with their own check.

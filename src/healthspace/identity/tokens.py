@@ -22,9 +22,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Connection
 
 from healthspace.core.clock import Clock, SystemClock
-from healthspace.core.errors import ConfigurationError, ValidationError
+from healthspace.core.db import Database
+from healthspace.core.errors import ConfigurationError, HealthspaceError, ValidationError
 from healthspace.identity import _jws
 from healthspace.identity.credentials import (
     MembershipCredential,
@@ -35,10 +37,10 @@ from healthspace.identity.credentials import (
 )
 from healthspace.identity.errors import MembershipDeniedError, Reason, TokenRejectedError, reject
 from healthspace.identity.keys import SigningKey, public_key_from_b64
-from healthspace.identity.replay import ReplayGuard
+from healthspace.identity.replay import ReplayGuard, SqlReplayGuard
 from healthspace.identity.revocation import RevocationChecker
 
-__all__ = ["REQUEST_TYP", "Caller", "RequestVerifier", "mint_request_token"]
+__all__ = ["REQUEST_TYP", "Caller", "RequestVerifier", "TokenUse", "mint_request_token"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,57 @@ class Caller:
 
     def has_role(self, role: ParticipantRole) -> bool:
         return role in self.roles
+
+
+class TokenUse:
+    """A request token checked in every respect but replay, whose one use the receiver records in the
+    transaction of the work the token authorises (`RequestVerifier.verify_deferring_replay`).
+
+    Protocol, all steps required: `record_in(conn)` first in that transaction (raises 401 `replayed`
+    if the token was used before), `committed()` once the transaction has committed, and `settle()`
+    when the request is done, whatever happened. `settle` records a use that no committed
+    transaction holds (the handler failed, or refused the request before its transaction) on its
+    own, so a failed request keeps its token spent; if the token turns out to be used by then (a
+    concurrent presentation), it raises `replayed`. One request, one thread: not thread-safe.
+    """
+
+    __slots__ = ("_in_tx", "_refused", "_spent", "guard", "issuer", "now", "remember_until", "token_id")
+
+    def __init__(
+        self, guard: SqlReplayGuard, issuer: str, token_id: str, remember_until: datetime, now: datetime
+    ) -> None:
+        self.guard = guard
+        self.issuer = issuer
+        self.token_id = token_id
+        self.remember_until = remember_until
+        self.now = now
+        self._in_tx = False  # recorded in a transaction not yet known to have committed
+        self._spent = False  # recorded for good
+        self._refused = False
+
+    def record_in(self, conn: Connection) -> None:
+        """Record the use in the caller's transaction on `conn`; raises `TokenRejectedError` (replayed)."""
+        if not self.guard.first_use_in(conn, self.issuer, self.token_id, self.remember_until, self.now):
+            self._refused = True
+            raise self._replayed()
+        self._in_tx = True
+
+    def committed(self) -> None:
+        """The transaction `record_in` wrote to has committed: the use is recorded for good."""
+        self._spent = self._spent or self._in_tx
+
+    def settle(self) -> None:
+        """At the end of the request: make sure the use is recorded (see the class docstring)."""
+        if self._spent or self._refused:
+            return
+        self._in_tx = False
+        if not self.guard.first_use(self.issuer, self.token_id, self.remember_until, self.now):
+            self._refused = True
+            raise self._replayed()
+        self._spent = True
+
+    def _replayed(self) -> HealthspaceError:
+        return reject(Reason.REPLAYED, "request token was already used", participant_id=self.issuer)
 
 
 def mint_request_token(
@@ -146,6 +199,29 @@ class RequestVerifier:
 
     def verify(self, authorization_header: str | None) -> Caller:
         """The authenticated caller of a request with this `Authorization` header value, or raise."""
+        caller, use = self._authenticate(authorization_header)
+        if not self._replay.first_use(use.issuer, use.token_id, use.remember_until, use.now):
+            raise reject(Reason.REPLAYED, "request token was already used", participant_id=use.issuer)
+        return caller
+
+    def verify_deferring_replay(
+        self, authorization_header: str | None, db: Database
+    ) -> tuple[Caller, TokenUse | None]:
+        """`verify`, except that when this verifier remembers tokens in `db` (a `SqlReplayGuard` on that
+        database) the replay check is left to the caller's transaction there: the returned `TokenUse`
+        must be recorded as its docstring says. That saves a transaction per request. With any other
+        guard the check is made here, as in `verify`, and no `TokenUse` is returned."""
+        caller, use = self._authenticate(authorization_header)
+        guard = self._replay
+        if isinstance(guard, SqlReplayGuard) and guard.database is db:
+            guard.prune_if_due(use.now)
+            return caller, TokenUse(guard, use.issuer, use.token_id, use.remember_until, use.now)
+        if not guard.first_use(use.issuer, use.token_id, use.remember_until, use.now):
+            raise reject(Reason.REPLAYED, "request token was already used", participant_id=use.issuer)
+        return caller, None
+
+    def _authenticate(self, authorization_header: str | None) -> tuple[Caller, _Use]:
+        """Every check but replay (steps 1 to 7)."""
         token = _bearer(authorization_header)
         now = self._clock.now()
         parsed = _jws.parse_unverified(token, REQUEST_TYP, Reason.TOKEN_MALFORMED)
@@ -175,8 +251,7 @@ class RequestVerifier:
 
         self._check_revocation(credential, who)
         expires_at = datetime.fromtimestamp(exp, UTC)
-        if not self._replay.first_use(credential.participant_id, token_id, expires_at + self._leeway, now):
-            raise reject(Reason.REPLAYED, "request token was already used", **who)
+        use = _Use(credential.participant_id, token_id, expires_at + self._leeway, now)
         return Caller(
             participant_id=credential.participant_id,
             legal_name=credential.legal_name,
@@ -186,7 +261,7 @@ class RequestVerifier:
             credential_id=credential.credential_id,
             token_id=token_id,
             token_expires_at=expires_at,
-        )
+        ), use
 
     def _credential(self, credential_token: str) -> tuple[MembershipCredential, Ed25519PublicKey]:
         with self._cache_lock:
@@ -212,6 +287,16 @@ class RequestVerifier:
             raise reject(Reason.REVOCATION_UNKNOWN, "revocation status unknown", **who) from None
         if revoked:
             raise reject(Reason.REVOKED, "membership credential is revoked", **who)
+
+
+@dataclass(frozen=True, slots=True)
+class _Use:
+    """What the replay check needs: the pair to remember, until when, and the time of the check."""
+
+    issuer: str
+    token_id: str
+    remember_until: datetime
+    now: datetime
 
 
 def _bearer(header: str | None) -> str:

@@ -7,7 +7,7 @@ back. Errors on DSP routes answer a DSP error body (`CatalogError`, `ContractNeg
 
 # No `from __future__ import annotations`: FastAPI must see the local Annotated aliases of the factory.
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 import httpx
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import AnyHttpUrl, BaseModel, Field
 
 from healthspace.connector.dsp.manager import DspManager
@@ -30,7 +31,9 @@ from healthspace.connector.dsp.service import (
 from healthspace.core.apikeys import Role as StaffRole
 from healthspace.core.apikeys import StoredKey
 from healthspace.core.errors import HealthspaceError, NotFoundError, ValidationError
-from healthspace.identity.tokens import Caller
+from healthspace.identity.errors import TokenRejectedError
+from healthspace.identity.fastapi import PeerDependency
+from healthspace.identity.tokens import Caller, TokenUse
 from healthspace.protocol.messages import (
     Auth,
     CatalogError,
@@ -94,6 +97,8 @@ def _pids_of(body: bytes) -> tuple[str | None, str | None]:
 
 
 def _error(kind: str, exc: HealthspaceError, pid: str | None = None, body: bytes = b"") -> Response:
+    if isinstance(exc, TokenRejectedError):
+        raise exc  # a replay found in the handler's transaction: 401 problem JSON, as any refused token
     reason = [exc.detail, *[f"{p['pointer'] or '/'}: {p['message']}" for p in exc.extra.get("problems", [])]]
     code = exc.code
     if kind == "catalog":
@@ -108,13 +113,38 @@ def _error(kind: str, exc: HealthspaceError, pid: str | None = None, body: bytes
 
 def make_dsp_routers(
     components: Callable[[Request], DspComponents],
-    peer: Callable[..., Caller],
+    peer: PeerDependency,
     staff: Callable[..., Callable[[Request], StoredKey]],
 ) -> list[APIRouter]:
-    """The DSP routers: version (public), DSP endpoints (`peer` = authenticated caller dependency) and
-    management (`staff(*roles)` = API-key dependency for those roles)."""
+    """The DSP routers: version (public), DSP endpoints (`peer` authenticates the caller:
+    `identity.fastapi.peer_dependency(...)`) and management (`staff(*roles)` = API-key dependency
+    for those roles)."""
 
-    Peer = Annotated[Caller, Depends(peer)]  # noqa: N806
+    # Authentication and handler run in one thread-pool hop: both block (the replay check and the
+    # handler use the database); as a sync dependency and a sync endpoint they took two hand-offs
+    # between the event loop and a worker thread per request.
+    async def as_peer(request: Request, handle: Callable[[Caller], Response]) -> Response:
+        return await run_in_threadpool(lambda: handle(peer(request)))
+
+    async def as_peer_writing(
+        request: Request, svc: DspService, handle: Callable[[Caller, TokenUse | None], Response]
+    ) -> Response:
+        """For handlers that write: the token's use is recorded in the handler's transaction (one
+        transaction per request fewer) and settled when the handler is done, whatever happened."""
+
+        def run() -> Response:
+            caller, token = peer.deferring_replay(request, svc.db)
+            try:
+                try:
+                    return handle(caller, token)
+                finally:
+                    if token is not None:
+                        token.settle()
+            except TokenRejectedError as exc:
+                peer.refused(request, exc)
+                raise
+
+        return await run_in_threadpool(run)
 
     # Cheap look-ups run on the event loop (async): a sync dependency costs a thread-pool hop each.
     async def _components(request: Request) -> DspComponents:
@@ -147,73 +177,92 @@ def make_dsp_routers(
     # --- catalog -----------------------------------------------------------------------------------
 
     @dsp.post("/catalog/request")
-    def catalog_request(
+    async def catalog_request(
         request: Request,
         svc: Svc,
-        caller: Peer,
         body: Raw,
         offset: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> Response:
-        try:
-            msg = parse_as(body, CatalogRequestMessage)
-            page, total = svc.catalog(caller.participant_id, msg, offset, limit)
-        except HealthspaceError as exc:
-            return _error("catalog", exc)
-        links = []
-        base = f"{svc.public_url}/catalog/request"
-        if offset + limit < total:
-            links.append(f'<{base}?{urlencode({"offset": offset + limit, "limit": limit})}>; rel="next"')
-        if offset > 0:
-            prev = max(0, offset - limit)
-            links.append(f'<{base}?{urlencode({"offset": prev, "limit": limit})}>; rel="previous"')
-        return _json(page, headers={"Link": ", ".join(links)} if links else None)
+        def handle(caller: Caller) -> Response:
+            try:
+                msg = parse_as(body, CatalogRequestMessage)
+                page, total = svc.catalog(caller.participant_id, msg, offset, limit)
+            except HealthspaceError as exc:
+                return _error("catalog", exc)
+            links = []
+            base = f"{svc.public_url}/catalog/request"
+            if offset + limit < total:
+                links.append(f'<{base}?{urlencode({"offset": offset + limit, "limit": limit})}>; rel="next"')
+            if offset > 0:
+                prev = max(0, offset - limit)
+                links.append(f'<{base}?{urlencode({"offset": prev, "limit": limit})}>; rel="previous"')
+            return _json(page, headers={"Link": ", ".join(links)} if links else None)
+
+        return await as_peer(request, handle)
 
     @dsp.get("/catalog/datasets/{dataset_id:path}")
-    def catalog_dataset(dataset_id: str, svc: Svc, caller: Peer) -> Response:
-        try:
-            return _json(svc.dataset(caller.participant_id, dataset_id))
-        except HealthspaceError as exc:
-            return _error("catalog", exc)
+    async def catalog_dataset(request: Request, dataset_id: str, svc: Svc) -> Response:
+        def handle(caller: Caller) -> Response:
+            try:
+                return _json(svc.dataset(caller.participant_id, dataset_id))
+            except HealthspaceError as exc:
+                return _error("catalog", exc)
+
+        return await as_peer(request, handle)
 
     # --- negotiations ------------------------------------------------------------------------------
 
     def _negotiation(
-        svc: DspService, caller: Caller, pid: str, body: bytes, model: type[DspMessage]
+        svc: DspService,
+        caller: Caller,
+        token: TokenUse | None,
+        pid: str,
+        body: bytes,
+        model: type[DspMessage],
     ) -> Response:
         try:
             msg = parse_as(body, model)
             if isinstance(msg, ContractRequestMessage):
-                ack, _ = svc.on_contract_request(caller.participant_id, msg, pid)
+                ack, _ = svc.on_contract_request(caller.participant_id, msg, pid, token=token)
             else:
-                ack = svc.on_negotiation_message(caller.participant_id, pid, msg)
+                ack = svc.on_negotiation_message(caller.participant_id, pid, msg, token=token)
             return _json(ack)
         except HealthspaceError as exc:
             return _error("negotiation", exc, pid, body)
 
     @dsp.post("/negotiations/request")
-    def negotiation_request(svc: Svc, caller: Peer, body: Raw) -> Response:
-        try:
-            msg = parse_as(body, ContractRequestMessage)
-            ack, created = svc.on_contract_request(caller.participant_id, msg, None)
-            return _json(ack, 201 if created else 200)
-        except HealthspaceError as exc:
-            return _error("negotiation", exc, None, body)
+    async def negotiation_request(request: Request, svc: Svc, body: Raw) -> Response:
+        def handle(caller: Caller, token: TokenUse | None) -> Response:
+            try:
+                msg = parse_as(body, ContractRequestMessage)
+                ack, created = svc.on_contract_request(caller.participant_id, msg, None, token=token)
+                return _json(ack, 201 if created else 200)
+            except HealthspaceError as exc:
+                return _error("negotiation", exc, None, body)
+
+        return await as_peer_writing(request, svc, handle)
 
     @dsp.post("/negotiations/offers")
-    def negotiation_initial_offer(svc: Svc, caller: Peer, body: Raw) -> Response:
-        try:
-            msg = parse_as(body, ContractOfferMessage)
-            return _json(svc.on_initial_offer(caller.participant_id, msg), 201)
-        except HealthspaceError as exc:
-            return _error("negotiation", exc, None, body)
+    async def negotiation_initial_offer(request: Request, svc: Svc, body: Raw) -> Response:
+        def handle(caller: Caller, token: TokenUse | None) -> Response:
+            try:
+                msg = parse_as(body, ContractOfferMessage)
+                return _json(svc.on_initial_offer(caller.participant_id, msg, token=token), 201)
+            except HealthspaceError as exc:
+                return _error("negotiation", exc, None, body)
+
+        return await as_peer_writing(request, svc, handle)
 
     @dsp.get("/negotiations/{pid}")
-    def negotiation_get(pid: str, svc: Svc, caller: Peer) -> Response:
-        try:
-            return _json(svc.get_negotiation(caller.participant_id, pid))
-        except HealthspaceError as exc:
-            return _error("negotiation", exc, pid)
+    async def negotiation_get(request: Request, pid: str, svc: Svc) -> Response:
+        def handle(caller: Caller) -> Response:
+            try:
+                return _json(svc.get_negotiation(caller.participant_id, pid))
+            except HealthspaceError as exc:
+                return _error("negotiation", exc, pid)
+
+        return await as_peer(request, handle)
 
     routes: dict[str, type[DspMessage]] = {
         "request": ContractRequestMessage,
@@ -224,9 +273,11 @@ def make_dsp_routers(
         "termination": ContractNegotiationTerminationMessage,
     }
 
-    def negotiation_route(model: type[DspMessage]) -> Callable[..., Response]:
-        def endpoint(pid: str, svc: Svc, caller: Peer, body: Raw) -> Response:
-            return _negotiation(svc, caller, pid, body, model)
+    def negotiation_route(model: type[DspMessage]) -> Callable[..., Awaitable[Response]]:
+        async def endpoint(request: Request, pid: str, svc: Svc, body: Raw) -> Response:
+            return await as_peer_writing(
+                request, svc, lambda caller, token: _negotiation(svc, caller, token, pid, body, model)
+            )
 
         return endpoint
 
@@ -241,20 +292,26 @@ def make_dsp_routers(
     # --- transfers ---------------------------------------------------------------------------------
 
     @dsp.post("/transfers/request")
-    def transfer_request(svc: Svc, caller: Peer, body: Raw) -> Response:
-        try:
-            msg = parse_as(body, TransferRequestMessage)
-            ack, created = svc.on_transfer_request(caller.participant_id, msg)
-            return _json(ack, 201 if created else 200)
-        except HealthspaceError as exc:
-            return _error("transfer", exc, None, body)
+    async def transfer_request(request: Request, svc: Svc, body: Raw) -> Response:
+        def handle(caller: Caller, token: TokenUse | None) -> Response:
+            try:
+                msg = parse_as(body, TransferRequestMessage)
+                ack, created = svc.on_transfer_request(caller.participant_id, msg, token=token)
+                return _json(ack, 201 if created else 200)
+            except HealthspaceError as exc:
+                return _error("transfer", exc, None, body)
+
+        return await as_peer_writing(request, svc, handle)
 
     @dsp.get("/transfers/{pid}")
-    def transfer_get(pid: str, svc: Svc, caller: Peer) -> Response:
-        try:
-            return _json(svc.get_transfer(caller.participant_id, pid))
-        except HealthspaceError as exc:
-            return _error("transfer", exc, pid)
+    async def transfer_get(request: Request, pid: str, svc: Svc) -> Response:
+        def handle(caller: Caller) -> Response:
+            try:
+                return _json(svc.get_transfer(caller.participant_id, pid))
+            except HealthspaceError as exc:
+                return _error("transfer", exc, pid)
+
+        return await as_peer(request, handle)
 
     transfer_routes: dict[str, type[DspMessage]] = {
         "start": TransferStartMessage,
@@ -263,13 +320,16 @@ def make_dsp_routers(
         "termination": TransferTerminationMessage,
     }
 
-    def transfer_route(model: type[DspMessage]) -> Callable[..., Response]:
-        def endpoint(pid: str, svc: Svc, caller: Peer, body: Raw) -> Response:
-            try:
-                msg = parse_as(body, model)
-                return _json(svc.on_transfer_message(caller.participant_id, pid, msg))
-            except HealthspaceError as exc:
-                return _error("transfer", exc, pid, body)
+    def transfer_route(model: type[DspMessage]) -> Callable[..., Awaitable[Response]]:
+        async def endpoint(request: Request, pid: str, svc: Svc, body: Raw) -> Response:
+            def handle(caller: Caller, token: TokenUse | None) -> Response:
+                try:
+                    msg = parse_as(body, model)
+                    return _json(svc.on_transfer_message(caller.participant_id, pid, msg, token=token))
+                except HealthspaceError as exc:
+                    return _error("transfer", exc, pid, body)
+
+            return await as_peer_writing(request, svc, handle)
 
         return endpoint
 

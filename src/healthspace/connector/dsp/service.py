@@ -44,6 +44,7 @@ from healthspace.core.errors import (
     ValidationError,
 )
 from healthspace.identity.keys import SigningKey
+from healthspace.identity.tokens import TokenUse
 from healthspace.protocol.messages import (
     Agreement,
     CatalogRequestMessage,
@@ -251,6 +252,7 @@ class _Tx:
     leased: list[Outgoing] = field(default_factory=list)
     work: list[Work] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)
+    states: dict[str, str] = field(default_factory=dict)  # of the rows created here, as created
     # Detached rows read in this transaction, with their values as last written.
     rows: list[tuple[_Process, dict[str, Any]]] = field(default_factory=list)
 
@@ -270,6 +272,7 @@ class _Tx:
     def created(self, row: _Process) -> None:
         """A process row this transaction inserted (`DspStore.create_*`)."""
         self.touched.add(row.id)
+        self.states[row.id] = row.state
         if row.pending:
             self.work.append(("step", _kind(row), row.id))
 
@@ -287,19 +290,6 @@ class _Tx:
                 self.touched.add(row.id)
                 if row.pending:
                     self.work.append(("step", _kind(row), row.id))
-
-    def mark(self) -> tuple[int, int, int, list[dict[str, Any]]]:
-        """Where the transaction stands, to go back to with `undo` when a savepoint is rolled back."""
-        return len(self.rows), len(self.work), len(self.leased), [snapshot(r) for r, _ in self.rows]
-
-    def undo(self, mark: tuple[int, int, int, list[dict[str, Any]]]) -> None:
-        """The savepoint taken at `mark` was rolled back: the rows read since are forgotten, and those
-        read before get back the values they had then (written or not, as then)."""
-        n_rows, n_work, n_leased, values = mark
-        del self.rows[n_rows:], self.work[n_work:], self.leased[n_leased:]
-        for (row, _), was in zip(self.rows, values, strict=True):
-            for k, v in was.items():
-                setattr(row, k, v)
 
 
 def _note_work(session: Session, _: Any) -> None:
@@ -363,6 +353,8 @@ class DspService:
         self._record_many = record_many
         self._changed = threading.Lock()
         self._versions: dict[str, int] = {}  # pid -> commits that touched it (what waiters watch)
+        # pid -> the state the last of those commits left it in (None: not known to the committer)
+        self._states: dict[str, str | None] = {}
         # One condition per process someone waits for, with its number of waiters: a commit wakes
         # only the waiters of what it touched (one shared condition woke every waiter on every
         # commit, which under concurrent negotiations is most of the wake-ups).
@@ -374,8 +366,14 @@ class DspService:
         self._wake = wake
 
     @contextmanager
-    def _tx(self) -> Iterator[_Tx]:
+    def _tx(self, token: TokenUse | None = None) -> Iterator[_Tx]:
+        """One DSP transaction. With `token` (a peer's request token whose replay check was left to
+        this transaction), its use is recorded first: a replay is refused before anything else, and
+        the request needs no transaction of its own for it. The caller settles the token afterwards
+        (`TokenUse.settle`), which records the use on its own if this transaction failed."""
         with self.store.writing() as s:
+            if token is not None:
+                token.record_in(s.connection())
             tx = _Tx(s, self.store)
             work = tx.work
             s.info["dsp_work"] = work
@@ -383,9 +381,11 @@ class DspService:
             tx.save()
             s.flush()
             touched = tx.touched | {pid for _, _, pid in work}
-            touched.update(
-                o.id for o in s.identity_map.values() if isinstance(o, NegotiationRow | TransferRow)
-            )
+            orm = [o for o in s.identity_map.values() if isinstance(o, NegotiationRow | TransferRow)]
+            touched.update(o.id for o in orm)
+            states = {**tx.states, **{r.id: r.state for r, _ in tx.rows}, **{o.id: o.state for o in orm}}
+        if token is not None:
+            token.committed()
         # The manager first: its work is what the peer is waiting for; audit and waiters come after.
         if work:
             self._wake(list(dict.fromkeys(work)))
@@ -394,13 +394,14 @@ class DspService:
         # else: the worker delivers first and records after (`run_pending`); a crash in between
         # loses the entries just as a crash between this commit and the audit append would.
         if touched:
-            self._touched(touched)
+            self._touched(touched, states)
 
-    def _touched(self, pids: set[str]) -> None:
-        """Tell waiters that a commit changed these processes."""
+    def _touched(self, pids: set[str], states: Mapping[str, str] | None = None) -> None:
+        """Tell waiters that a commit changed these processes (and, where known, the state it left)."""
         with self._changed:
             for pid in pids:
                 self._versions[pid] = self._versions.get(pid, 0) + 1
+                self._states[pid] = states.get(pid) if states else None
                 waiting = self._waiting.get(pid)
                 if waiting is not None:
                     waiting[0].notify_all()
@@ -502,12 +503,15 @@ class DspService:
     # --- negotiation: messages received --------------------------------------------------------------
 
     def on_contract_request(
-        self, caller: str, msg: ContractRequestMessage, pid: str | None
+        self, caller: str, msg: ContractRequestMessage, pid: str | None, *, token: TokenUse | None = None
     ) -> tuple[ContractNegotiation, bool]:
         """Initial request (`pid` None; answers the existing process if the consumerPid is known) or a
-        counter-request to our process `pid`. Returns the ACK and whether a process was created."""
+        counter-request to our process `pid`. Returns the ACK and whether a process was created.
+
+        `token` (every `on_*` handler): the caller's request token when its replay check is left to
+        this transaction (`RequestVerifier.verify_deferring_replay`); a replay raises 401."""
         now = self.clock.now()
-        with self._tx() as tx:
+        with self._tx(token) as tx:
             if pid is None:
                 if msg.provider_pid is not None or msg.callback_address is None:
                     raise DspRequestRefusedError(
@@ -552,10 +556,12 @@ class DspService:
             row.pending = "decide" if row.auto else None
             return _ack(row), False
 
-    def on_negotiation_message(self, caller: str, pid: str, msg: DspMessage) -> ContractNegotiation:
+    def on_negotiation_message(
+        self, caller: str, pid: str, msg: DspMessage, *, token: TokenUse | None = None
+    ) -> ContractNegotiation:
         """Any message to an existing negotiation other than a ContractRequestMessage."""
         now = self.clock.now()
-        with self._tx() as tx:
+        with self._tx(token) as tx:
             row = self._own_negotiation(tx, caller, pid)
             self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
             role = Role(row.role)
@@ -602,12 +608,14 @@ class DspService:
                 )
             return _ack(row)
 
-    def on_initial_offer(self, caller: str, msg: ContractOfferMessage) -> ContractNegotiation:
+    def on_initial_offer(
+        self, caller: str, msg: ContractOfferMessage, *, token: TokenUse | None = None
+    ) -> ContractNegotiation:
         """A provider-initiated negotiation (POST /negotiations/offers): a new consumer-side process."""
-        if msg.callback_address is None or msg.consumer_pid is not None:
-            raise DspRequestRefusedError("an initial offer has a callbackAddress and no consumerPid")
         now = self.clock.now()
-        with self._tx() as tx:
+        with self._tx(token) as tx:
+            if msg.callback_address is None or msg.consumer_pid is not None:
+                raise DspRequestRefusedError("an initial offer has a callbackAddress and no consumerPid")
             state = negotiation_next_state(_C, message_key(msg), None)
             own = new_pid()
             row = NegotiationRow(
@@ -683,9 +691,11 @@ class DspService:
 
     # --- transfer: messages received ------------------------------------------------------------------
 
-    def on_transfer_request(self, caller: str, msg: TransferRequestMessage) -> tuple[TransferProcess, bool]:
+    def on_transfer_request(
+        self, caller: str, msg: TransferRequestMessage, *, token: TokenUse | None = None
+    ) -> tuple[TransferProcess, bool]:
         now = self.clock.now()
-        with self._tx() as tx:
+        with self._tx(token) as tx:
             existing = self.store.transfer_by_consumer_pid(tx.s, _P, caller, msg.consumer_pid)
             if existing is not None:
                 return _tack(existing), False
@@ -732,9 +742,11 @@ class DspService:
             raise DspRequestRefusedError(f"agreement {agreement_id!r} is not finalized")
         return agreement
 
-    def on_transfer_message(self, caller: str, pid: str, msg: DspMessage) -> TransferProcess:
+    def on_transfer_message(
+        self, caller: str, pid: str, msg: DspMessage, *, token: TokenUse | None = None
+    ) -> TransferProcess:
         now = self.clock.now()
-        with self._tx() as tx:
+        with self._tx(token) as tx:
             row = self._own_transfer(tx, caller, pid)
             self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
             target = transfer_next_state(Role(row.role), message_key(msg), _T(row.state))
@@ -1019,9 +1031,8 @@ class DspService:
         msg: DspMessage,
         body: bytes | None = None,
     ) -> None:
-        # Leased to the worker only when nothing of this process is still waiting to go out: its
-        # messages leave in order.
-        lease = tx.lease_until if not self.store.has_pending(tx.s, row.id) else None
+        # Leased to the worker only when nothing of this process is still waiting to go out (the
+        # store checks in the same statement): its messages leave in order.
         out = self.store.enqueue(
             tx.s,
             process_id=row.id,
@@ -1031,10 +1042,10 @@ class DspService:
             message_type=message_key(msg),
             body=body if body is not None else to_json(msg),
             now=self.clock.now(),
-            lease_until=lease,
+            lease_until=tx.lease_until,
         )
         tx.queued(out)
-        if lease is not None:
+        if out.attempts:
             tx.leased.append(out)
 
     def list_negotiations(self, limit: int = 100, offset: int = 0) -> list[NegotiationPublic]:
@@ -1061,7 +1072,10 @@ class DspService:
             known = n.provider_pid is not None and n.consumer_pid is not None
             return in_state and (not acknowledged or known or final)
 
-        found: NegotiationPublic = self._wait(pid, lambda: self.negotiation(pid), done, timeout_s)
+        def not_yet(state: str) -> bool:
+            return bool(states) and state not in states and not NEGOTIATION.is_final(_N(state))
+
+        found: NegotiationPublic = self._wait(pid, lambda: self.negotiation(pid), done, not_yet, timeout_s)
         return found
 
     def wait_transfer(
@@ -1072,12 +1086,25 @@ class DspService:
             in_state = not states or t.state in states or final
             return in_state and (not acknowledged or t.provider_pid is not None or final)
 
-        found: TransferPublic = self._wait(pid, lambda: self.transfer(pid), done, timeout_s)
+        def not_yet(state: str) -> bool:
+            return bool(states) and state not in states and not TRANSFER.is_final(_T(state))
+
+        found: TransferPublic = self._wait(pid, lambda: self.transfer(pid), done, not_yet, timeout_s)
         return found
 
-    def _wait(self, pid: str, read: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float) -> Any:
+    def _wait(
+        self,
+        pid: str,
+        read: Callable[[], Any],
+        done: Callable[[Any], bool],
+        not_yet: Callable[[str], bool],
+        timeout_s: float,
+    ) -> Any:
         # Re-read only when a commit of this process touched `pid` (a cheap version check under
-        # the lock; only `pid`'s waiters are woken), not on every commit of every process.
+        # the lock; only `pid`'s waiters are woken), not on every commit of every process; and not
+        # when exactly one commit touched it since the last read and left it in a state that
+        # `not_yet` says cannot be done (with two or more, the order their notes arrived in need not
+        # be the order they committed in, so the row is read).
         deadline = time.monotonic() + max(0.0, min(timeout_s, 60.0))
         while True:
             with self._changed:
@@ -1090,7 +1117,12 @@ class DspService:
                 cond, n = self._waiting.get(pid) or (threading.Condition(self._changed), 0)
                 self._waiting[pid] = (cond, n + 1)
                 try:
-                    while self._versions.get(pid, 0) == seen and left > 0:
+                    while left > 0:
+                        version = self._versions.get(pid, 0)
+                        if version == seen + 1 and (state := self._states.get(pid)) and not_yet(state):
+                            seen = version  # e.g. AGREED while waiting for FINALIZED: nothing to read
+                        elif version != seen:
+                            break
                         cond.wait(left)
                         left = deadline - time.monotonic()
                 finally:
@@ -1285,27 +1317,40 @@ class DspService:
         returned with the step's audit entries: the caller delivers, then records (`record_all`), so
         the peer's next move does not wait for the audit log's durable commit."""
         actor = f"connector:{self.me}"
+        owed: str | None = None
+        try:
+            with self._tx() as tx:
+                if lease is not None:
+                    tx.lease_until = self.clock.now() + lease
+                row: NegotiationRow | TransferRow
+                row = tx.negotiation(pid) if kind == "negotiation" else tx.transfer(pid)
+                owed, row.pending = row.pending, None
+                if owed is None:
+                    return Step([], [])
+                if isinstance(row, TransferRow):
+                    self._transfer_step(tx, row, Role(row.role), owed, actor, "")
+                elif owed == "decide":
+                    self._decide(tx, row, actor)
+                else:
+                    self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
+        except HealthspaceError as exc:
+            if owed is None:
+                raise  # not the step's failure: the process could not be read
+            # The step's transaction rolled back (its messages, agreement and row changes with it);
+            # a second one records that the step is no longer owed. No savepoint around the step:
+            # that costs two statements on every step for the sake of the rare one that fails.
+            self._step_failed(kind, pid, owed, actor, exc.detail)
+            return Step([], [])
+        return Step(list(tx.leased), tx.audits if tx.leased else [])
+
+    def _step_failed(self, kind: str, pid: str, owed: str, actor: str, why: str) -> None:
         with self._tx() as tx:
-            if lease is not None:
-                tx.lease_until = self.clock.now() + lease
             row: NegotiationRow | TransferRow
             row = tx.negotiation(pid) if kind == "negotiation" else tx.transfer(pid)
-            owed, row.pending = row.pending, None
-            if owed is None:
-                return Step([], [])
-            mark = tx.mark()
-            try:
-                with tx.s.begin_nested():
-                    if isinstance(row, TransferRow):
-                        self._transfer_step(tx, row, Role(row.role), owed, actor, "")
-                    elif owed == "decide":
-                        self._decide(tx, row, actor)
-                    else:
-                        self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
-            except HealthspaceError as exc:
-                tx.undo(mark)  # rolled back with the savepoint: messages, and the row's other changes
-                tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, exc.detail)
-        return Step(list(tx.leased), tx.audits if tx.leased else [])
+            if row.pending != owed:
+                return  # another worker took the step meanwhile (and recorded how it went)
+            row.pending = None
+            tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, why)
 
     def _decide(self, tx: _Tx, row: NegotiationRow, actor: str) -> None:
         dataset = self.store.dataset(tx.s, row.dataset_id or "")

@@ -24,7 +24,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Select, Table, Update, bindparam, func, or_, select, update
+from sqlalchemy import (
+    CursorResult,
+    Insert,
+    Select,
+    Table,
+    Update,
+    bindparam,
+    case,
+    exists,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -71,13 +86,29 @@ def _by_consumer_pid(t: Table) -> Select[Any]:
 _FETCH = {(t, lock): _by_id(t, lock=lock) for t in _PROCESS_TABLES.values() for lock in (False, True)}
 _BY_CONSUMER_PID = {t: _by_consumer_pid(t) for t in _PROCESS_TABLES.values()}
 _DATASET = select(_DATASETS).where(_DATASETS.c.id == bindparam("pid"))
-_HAS_PENDING = (
-    select(_OUTBOX.c.seq)
-    .where(_OUTBOX.c.process_id == bindparam("pid"), _OUTBOX.c.status == "pending")
-    .limit(1)
-)
 _SETTLE = update(_OUTBOX).where(_OUTBOX.c.seq == bindparam("b_seq"))
 _INSERTS = {t: t.insert() for t in (*_PROCESS_TABLES.values(), _OUTBOX, cast(Table, AgreementRow.__table__))}
+
+
+def _enqueue_leased() -> Insert:
+    """An outbox insert that leases the new message to the worker at hand unless an earlier message of
+    the process is still pending (then it waits its turn, unleased): the check and the insert in one
+    statement, one round trip instead of two."""
+    t = _OUTBOX
+    # Parameters named apart from the columns (SQLAlchemy reserves those names for VALUES).
+    earlier = exists().where(t.c.process_id == bindparam("b_pid"), t.c.status == "pending")
+    until = bindparam("b_until", type_=t.c.lease_until.type)
+    return (
+        t.insert()
+        .values(
+            lease_until=case((earlier, null()), else_=until),
+            attempts=case((earlier, literal(0)), else_=literal(1)),
+        )
+        .returning(t.c.seq, t.c.attempts)
+    )
+
+
+_ENQUEUE_LEASED = _enqueue_leased()
 
 
 # The SET clause comes from the parameters' names (compiled once per set of changed columns).
@@ -296,27 +327,31 @@ class DspStore:
         now: datetime,
         lease_until: datetime | None = None,
     ) -> Outgoing:
-        """Queue a message; with `lease_until`, already leased to the worker that will send it."""
-        attempts = 0 if lease_until is None else 1
+        """Queue a message. With `lease_until` it is leased to the worker that will send it, unless
+        an earlier message of the process is still pending: then it waits its turn unleased (a
+        process's messages leave in order). The returned `attempts` says which (1 leased, 0 not)."""
         text = body.decode()
-        result = s.connection().execute(
-            _INSERTS[_OUTBOX],
-            {
-                "process_id": process_id,
-                "kind": kind,
-                "peer_id": peer_id,
-                "url": url,
-                "message_type": message_type,
-                "body": text,
-                "status": "pending",
-                "attempts": attempts,
-                "next_at": now,
-                "lease_until": lease_until,
-                "last_error": None,
-                "created_at": now,
-            },
-        )
-        (seq,) = result.inserted_primary_key or (None,)
+        values = {
+            "process_id": process_id,
+            "kind": kind,
+            "peer_id": peer_id,
+            "url": url,
+            "message_type": message_type,
+            "body": text,
+            "status": "pending",
+            "next_at": now,
+            "last_error": None,
+            "created_at": now,
+        }
+        if lease_until is None:
+            result = s.connection().execute(_INSERTS[_OUTBOX], {**values, "attempts": 0, "lease_until": None})
+            (seq,) = result.inserted_primary_key or (None,)
+            attempts = 0
+        else:
+            row = s.connection().execute(
+                _ENQUEUE_LEASED, {**values, "b_pid": process_id, "b_until": lease_until}
+            )
+            seq, attempts = row.one()
         if not isinstance(seq, int):
             raise RuntimeError("the outbox insert returned no sequence number")
         return Outgoing(seq, process_id, kind, peer_id, url, message_type, text, attempts)
@@ -366,11 +401,6 @@ class DspStore:
         with self.db.writing_core() as conn:
             r = conn.execute(_CLAIM_NEXT, {"pid": process_id, "now": now, "until": now + lease}).first()
         return None if r is None else Outgoing(*r)
-
-    @staticmethod
-    def has_pending(s: Session, process_id: str) -> bool:
-        """Whether a message of the process is still waiting to be delivered."""
-        return s.connection().execute(_HAS_PENDING, {"pid": process_id}).first() is not None
 
     @staticmethod
     def _has_earlier_pending(s: Session, row: OutboxRow) -> bool:
