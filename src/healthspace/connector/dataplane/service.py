@@ -36,6 +36,7 @@ from healthspace.compute import (
     parse_spec,
     run_job,
 )
+from healthspace.compute.guard import Recent
 from healthspace.compute.spec import GlmAnalysis
 from healthspace.connector.dataplane.review import OutputReview
 from healthspace.connector.dataplane.states import JOB, JobState
@@ -296,17 +297,24 @@ class _HeldHistory:
 
     def __init__(self, history: SqlCohortHistory) -> None:
         self._history = history
-        self._held: list[tuple[str, str, list[np.ndarray], datetime]] = []
+        self._held: list[tuple[str, str, list[np.ndarray], datetime, list[bytes] | None]] = []
 
-    def near(self, dataset_id: str, size: int, slack: int, since: datetime) -> list[np.ndarray]:
-        return self._history.near(dataset_id, size, slack, since)
+    def near(self, dataset_id: str, ids: np.ndarray, digest: bytes, slack: int, since: datetime) -> Recent:
+        return self._history.near(dataset_id, ids, digest, slack, since)
 
-    def record(self, dataset_id: str, consumer_id: str, sets: list[np.ndarray], at: datetime) -> None:
-        self._held.append((dataset_id, consumer_id, sets, at))
+    def record(
+        self,
+        dataset_id: str,
+        consumer_id: str,
+        sets: list[np.ndarray],
+        at: datetime,
+        digests: list[bytes] | None = None,
+    ) -> None:
+        self._held.append((dataset_id, consumer_id, sets, at, digests))
 
     def store(self, s: Session) -> None:
-        for dataset_id, consumer_id, sets, at in self._held:
-            self._history.record_in(s, dataset_id, consumer_id, sets, at)
+        for dataset_id, consumer_id, sets, at, digests in self._held:
+            self._history.record_in(s, dataset_id, consumer_id, sets, at, digests)
         self._held = []
 
 
