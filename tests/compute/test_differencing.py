@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,7 +23,7 @@ from healthspace.compute import (
     parse_spec,
     run_job,
 )
-from healthspace.compute.guard import decode_ids, encode_ids
+from healthspace.compute.guard import decode_ids, digest_ids, encode_ids
 from healthspace.compute.tables import CohortHistoryRow
 from healthspace.consent.filter import ConsentFilter
 from healthspace.core.db import Database
@@ -244,7 +245,9 @@ def test_sql_history_keeps_one_row_per_repeated_release_with_the_latest_time(
     assert sorted(rows) == [("m", 50), ("m", 100), ("other-consumer", 100)]
     # The window runs from the latest release: 400 days after the first, the set still protects.
     later = t0 + timedelta(days=400)
-    assert len(history.near("gz", 99, 10, later - timedelta(days=365))) == 1
+    near = history.near("gz", ids[1:], digest_ids(ids[1:]), 10, later - timedelta(days=365))
+    assert not near.repeated
+    assert len(near.others) == 1
     with pytest.raises(DisclosureError):
         guard.check("gz", [ids[1:]], later)
 
@@ -256,3 +259,61 @@ def test_memory_history_keeps_one_entry_per_repeated_release() -> None:
     history.record("gz", "m", [ids], t0)
     history.record("gz", "m", [ids.copy()], t0 + timedelta(days=1))
     assert [(ds, at) for ds, at, _ in history.rows] == [("gz", t0 + timedelta(days=1))]
+
+
+def test_digest_is_of_the_set_whatever_the_array_layout() -> None:
+    ids = np.array([3, 17, 18, 2**40], dtype=np.int64)
+    same = np.array([0, 3, 17, 18, 2**40], dtype=np.int64)[1:]  # a view at an offset
+    assert digest_ids(same) == digest_ids(ids)
+    assert digest_ids(ids.astype(np.int32, casting="unsafe")[:3]) == digest_ids(ids[:3])
+    assert digest_ids(ids[:3]) != digest_ids(ids)
+    assert digest_ids(np.array([3, 17, 19, 2**40], dtype=np.int64)) != digest_ids(ids)
+
+
+def test_sql_history_tells_a_repeated_set_by_digest_and_reads_ids_only_to_compare(
+    make_db: Callable[..., Database],
+) -> None:
+    db = make_db("compute")
+    history = SqlCohortHistory(db)
+    ids = np.arange(100, dtype=np.int64)
+    DifferencingGuard(history, 10).record("gz", "m", [ids])
+    # Spoil the stored ids: a repeat must be told from the digest alone, a near set still needs them.
+    with db.session() as s:
+        s.execute(CohortHistoryRow.__table__.update().values(ids=b"not zlib"))  # type: ignore[attr-defined]
+    since = datetime(2000, 1, 1, tzinfo=UTC)
+    assert history.near("gz", ids.copy(), digest_ids(ids), 10, since).repeated
+    DifferencingGuard(history, 10).check("gz", [ids.copy()])
+    with pytest.raises(zlib.error):
+        DifferencingGuard(history, 10).check("gz", [ids[1:]])  # fails closed, never "no history"
+
+
+def test_sets_stored_before_digests_are_still_compared_after_the_migration(
+    make_db: Callable[..., Database],
+) -> None:
+    from alembic import command
+
+    from healthspace.core.db import alembic_config, migrate
+
+    db = make_db()  # no migrations yet
+    command.upgrade(alembic_config(db.engine), "compute_0001")
+    ids = np.arange(100, dtype=np.int64)
+    t = CohortHistoryRow.__table__
+    with db.engine.begin() as c:
+        c.exec_driver_sql(
+            f"INSERT INTO {t.name} (dataset_id, consumer_id, size, ids, recorded_at) "  # type: ignore[attr-defined]
+            "VALUES ('gz', 'm', 100, ?, '2026-01-01 00:00:00.000000')"
+            if db.dialect == "sqlite"
+            else f"INSERT INTO {t.name} (dataset_id, consumer_id, size, ids, recorded_at) "  # type: ignore[attr-defined]
+            "VALUES ('gz', 'm', 100, %s, '2026-01-01 00:00:00+00')",
+            (encode_ids(ids),),
+        )
+    migrate(db.engine, ["compute"])
+    guard = DifferencingGuard(SqlCohortHistory(db), 10)
+    at = datetime(2026, 2, 1, tzinfo=UTC)
+    with pytest.raises(DisclosureError):
+        guard.check("gz", [ids[1:]], at)
+    guard.check("gz", [ids.copy()], at)  # identical to the old row: told by comparing the ids
+    guard.record("gz", "m", [ids], at)
+    with db.session() as s:
+        digests = s.scalars(select(CohortHistoryRow.digest).order_by(CohortHistoryRow.seq)).all()
+    assert digests == [None, digest_ids(ids)]

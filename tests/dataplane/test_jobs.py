@@ -15,8 +15,10 @@ from healthspace.compute.disclosure import DisclosureError
 from healthspace.compute.guard import decode_ids
 from healthspace.compute.tables import CohortHistoryRow
 from healthspace.connector.dataplane import JobCreate, JobState, data_classes_of, rules_from_policy
+from healthspace.connector.dataplane import service as service_module
 from healthspace.connector.dataplane.tables import JobRow
 from healthspace.connector.dsp.dataplane import mint_access_token
+from healthspace.core.errors import ConflictError
 from healthspace.data.keys import LocalKeyStore
 from healthspace.data.store import ClinicalStore
 from healthspace.identity.keys import SigningKey
@@ -415,3 +417,28 @@ def test_a_jobs_person_sets_are_stored_with_it_and_guard_the_next_job(gz: Provid
     # The stored set is the job's cohort: a later release of it minus one person is refused.
     with pytest.raises(DisclosureError, match="minimum difference"):
         DifferencingGuard(gz.service.history, 10).check(gz.dataset_id, [cohort[1:]])
+
+
+def test_a_job_cancelled_while_it_runs_does_not_end_succeeded(
+    providers: dict[str, Provider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The success UPDATE applies only to a RUNNING row: a cancel that lands mid-run wins, and the job's
+    result is neither stored nor returned."""
+    hk = providers["hk"]
+    hk.add_agreement("agr-cancel-mid-run")
+    checked = hk.service.authenticate(f"Bearer {hk.token('agr-cancel-mid-run')}")
+    real_run_job = service_module.run_job
+
+    def cancelled_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        out = real_run_job(*args, **kwargs)
+        hk.service.cancel(checked, args[4].job_id)  # the consumer's cancel, between run and success
+        return out
+
+    monkeypatch.setattr(service_module, "run_job", cancelled_meanwhile)
+    with pytest.raises(ConflictError):
+        hk.service.submit(checked, JobCreate(scenario=SCENARIO, spec=COUNT_SPEC))
+    with hk.db.session() as s:
+        rows = s.execute(
+            select(JobRow.state, JobRow.result).where(JobRow.agreement_id == "agr-cancel-mid-run")
+        ).all()
+    assert [tuple(r) for r in rows] == [(JobState.CANCELLED.value, None)]

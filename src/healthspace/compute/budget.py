@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,6 +19,14 @@ from healthspace.core.errors import ConflictError, ForbiddenError, ValidationErr
 __all__ = ["MICRO", "BudgetExhaustedError", "BudgetKey", "BudgetLedger"]
 
 MICRO = 1_000_000
+
+_ACCOUNTS = cast(Table, BudgetAccountRow.__table__)
+# Read on every job (the data plane's decision): a Core statement built once, not an ORM identity load.
+_SPENT = select(_ACCOUNTS.c.spent_micro).where(
+    _ACCOUNTS.c.consumer_id == bindparam("b_consumer"),
+    _ACCOUNTS.c.scenario_id == bindparam("b_scenario"),
+    _ACCOUNTS.c.dataset_id == bindparam("b_dataset"),
+)
 
 
 class BudgetExhaustedError(ForbiddenError):
@@ -62,8 +71,11 @@ class BudgetLedger:
 
     @staticmethod
     def _spent(s: Session, key: BudgetKey) -> float:
-        row = s.get(BudgetAccountRow, (key.consumer_id, key.scenario_id, key.dataset_id))
-        return 0.0 if row is None else row.spent_micro / MICRO
+        micro = s.execute(
+            _SPENT,
+            {"b_consumer": key.consumer_id, "b_scenario": key.scenario_id, "b_dataset": key.dataset_id},
+        ).scalar_one_or_none()
+        return 0.0 if micro is None else int(micro) / MICRO
 
     def remaining(self, key: BudgetKey, limit: float) -> float:
         return max(0.0, (_limit(limit) - round(self.spent(key) * MICRO)) / MICRO)

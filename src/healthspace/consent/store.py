@@ -18,6 +18,9 @@ from healthspace.core.errors import ConflictError
 __all__ = ["ConsentStore", "SqlConsentStore", "StoredReceipt"]
 
 _D = cast(Table, ConsentDecisionRow.__table__)
+# `version`'s statements, read before every job's cohort: built once.
+_LAST_SEQ = select(func.coalesce(func.max(_D.c.seq), 0))
+_ROW_COUNT = select(func.count()).select_from(_D)
 _R = cast(Table, ConsentReceiptRow.__table__)
 _IN_CHUNK = 900  # stays under SQLite's bound-parameter limit in IN lists
 
@@ -191,8 +194,8 @@ class SqlConsentStore:
         # commit (an index lookup). On PostgreSQL concurrent writers may commit out of seq order, so the
         # largest seq could stay put while a smaller one appears: the row count cannot.
         if s.get_bind().dialect.name == "sqlite":
-            return int(s.execute(select(func.coalesce(func.max(_D.c.seq), 0))).scalar_one())
-        return int(s.execute(select(func.count()).select_from(_D)).scalar_one())
+            return int(s.execute(_LAST_SEQ).scalar_one())
+        return int(s.execute(_ROW_COUNT).scalar_one())
 
     def next_change(self, s: Session, scenario_id: str, at: datetime) -> datetime | None:
         aware(at, "at")

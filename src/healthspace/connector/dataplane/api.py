@@ -28,10 +28,13 @@ def make_dataplane_router(get_service: Callable[[], JobService]) -> APIRouter:
 
     Every route needs `Authorization: Bearer <data-plane token>`; errors are problem JSON (401 for a
     bad token, 403 for a policy or disclosure refusal with its reasons, 404, 409, 422).
+    `get_service` runs on the event loop and must not block (it returns a service built already).
     """
     router = APIRouter(prefix="/dataplane", tags=["dataplane"])
 
-    def service() -> JobService:
+    # A coroutine: FastAPI runs a plain-def dependency in its thread pool, one more thread hop per
+    # request before the route's own (the routes stay plain defs: they block on SQL and DuckDB).
+    async def service() -> JobService:
         return get_service()
 
     @router.post("/token")
