@@ -442,3 +442,15 @@ def test_a_job_cancelled_while_it_runs_does_not_end_succeeded(
             select(JobRow.state, JobRow.result).where(JobRow.agreement_id == "agr-cancel-mid-run")
         ).all()
     assert [tuple(r) for r in rows] == [(JobState.CANCELLED.value, None)]
+    # Its held entries are still appended: the decision and the cohort happened, and the run ended
+    # without its result being stored.
+    (cancel,) = [e for e in entries(hk, "dataplane.job.cancel") if e.agreement_id == "agr-cancel-mid-run"]
+    job_id = cancel.subject.removeprefix("job:")
+    mine = [e for e in hk.audit_entries() if e.subject == f"job:{job_id}" or e.actor == f"dataplane:{job_id}"]
+    assert [(e.action, e.outcome) for e in mine] == [
+        ("dataplane.job.cancel", Outcome.SUCCESS),
+        ("policy.decision", Outcome.ALLOWED),
+        ("consent.cohort", Outcome.SUCCESS),
+        ("dataplane.job.run", Outcome.FAILURE),
+    ]
+    assert mine[-1].reason.startswith("the result was not stored")

@@ -806,24 +806,41 @@ class JobService:
     ) -> JobPublic:
         envelope = canonical_json(sign_payload(self.key, payload)).decode()
         held = None
-        with self.db.session() as s:
-            if history is not None:
-                history.store(s)
-            if review:
-                row = s.get(JobRow, job_id)
-                if row is None:
-                    raise NotFoundError(f"no job {job_id!r}")
-                held = self.review.hold(s, row, envelope, epsilon)
-            else:
-                row = self._finish(s, job_id, JobState.SUCCEEDED, result=envelope, epsilon=epsilon)
-            s.commit()
-            summary = (
-                {"id": held.id, "state": held.state, "approvals": 0, "required": held.required}
-                if held is not None
-                else None
-            )
-            out = _public(row, review=summary)
         audit = audit or AuditBatch(self._record, self._record_many, self._clock)
+        try:
+            with self.db.session() as s:
+                if history is not None:
+                    history.store(s)
+                if review:
+                    row = s.get(JobRow, job_id)
+                    if row is None:
+                        raise NotFoundError(f"no job {job_id!r}")
+                    held = self.review.hold(s, row, envelope, epsilon)
+                else:
+                    row = self._finish(s, job_id, JobState.SUCCEEDED, result=envelope, epsilon=epsilon)
+                s.commit()
+                summary = (
+                    {"id": held.id, "state": held.state, "approvals": 0, "required": held.required}
+                    if held is not None
+                    else None
+                )
+                out = _public(row, review=summary)
+        except Exception as exc:
+            # Cancelled meanwhile, or the store failed: nothing is released, but the job's decision,
+            # cohort and spent budget happened and its held entries are evidence of them.
+            why = str(getattr(exc, "detail", "")) or type(exc).__name__
+            audit(
+                payload["consumer"],
+                "dataplane.job.run",
+                f"job:{job_id}",
+                Outcome.FAILURE,
+                f"the result was not stored: {why}"[:2000],
+                scenario_id=payload["scenario"],
+                agreement_id=payload["agreement_id"],
+                details={"job_id": job_id, "epsilon_spent": epsilon},
+            )
+            audit.flush()
+            raise
         audit(
             out.consumer_id,
             "dataplane.job.run",
