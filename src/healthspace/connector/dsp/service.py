@@ -269,6 +269,44 @@ class _Tx:
         self.rows.append((row, snapshot(row)))
         return row
 
+    def begin_negotiation(
+        self,
+        *,
+        own: str,
+        role: Role,
+        state: NegotiationState,
+        provider_pid: str | None,
+        consumer_pid: str | None,
+        counterparty: str,
+        address: str,
+        dataset_id: str | None,
+        offer: dict[str, Any],
+        auto: bool,
+        now: datetime,
+        pending: str | None = None,
+    ) -> NegotiationRow:
+        """Insert a new negotiation process (`DspStore.create_negotiation` checks its first state)."""
+        row = NegotiationRow(
+            id=own,
+            role=role.value,
+            provider_pid=provider_pid,
+            consumer_pid=consumer_pid,
+            state=state.value,
+            counterparty_id=counterparty,
+            counterparty_address=address.rstrip("/"),
+            dataset_id=dataset_id,
+            offer=offer,
+            agreement_id=None,
+            auto=auto,
+            pending=pending,
+            terminal_reason=None,
+            created_at=now,
+            updated_at=now,
+        )
+        self.store.create_negotiation(self.s, row)
+        self.created(row)
+        return row
+
     def created(self, row: _Process) -> None:
         """A process row this transaction inserted (`DspStore.create_*`)."""
         self.touched.add(row.id)
@@ -524,25 +562,20 @@ class DspService:
                 dataset = self._target_dataset(tx.s, msg.offer)
                 approval = Approval(dataset.approval)
                 own = new_pid()
-                row = NegotiationRow(
-                    id=own,
-                    role=_P.value,
+                row = tx.begin_negotiation(
+                    own=own,
+                    role=_P,
+                    state=state,
                     provider_pid=own,
                     consumer_pid=msg.consumer_pid,
-                    state=state.value,
-                    counterparty_id=caller,
-                    counterparty_address=msg.callback_address.rstrip("/"),
+                    counterparty=caller,
+                    address=msg.callback_address,
                     dataset_id=dataset.id,
                     offer=_offer_json(msg.offer),
-                    agreement_id=None,
                     auto=approval is not Approval.STEPWISE,
                     pending="decide" if approval is not Approval.STEPWISE else None,
-                    terminal_reason=None,
-                    created_at=now,
-                    updated_at=now,
+                    now=now,
                 )
-                self.store.create_negotiation(tx.s, row)
-                tx.created(row)
                 tx.audit(caller, "dsp.negotiation.requested", own, Outcome.SUCCESS, f"dataset {dataset.id}")
                 return _ack(row), True
             row = self._own_negotiation(tx, caller, pid)
@@ -618,25 +651,19 @@ class DspService:
                 raise DspRequestRefusedError("an initial offer has a callbackAddress and no consumerPid")
             state = negotiation_next_state(_C, message_key(msg), None)
             own = new_pid()
-            row = NegotiationRow(
-                id=own,
-                role=_C.value,
+            row = tx.begin_negotiation(
+                own=own,
+                role=_C,
+                state=state,
                 provider_pid=msg.provider_pid,
                 consumer_pid=own,
-                state=state.value,
-                counterparty_id=caller,
-                counterparty_address=msg.callback_address.rstrip("/"),
+                counterparty=caller,
+                address=msg.callback_address,
                 dataset_id=msg.offer.target,
                 offer=_offer_json(msg.offer),
-                agreement_id=None,
                 auto=False,  # an unsolicited offer waits for a researcher
-                pending=None,
-                terminal_reason=None,
-                created_at=now,
-                updated_at=now,
+                now=now,
             )
-            self.store.create_negotiation(tx.s, row)
-            tx.created(row)
             tx.audit(caller, "dsp.negotiation.offered", own, Outcome.SUCCESS, "provider-initiated")
             return _ack(row)
 
@@ -823,25 +850,19 @@ class DspService:
         msg = ContractRequestMessage(consumer_pid=own, offer=parsed, callback_address=self.public_url)
         body = to_json(msg)
         with self._tx() as tx:
-            row = NegotiationRow(
-                id=own,
-                role=_C.value,
+            row = tx.begin_negotiation(
+                own=own,
+                role=_C,
+                state=_N.REQUESTED,
                 provider_pid=None,
                 consumer_pid=own,
-                state=_N.REQUESTED.value,
-                counterparty_id=provider_id,
-                counterparty_address=provider_url.rstrip("/"),
+                counterparty=provider_id,
+                address=provider_url,
                 dataset_id=parsed.target,
                 offer=_offer_json(parsed),
-                agreement_id=None,
                 auto=auto,
-                pending=None,
-                terminal_reason=None,
-                created_at=now,
-                updated_at=now,
+                now=now,
             )
-            self.store.create_negotiation(tx.s, row)
-            tx.created(row)
             self._send(tx, row, "negotiation", f"{row.counterparty_address}/negotiations/request", msg, body)
             tx.audit(actor, "dsp.negotiation.request", own, Outcome.SUCCESS, f"{provider_id} {parsed.target}")
             return _negotiation_public(row)
@@ -870,25 +891,19 @@ class DspService:
                     why = "; ".join(reasons) or "it is broader than the dataset's offer"
                     raise ValidationError(f"the offer is not at least as restrictive as the dataset's: {why}")
             msg = ContractOfferMessage(provider_pid=own, offer=parsed, callback_address=self.public_url)
-            row = NegotiationRow(
-                id=own,
-                role=_P.value,
+            row = tx.begin_negotiation(
+                own=own,
+                role=_P,
+                state=_N.OFFERED,
                 provider_pid=own,
                 consumer_pid=None,  # the consumer's ACK names it
-                state=_N.OFFERED.value,
-                counterparty_id=consumer_id,
-                counterparty_address=consumer_url.rstrip("/"),
+                counterparty=consumer_id,
+                address=consumer_url,
                 dataset_id=dataset.id,
                 offer=_offer_json(parsed),
-                agreement_id=None,
                 auto=True,
-                pending=None,
-                terminal_reason=None,
-                created_at=now,
-                updated_at=now,
+                now=now,
             )
-            self.store.create_negotiation(tx.s, row)
-            tx.created(row)
             self._send(tx, row, "negotiation", f"{row.counterparty_address}/negotiations/offers", msg)
             tx.audit(actor, "dsp.negotiation.offer", own, Outcome.SUCCESS, f"{consumer_id} {dataset.id}")
             return _negotiation_public(row)
