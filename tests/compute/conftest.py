@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pandas as pd
+import psycopg
 import pyarrow.parquet as pq
 import pytest
 
-from healthspace.compute import DuckDBEngine, attach_parquet
+from healthspace.compute import DuckDBEngine, PostgresEngine, attach_parquet, load_postgres
+from healthspace.compute.engine import OMOP_TABLES
 from healthspace.consent.filter import ConsentFilter
 from healthspace.synth.generate import generate
 
@@ -53,3 +56,26 @@ def gz_engine(synth_dirs: dict[str, Path]) -> Iterator[DuckDBEngine]:
 @pytest.fixture(scope="session")
 def gz_consent(synth_dirs: dict[str, Path]) -> ConsentFilter:
     return consent_filter(synth_dirs["gz"])
+
+
+@contextmanager
+def duckdb_and_postgres(site_dir: Path, postgres_url: str) -> Iterator[tuple[DuckDBEngine, PostgresEngine]]:
+    """The same synthetic site on both engines: DuckDB over its Parquet, PostgreSQL loaded from it (the
+    source vocabulary columns under the name the store gives them)."""
+    con = duckdb.connect()
+    attach_parquet(con, site_dir / "omop")
+    url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with psycopg.connect(url) as pg:
+            tables = []
+            for t in OMOP_TABLES:
+                table = pq.read_table(site_dir / "omop" / f"{t}.parquet")
+                names = [
+                    "hs_source_vocabulary" if n.endswith("_source_vocabulary") else n
+                    for n in table.column_names
+                ]
+                tables.append((t, table.rename_columns(names)))
+            load_postgres(pg, tables)
+            yield DuckDBEngine(con), PostgresEngine(pg)
+    finally:
+        con.close()

@@ -10,10 +10,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pandas as pd
-import psycopg
-import pyarrow.parquet as pq
 import pytest
 
 from healthspace.compute import (
@@ -24,20 +21,17 @@ from healthspace.compute import (
     JobResult,
     MemoryCohortHistory,
     PostgresEngine,
-    attach_parquet,
-    load_postgres,
     parse_spec,
     run_job,
 )
 from healthspace.compute.disclosure import Grid
-from healthspace.compute.engine import OMOP_TABLES
 from healthspace.compute.sql import SqlBuilder
 from healthspace.connector.dataplane.terms import data_classes_of
 from healthspace.consent.filter import ConsentFilter
 from healthspace.core.errors import ForbiddenError, ValidationError
 from healthspace.lab.study import SiteOutcome, combine
 from healthspace.synth.generate import generate
-from tests.compute.conftest import consent_filter, omop
+from tests.compute.conftest import consent_filter, duckdb_and_postgres, omop
 from tests.compute.test_disclosure import determined
 from tests.compute.truth import cohort
 from tests.support.dp import laplace_noise_bound
@@ -313,20 +307,8 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def both(small: Path, postgres_url: str) -> Iterator[tuple[DuckDBEngine, PostgresEngine]]:
-    con = duckdb.connect()
-    attach_parquet(con, small / "omop")
-    url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(url) as pg:
-        tables = []
-        for t in OMOP_TABLES:
-            table = pq.read_table(small / "omop" / f"{t}.parquet")
-            names = [
-                "hs_source_vocabulary" if n.endswith("_source_vocabulary") else n for n in table.column_names
-            ]
-            tables.append((t, table.rename_columns(names)))
-        load_postgres(pg, tables)
-        yield DuckDBEngine(con), PostgresEngine(pg)
-    con.close()
+    with duckdb_and_postgres(small, postgres_url) as pair:
+        yield pair
 
 
 @pytest.mark.postgres

@@ -5,10 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import duckdb
 import numpy as np
-import psycopg
-import pyarrow.parquet as pq
 import pytest
 
 from healthspace.compute import (
@@ -17,15 +14,12 @@ from healthspace.compute import (
     GlmSite,
     JobContext,
     PostgresEngine,
-    attach_parquet,
-    load_postgres,
     parse_spec,
     run_job,
 )
-from healthspace.compute.engine import OMOP_TABLES
 from healthspace.compute.sql import light_plan
 from healthspace.synth.generate import generate
-from tests.compute.conftest import consent_filter
+from tests.compute.conftest import consent_filter, duckdb_and_postgres
 
 pytestmark = pytest.mark.postgres
 
@@ -64,20 +58,8 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def engines(small: Path, postgres_url: str) -> Iterator[tuple[DuckDBEngine, PostgresEngine]]:
-    con = duckdb.connect()
-    attach_parquet(con, small / "omop")
-    url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(url) as pg:
-        tables = []
-        for t in OMOP_TABLES:
-            table = pq.read_table(small / "omop" / f"{t}.parquet")
-            names = [
-                "hs_source_vocabulary" if n.endswith("_source_vocabulary") else n for n in table.column_names
-            ]
-            tables.append((t, table.rename_columns(names)))
-        load_postgres(pg, tables)
-        yield DuckDBEngine(con), PostgresEngine(pg)
-    con.close()
+    with duckdb_and_postgres(small, postgres_url) as pair:
+        yield pair
 
 
 def test_postgres_and_duckdb_give_the_same_results(
