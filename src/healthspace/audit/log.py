@@ -377,6 +377,31 @@ class AuditRecorder(Protocol):
     ) -> object: ...
 
 
+def _stamped(
+    clock: Clock,
+    actor: str,
+    action: str,
+    subject: str,
+    outcome: Outcome | str,
+    reason: str,
+    scenario_id: str | None = None,
+    agreement_id: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> AuditEntry:
+    """An entry stamped with `clock` now: the one shape `record`, `record_many` and `AuditBatch` build."""
+    return AuditEntry(
+        time=clock.now(),
+        actor=actor,
+        action=action,
+        subject=subject,
+        outcome=Outcome(outcome),
+        reason=reason,
+        scenario_id=scenario_id,
+        agreement_id=agreement_id,
+        details=details or {},
+    )
+
+
 class AuditBatch:
     """An `AuditRecorder` that holds entries (stamped when recorded) until `flush` appends them together.
 
@@ -407,17 +432,7 @@ class AuditBatch:
         details: dict[str, Any] | None = None,
     ) -> None:
         self._entries.append(
-            AuditEntry(
-                time=self._clock.now(),
-                actor=actor,
-                action=action,
-                subject=subject,
-                outcome=Outcome(outcome),
-                reason=reason,
-                scenario_id=scenario_id,
-                agreement_id=agreement_id,
-                details=details or {},
-            )
+            _stamped(self._clock, actor, action, subject, outcome, reason, scenario_id, agreement_id, details)
         )
 
     def flush(self) -> None:
@@ -520,38 +535,14 @@ class AuditLog:
     ) -> Receipt:
         """Append an entry stamped with the log's clock (the usual call from a service)."""
         return self.append(
-            AuditEntry(
-                time=self._clock.now(),
-                actor=actor,
-                action=action,
-                subject=subject,
-                outcome=Outcome(outcome),
-                reason=reason,
-                scenario_id=scenario_id,
-                agreement_id=agreement_id,
-                details=details or {},
-            )
+            _stamped(self._clock, actor, action, subject, outcome, reason, scenario_id, agreement_id, details)
         )
 
     def record_many(self, entries: Sequence[tuple[str, str, str, Outcome | str, str]]) -> list[Receipt]:
         """`record` for several (actor, action, subject, outcome, reason) at once: one contiguous run
         in one durable commit (`append_many`: all or none). Added so a service that audits several
         things of one step pays one fsync for them, not one each; the log's contract is unchanged."""
-        now = self._clock.now()
-        return self.append_many(
-            [
-                AuditEntry(
-                    time=now,
-                    actor=actor,
-                    action=action,
-                    subject=subject,
-                    outcome=Outcome(outcome),
-                    reason=reason,
-                    details={},
-                )
-                for actor, action, subject, outcome, reason in entries
-            ]
-        )
+        return self.append_many([_stamped(self._clock, *e) for e in entries])
 
     def append_many(self, entries: Sequence[AuditEntry]) -> list[Receipt]:
         """Append entries as one contiguous run in one transaction (all or none)."""
