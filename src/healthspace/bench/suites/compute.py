@@ -62,6 +62,19 @@ _RAW_1000 = (
 _RAW_1000_PARAMS = {f"c{i}": c for i, c in enumerate(_CODES)}
 
 
+def consenting_ids(con: duckdb.DuckDBPyConnection, omop: Path) -> list[int]:
+    """Person ids with an unwithdrawn permit for the T2D scenario in a synth OMOP export (the
+    consent filter the benchmarks' jobs run with)."""
+    return [
+        r[0]
+        for r in con.execute(
+            "SELECT person_id FROM read_parquet($p) WHERE scenario_id = 'diabetes-outcomes-research'"
+            " AND decision = 'permit' AND withdrawn_at IS NULL ORDER BY 1",
+            {"p": str(omop / "consent.parquet")},
+        ).fetchall()
+    ]
+
+
 def _spec(event: dict[str, Any]) -> bytes:
     return orjson.dumps(
         {
@@ -136,14 +149,7 @@ def run(quick: bool) -> list[Figure]:
         omop = _population(Path(tmp), quick)
         con = duckdb.connect()
         attach_parquet(con, omop)
-        ids = [
-            r[0]
-            for r in con.execute(
-                "SELECT person_id FROM read_parquet($p) WHERE scenario_id = 'diabetes-outcomes-research'"
-                " AND decision = 'permit' AND withdrawn_at IS NULL ORDER BY 1",
-                {"p": str(omop / "consent.parquet")},
-            ).fetchall()
-        ]
+        ids = consenting_ids(con, omop)
         counts = [con.execute(f"SELECT count(*) FROM {t}").fetchone() for t in OMOP_TABLES]  # noqa: S608
         rows = sum(int(c[0]) for c in counts if c is not None)
         consent = ConsentFilter.of("diabetes-outcomes-research", datetime.now(UTC), frozenset(), ids)

@@ -18,6 +18,7 @@ from typing import Any
 import duckdb
 
 from healthspace.bench.harness import Figure, seconds
+from healthspace.bench.suites.compute import consenting_ids
 from healthspace.compute import DisclosureRules, DuckDBEngine, JobContext, attach_parquet, parse_spec, run_job
 from healthspace.consent.filter import ConsentFilter
 from healthspace.synth.generate import generate
@@ -76,14 +77,7 @@ def run(quick: bool) -> list[Figure]:
         omop = generate("gz", patients, 1, Path(tmp) / "gz", progress=False).out / "omop"
         con = duckdb.connect()
         attach_parquet(con, omop)
-        ids = [
-            r[0]
-            for r in con.execute(
-                "SELECT person_id FROM read_parquet($p) WHERE scenario_id = 'diabetes-outcomes-research'"
-                " AND decision = 'permit' AND withdrawn_at IS NULL ORDER BY 1",
-                {"p": str(omop / "consent.parquet")},
-            ).fetchall()
-        ]
+        ids = consenting_ids(con, omop)
         consent = ConsentFilter.of("diabetes-outcomes-research", datetime.now(UTC), frozenset(), ids)
         engine = DuckDBEngine(con)
         rules = DisclosureRules()
