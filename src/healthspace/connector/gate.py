@@ -288,17 +288,29 @@ class GatedDspService(DspService):
             pending.append(entry)
 
     @contextmanager
-    def _tx(self, token: TokenUse | None = None) -> Iterator[Any]:
+    def _tx(self, token: TokenUse | None = None, *, handoff: bool = True) -> Iterator[Any]:
         # Decisions are audited after the commit: the audit log shares the SQLite file whose single
         # writer lock the DSP transaction holds.
         entries: list[_Noted] = []
         self._noted.entries = entries
         try:
-            with super()._tx(token) as tx:
+            with super()._tx(token, handoff=handoff) as tx:
                 yield tx
         finally:
             self._noted.entries = None
             self._write_all(entries)
+
+    def _take_owed(self, tx: Any, row: NegotiationRow | TransferRow, owed: str, actor: str) -> None:
+        # A step taken inside a request's transaction that fails is undone and left to a worker,
+        # which decides again and records that decision: the undone one's note goes with the step.
+        pending: list[_Noted] | None = getattr(self._noted, "entries", None)
+        mark = len(pending) if pending is not None else 0
+        try:
+            super()._take_owed(tx, row, owed, actor)
+        except Exception:
+            if pending is not None and tx.handed:
+                del pending[mark:]
+            raise
 
     def _write_all(self, noted: list[_Noted]) -> None:
         """The decisions of one transaction in one durable append (all or none), not an fsync each."""
@@ -316,7 +328,7 @@ class GatedDspService(DspService):
         batch.flush()
 
     def _decide(self, tx: Any, row: NegotiationRow, actor: str) -> None:
-        dataset = self.store.dataset(tx.s, row.dataset_id or "")
+        dataset = tx.dataset(row.dataset_id or "")
         ok, reasons = policy_acceptable(row.offer, dataset.offer)
         self._note(
             _Noted(

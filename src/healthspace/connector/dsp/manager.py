@@ -86,7 +86,8 @@ class DspManager:
         self.lease = lease
         self.idle_s = idle_s
         self.workers = max(1, workers)
-        self._work: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        # Hints, and messages handed over already leased (`DspService.hand_off`): deliver at once.
+        self._work: queue.SimpleQueue[Work | Outgoing | None] = queue.SimpleQueue()
         self._sweeping = threading.Lock()
         self._last_sweep = 0.0
         self._sweep_queued = False  # at most one full pass waits in the queue
@@ -112,6 +113,11 @@ class DspManager:
             self._sweep_queued = True
         self._work.put(_SWEEP)
 
+    def handed(self, messages: list[Outgoing]) -> None:
+        """Messages a transaction wrote leased for this manager: a worker delivers them as they are."""
+        for m in messages:
+            self._work.put(m)
+
     def start(self) -> None:
         if self._threads:
             return
@@ -121,14 +127,32 @@ class DspManager:
             t = threading.Thread(target=self._loop, name=f"dsp-manager-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        # Only running workers take hand-offs: a manager driven by `run_once` alone (tests, tools)
+        # must find every message unleased in the outbox.
+        self.service.hand_off(self.handed, self.lease)
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        self.service.hand_off(None, self.lease)
         self._stop.set()
         for _ in self._threads:
             self._work.put(None)
         for t in self._threads:
             t.join(timeout_s)
         self._threads = []
+        # Messages handed over but not taken: give their leases back, so the next run (or another
+        # worker on the same database) sends them at once instead of when the lease runs out.
+        left: list[Work | None] = []
+        while True:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Outgoing):
+                self.service.store.release_lease(item.seq)
+            else:
+                left.append(item)
+        for item in left:
+            self._work.put(item)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -145,7 +169,10 @@ class DspManager:
             except Exception:  # a worker must outlive any single fault; the rows stay owed
                 log.exception("DSP manager work %s failed", work)
 
-    def _take(self, work: Work) -> None:
+    def _take(self, work: Work | Outgoing) -> None:
+        if isinstance(work, Outgoing):
+            self._deliver_row(work)
+            return
         what, kind, pid = work
         if what == "step":
             self._take_step(kind, pid)

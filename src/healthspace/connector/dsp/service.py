@@ -250,6 +250,10 @@ class _Tx:
     # and the next full pass sends them).
     lease_until: datetime | None = None
     leased: list[Outgoing] = field(default_factory=list)
+    # Set when the manager takes hand-offs (`DspService.hand_off`): the steps this transaction leaves
+    # owed are taken in it, and what they send is written leased and handed to a worker after commit.
+    handed: bool = False
+    datasets: dict[str, DatasetRow] = field(default_factory=dict)  # read in this transaction
     work: list[Work] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)
     states: dict[str, str] = field(default_factory=dict)  # of the rows created here, as created
@@ -313,6 +317,16 @@ class _Tx:
         self.states[row.id] = row.state
         if row.pending:
             self.work.append(("step", _kind(row), row.id))
+        if self.handed:
+            # A step taken in this transaction changes the row after its INSERT: `save` writes that.
+            self.rows.append((row, snapshot(row)))
+
+    def dataset(self, dataset_id: str) -> DatasetRow:
+        """A dataset, read once per transaction (a request and the decision taken with it both need it)."""
+        row = self.datasets.get(dataset_id)
+        if row is None:
+            row = self.datasets[dataset_id] = self.store.dataset(self.s, dataset_id)
+        return row
 
     def queued(self, out: Outgoing) -> None:
         """A message this transaction put in the outbox."""
@@ -398,24 +412,44 @@ class DspService:
         # commit, which under concurrent negotiations is most of the wake-ups).
         self._waiting: dict[str, tuple[threading.Condition, int]] = {}
         self._wake: Callable[[Sequence[Work]], None] = lambda _: None
+        self._handoff: tuple[Callable[[list[Outgoing]], None], timedelta] | None = None
 
     def on_work(self, wake: Callable[[Sequence[Work]], None]) -> None:
         """Register the manager's wake-up call, invoked after each commit that leaves work owed."""
         self._wake = wake
 
+    def hand_off(self, deliver: Callable[[list[Outgoing]], None] | None, lease: timedelta) -> None:
+        """Register (None: withdraw) a manager whose running workers take messages already leased.
+
+        While one is registered, a transaction takes the steps it leaves owed itself (`_steps_inline`)
+        and writes the messages it queues leased for `lease`; after commit they go to `deliver`. That
+        saves, per message, the worker's claim (a transaction) and, per step, the worker's transaction
+        that would re-read and re-lock the row. A crash between commit and delivery leaves the message
+        leased: the next full pass after the lease runs out sends it, as for a worker's own step."""
+        self._handoff = None if deliver is None else (deliver, lease)
+
     @contextmanager
-    def _tx(self, token: TokenUse | None = None) -> Iterator[_Tx]:
+    def _tx(self, token: TokenUse | None = None, *, handoff: bool = True) -> Iterator[_Tx]:
         """One DSP transaction. With `token` (a peer's request token whose replay check was left to
         this transaction), its use is recorded first: a replay is refused before anything else, and
         the request needs no transaction of its own for it. The caller settles the token afterwards
-        (`TokenUse.settle`), which records the use on its own if this transaction failed."""
+        (`TokenUse.settle`), which records the use on its own if this transaction failed.
+
+        With `handoff` and a manager registered (`hand_off`), owed steps are taken in this
+        transaction and its messages are handed to the manager after commit."""
+        taker = self._handoff if handoff else None
         with self.store.writing() as s:
             if token is not None:
                 token.record_in(s.connection())
             tx = _Tx(s, self.store)
+            if taker is not None:
+                tx.handed = True
+                tx.lease_until = self.clock.now() + taker[1]
             work = tx.work
             s.info["dsp_work"] = work
             yield tx
+            if tx.handed:
+                self._steps_inline(tx)
             tx.save()
             s.flush()
             touched = tx.touched | {pid for _, _, pid in work}
@@ -425,14 +459,51 @@ class DspService:
         if token is not None:
             token.committed()
         # The manager first: its work is what the peer is waiting for; audit and waiters come after.
+        if taker is not None and tx.leased:
+            taker[0](list(tx.leased))
         if work:
             self._wake(list(dict.fromkeys(work)))
-        if not tx.leased:
+        if tx.handed or not tx.leased:
             self.record_all(tx.audits)
         # else: the worker delivers first and records after (`run_pending`); a crash in between
         # loses the entries just as a crash between this commit and the audit append would.
         if touched:
             self._touched(touched, states)
+
+    def _steps_inline(self, tx: _Tx) -> None:
+        """Take, in this transaction, the steps it leaves owed (an automatic decision, verification,
+        finalization ...): what a worker would do right after the commit, without its transaction.
+
+        Each step runs in a savepoint. One that fails is undone (its writes, its changes to the row,
+        its audit entries and hints) and stays owed: a worker then takes it in a transaction of its
+        own, which records the failure as before, so a failing step never fails the request that
+        left it owed."""
+        actor = f"connector:{self.me}"
+        for row, _ in list(tx.rows):
+            owed = row.pending
+            if owed is None:
+                continue
+            kept = snapshot(row)
+            marks = len(tx.audits), len(tx.work), len(tx.leased)
+            try:
+                with tx.s.begin_nested():
+                    row.pending = None
+                    self._take_owed(tx, row, owed, actor)
+            except Exception:  # any failure: the step is left to a worker, as before
+                for key, value in kept.items():
+                    setattr(row, key, value)
+                del tx.audits[marks[0] :], tx.work[marks[1] :], tx.leased[marks[2] :]
+                continue
+            hint = ("step", _kind(row), row.id)
+            tx.work[:] = [w for w in tx.work if w != hint]
+
+    def _take_owed(self, tx: _Tx, row: _Process, owed: str, actor: str) -> None:
+        if isinstance(row, TransferRow):
+            self._transfer_step(tx, row, Role(row.role), owed, actor, "")
+        elif owed == "decide":
+            self._decide(tx, row, actor)
+        else:
+            self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
 
     def _touched(self, pids: set[str], states: Mapping[str, str] | None = None) -> None:
         """Tell waiters that a commit changed these processes (and, where known, the state it left)."""
@@ -559,7 +630,7 @@ class DspService:
                 if existing is not None:
                     return _ack(existing), False
                 state = negotiation_next_state(_P, message_key(msg), None)
-                dataset = self._target_dataset(tx.s, msg.offer)
+                dataset = self._target_dataset(tx, msg.offer)
                 approval = Approval(dataset.approval)
                 own = new_pid()
                 row = tx.begin_negotiation(
@@ -581,7 +652,7 @@ class DspService:
             row = self._own_negotiation(tx, caller, pid)
             self._check_pids(row, msg.provider_pid, msg.consumer_pid)
             target = negotiation_next_state(Role(row.role), message_key(msg), _N(row.state))
-            dataset = self._target_dataset(tx.s, msg.offer)
+            dataset = self._target_dataset(tx, msg.offer)
             if dataset.id != row.dataset_id:
                 raise DspRequestRefusedError("a counter-request cannot change the dataset")
             self.store.move_negotiation(row, target, now)
@@ -695,11 +766,11 @@ class DspService:
         )
         row.agreement_id = agreement.id
 
-    def _target_dataset(self, s: Session, offer: Offer) -> DatasetRow:
+    def _target_dataset(self, tx: _Tx, offer: Offer) -> DatasetRow:
         if offer.target is None:
             raise DspRequestRefusedError("the offer names no target dataset")
         try:
-            return self.store.dataset(s, offer.target)
+            return tx.dataset(offer.target)
         except NotFoundError:
             raise DspRequestRefusedError(f"no dataset {offer.target!r} is offered here") from None
 
@@ -1334,7 +1405,7 @@ class DspService:
         actor = f"connector:{self.me}"
         owed: str | None = None
         try:
-            with self._tx() as tx:
+            with self._tx(handoff=False) as tx:
                 if lease is not None:
                     tx.lease_until = self.clock.now() + lease
                 row: NegotiationRow | TransferRow
@@ -1342,12 +1413,7 @@ class DspService:
                 owed, row.pending = row.pending, None
                 if owed is None:
                     return Step([], [])
-                if isinstance(row, TransferRow):
-                    self._transfer_step(tx, row, Role(row.role), owed, actor, "")
-                elif owed == "decide":
-                    self._decide(tx, row, actor)
-                else:
-                    self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
+                self._take_owed(tx, row, owed, actor)
         except HealthspaceError as exc:
             if owed is None:
                 raise  # not the step's failure: the process could not be read
@@ -1359,7 +1425,7 @@ class DspService:
         return Step(list(tx.leased), tx.audits if tx.leased else [])
 
     def _step_failed(self, kind: str, pid: str, owed: str, actor: str, why: str) -> None:
-        with self._tx() as tx:
+        with self._tx(handoff=False) as tx:
             row: NegotiationRow | TransferRow
             row = tx.negotiation(pid) if kind == "negotiation" else tx.transfer(pid)
             if row.pending != owed:
@@ -1368,7 +1434,7 @@ class DspService:
             tx.audit(actor, f"dsp.{kind}.{owed}", pid, Outcome.FAILURE, why)
 
     def _decide(self, tx: _Tx, row: NegotiationRow, actor: str) -> None:
-        dataset = self.store.dataset(tx.s, row.dataset_id or "")
+        dataset = tx.dataset(row.dataset_id or "")
         approval = Approval(dataset.approval)
         ok, reasons = policy_acceptable(row.offer, dataset.offer)
         if ok and approval is Approval.AUTO:

@@ -429,6 +429,15 @@ class DspStore:
             if result.rowcount != 1:
                 raise NotFoundError(f"no outbox message {seq}")
 
+    def release_lease(self, seq: int) -> None:
+        """Give back the lease of a pending message nobody will deliver (a manager stopping)."""
+        with self.db.writing_core() as conn:
+            conn.execute(
+                update(_OUTBOX)
+                .where(_OUTBOX.c.seq == seq, _OUTBOX.c.status == "pending")
+                .values(lease_until=None)
+            )
+
     def settle_delivered(
         self, seq: int, kind: str, process_id: str, provider_pid: str | None, consumer_pid: str | None
     ) -> None:
