@@ -8,17 +8,21 @@ against the rows themselves.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
 from healthspace.audit.models import Outcome
+from healthspace.connector.dsp.manager import DspManager
 from healthspace.connector.dsp.service import DatasetCreate, DspService, Work
+from healthspace.connector.dsp.store import Outgoing
 from healthspace.connector.dsp.tables import AgreementRow, NegotiationRow, OutboxRow
 from healthspace.core.clock import SystemClock
 from healthspace.core.db import Database
+from healthspace.core.errors import ConflictError
 from healthspace.identity.keys import SigningKey
 from healthspace.protocol.messages import ContractRequestMessage, Offer
 
@@ -34,14 +38,16 @@ def db(make_db: Callable[..., Database]) -> Database:
     return make_db("dsp")
 
 
-def _service(db: Database, audited: Audited, hints: list[Work]) -> DspService:
+def _service(
+    db: Database, audited: Audited, hints: list[Work], cls: type[DspService] = DspService
+) -> DspService:
     def record(actor: str, action: str, subject: str, outcome: Outcome, reason: str) -> None:
         audited.append((actor, action, subject, outcome, reason))
 
     def record_many(entries: Sequence[tuple[str, str, str, Outcome, str]]) -> None:
         audited.extend(entries)
 
-    service = DspService(
+    service = cls(
         db,
         participant_id=ME,
         public_url="http://127.0.0.1:9",
@@ -139,3 +145,123 @@ def test_a_step_that_fails_is_undone_except_that_it_is_no_longer_owed(db: Databa
     failures = [a for a in audited if a[3] is Outcome.FAILURE]
     assert [(a[1], a[2]) for a in failures] == [("dsp.negotiation.decide", "urn:n:1")]
     assert not [h for h in hints if h[2] == "urn:n:1"]  # nothing owed any more, nothing queued
+
+
+# --- with a manager taking hand-offs: steps in the transaction that leaves them owed ----------------
+
+LEASE = timedelta(seconds=30)
+
+
+def _request(consumer_pid: str = "urn:uuid:c-1") -> ContractRequestMessage:
+    return ContractRequestMessage(
+        consumer_pid=consumer_pid,
+        offer=Offer.model_validate({**OFFER, "target": "urn:d:1"}),
+        callback_address="http://127.0.0.1:8",
+    )
+
+
+def test_a_request_received_is_decided_in_its_own_transaction_and_the_agreement_handed_over(
+    db: Database,
+) -> None:
+    hints: list[Work] = []
+    audited: Audited = []
+    handed: list[list[Outgoing]] = []
+    service = _service(db, audited, hints)
+    service.hand_off(handed.append, LEASE)
+    before = datetime.now(UTC)
+
+    ack, created = service.on_contract_request(PEER, _request(), None)
+
+    assert created
+    assert ack.state == "REQUESTED"
+    stored = service.negotiation(ack.provider_pid)
+    assert (stored.state, stored.pending) == ("AGREED", None)
+    (queued,) = _outbox(db, ack.provider_pid)
+    assert (queued.message_type, queued.status, queued.attempts) == ("ContractAgreementMessage", "pending", 1)
+    assert queued.lease_until is not None
+    assert queued.lease_until >= before + LEASE
+    assert [[(o.seq, o.message_type) for o in batch] for batch in handed] == [
+        [(queued.seq, "ContractAgreementMessage")]
+    ]
+    assert [h for h in hints if h[2] == ack.provider_pid] == []  # no worker has anything to take
+    with db.session() as s:
+        (agreement,) = s.scalars(select(AgreementRow))
+    assert agreement.id == stored.agreement_id
+    assert [a[1] for a in audited if a[2] == ack.provider_pid] == [
+        "dsp.negotiation.requested",
+        "dsp.negotiation.agreed",
+    ]
+
+
+class _FailingDecision(DspService):
+    """Decides, writes what deciding writes, then fails: what a step that goes wrong looks like."""
+
+    def _decide(self, tx: Any, row: NegotiationRow, actor: str) -> None:
+        super()._decide(tx, row, actor)
+        raise ConflictError("the decision could not be taken")
+
+
+def test_a_step_failing_inside_a_request_is_undone_and_left_to_a_worker(db: Database) -> None:
+    hints: list[Work] = []
+    audited: Audited = []
+    handed: list[list[Outgoing]] = []
+    service = _service(db, audited, hints, cls=_FailingDecision)
+    service.hand_off(handed.append, LEASE)
+
+    ack, created = service.on_contract_request(PEER, _request(), None)
+
+    assert created  # the request itself is accepted and committed
+    stored = service.negotiation(ack.provider_pid)
+    assert (stored.state, stored.pending, stored.agreement_id) == ("REQUESTED", "decide", None)
+    with db.session() as s:
+        assert list(s.scalars(select(AgreementRow))) == []
+    assert _outbox(db, ack.provider_pid) == []
+    assert handed == []
+    assert ("step", "negotiation", ack.provider_pid) in hints
+    assert [a[1] for a in audited] == ["dsp.dataset.published", "dsp.negotiation.requested"]
+
+    step = service.run_pending("negotiation", ack.provider_pid)  # the worker: fails and says so
+    assert step.sent == []
+    assert service.negotiation(ack.provider_pid).pending is None
+    assert audited[-1][1:4] == ("dsp.negotiation.decide", ack.provider_pid, Outcome.FAILURE)
+
+
+def test_a_request_started_is_handed_over_leased(db: Database) -> None:
+    hints: list[Work] = []
+    handed: list[list[Outgoing]] = []
+    service = _service(db, [], hints)
+    service.hand_off(handed.append, LEASE)
+
+    started = service.start_negotiation(
+        "researcher:t", PEER, "http://127.0.0.1:8", {**OFFER, "target": "urn:d:1"}
+    )
+
+    (queued,) = _outbox(db, started.id)
+    assert (queued.status, queued.attempts, queued.lease_until is not None) == ("pending", 1, True)
+    assert [[o.seq for o in batch] for batch in handed] == [[queued.seq]]
+    assert ("send", "negotiation", started.id) not in hints  # no worker needs to claim it
+
+    service.hand_off(None, LEASE)  # withdrawn: the next message waits unleased for a claim
+    again = service.start_negotiation(
+        "researcher:t", PEER, "http://127.0.0.1:8", {**OFFER, "target": "urn:d:1"}
+    )
+    (waiting,) = _outbox(db, again.id)
+    assert (waiting.lease_until, len(handed)) == (None, 1)
+    assert ("send", "negotiation", again.id) in hints
+
+
+def test_a_manager_stopping_gives_back_the_leases_of_messages_it_did_not_take(db: Database) -> None:
+    service = _service(db, [], [])
+    with httpx.Client() as http:
+        manager = DspManager(service, http, lambda _: httpx.BasicAuth("u", "p"), workers=1)
+        # Registered as `start` does, with no worker running: the hand-off stays in the queue.
+        service.hand_off(manager.handed, LEASE)
+        started = service.start_negotiation(
+            "researcher:t", PEER, "http://127.0.0.1:8", {**OFFER, "target": "urn:d:1"}
+        )
+        (queued,) = _outbox(db, started.id)
+        assert queued.lease_until is not None
+        manager.stop()
+    (released,) = _outbox(db, started.id)
+    assert (released.status, released.lease_until) == ("pending", None)  # the next pass sends it
+    assert service.store.claim_next(started.id, datetime.now(UTC), LEASE) is not None
