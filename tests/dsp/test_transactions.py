@@ -24,7 +24,12 @@ from healthspace.core.clock import SystemClock
 from healthspace.core.db import Database
 from healthspace.core.errors import ConflictError
 from healthspace.identity.keys import SigningKey
-from healthspace.protocol.messages import ContractRequestMessage, Offer
+from healthspace.protocol.messages import (
+    Agreement,
+    ContractAgreementMessage,
+    ContractRequestMessage,
+    Offer,
+)
 
 ME, PEER = "gz-hospital", "hk-university"
 OFFER: dict[str, Any] = {"@id": "urn:offer:1", "permission": [{"action": "use"}]}
@@ -265,3 +270,42 @@ def test_a_manager_stopping_gives_back_the_leases_of_messages_it_did_not_take(db
     (released,) = _outbox(db, started.id)
     assert (released.status, released.lease_until) == ("pending", None)  # the next pass sends it
     assert service.store.claim_next(started.id, datetime.now(UTC), LEASE) is not None
+
+
+def test_an_agreement_naming_the_providers_pid_settles_our_request_still_in_flight(db: Database) -> None:
+    """The provider's agreement can overtake the ACK of our request: it proves the request arrived,
+    so the request is settled in the agreement's transaction and our verification leaves at once."""
+    hints: list[Work] = []
+    handed: list[list[Outgoing]] = []
+    service = _service(db, [], hints)
+    service.hand_off(handed.append, LEASE)
+    started = service.start_negotiation(
+        "researcher:t", PEER, "http://127.0.0.1:8", {**OFFER, "target": "urn:d:1"}
+    )
+    (request,) = _outbox(db, started.id)  # leased to a worker, its ACK not yet settled
+    agreement = Agreement.model_validate(
+        {**OFFER, "@id": "urn:agreement:1", "target": "urn:d:1", "assigner": PEER, "assignee": ME}
+    )
+    msg = ContractAgreementMessage(provider_pid="urn:p:1", consumer_pid=started.id, agreement=agreement)
+
+    service.on_negotiation_message(PEER, started.id, msg)
+
+    rows = {o.message_type: o for o in _outbox(db, started.id)}
+    sent = rows["ContractRequestMessage"]
+    assert (sent.status, sent.lease_until) == ("sent", None)
+    verification = rows["ContractAgreementVerificationMessage"]
+    assert (verification.status, verification.attempts) == ("pending", 1)
+    assert [o.seq for o in handed[-1]] == [verification.seq]
+    assert ("send", "negotiation", started.id) not in hints
+    stored = service.negotiation(started.id)
+    assert (stored.state, stored.provider_pid) == ("VERIFIED", "urn:p:1")
+
+    # The request's deliverer settles afterwards (its ACK, or a lost answer it would retry): the
+    # request stays sent and is never delivered again.
+    service.store.settle_delivered(request.seq, "negotiation", started.id, "urn:p:1", started.id)
+    service.store.settle_outbox(request.seq, sent=False, error="ReadTimeout", retry_at=datetime.now(UTC))
+    assert {o.seq: o.status for o in _outbox(db, started.id)} == {
+        request.seq: "sent",
+        verification.seq: "pending",
+    }
+    assert service.negotiation(started.id).provider_pid == "urn:p:1"

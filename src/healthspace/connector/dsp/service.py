@@ -650,7 +650,7 @@ class DspService:
                 tx.audit(caller, "dsp.negotiation.requested", own, Outcome.SUCCESS, f"dataset {dataset.id}")
                 return _ack(row), True
             row = self._own_negotiation(tx, caller, pid)
-            self._check_pids(row, msg.provider_pid, msg.consumer_pid)
+            self._check_pids(tx, row, msg.provider_pid, msg.consumer_pid)
             target = negotiation_next_state(Role(row.role), message_key(msg), _N(row.state))
             dataset = self._target_dataset(tx, msg.offer)
             if dataset.id != row.dataset_id:
@@ -667,7 +667,7 @@ class DspService:
         now = self.clock.now()
         with self._tx(token) as tx:
             row = self._own_negotiation(tx, caller, pid)
-            self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
+            self._check_pids(tx, row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
             role = Role(row.role)
             target = negotiation_next_state(role, message_key(msg), _N(row.state))
             reason = None
@@ -774,9 +774,8 @@ class DspService:
         except NotFoundError:
             raise DspRequestRefusedError(f"no dataset {offer.target!r} is offered here") from None
 
-    @staticmethod
     def _check_pids(
-        row: NegotiationRow | TransferRow, provider_pid: str | None, consumer_pid: str | None
+        self, tx: _Tx, row: NegotiationRow | TransferRow, provider_pid: str | None, consumer_pid: str | None
     ) -> None:
         if consumer_pid != row.consumer_pid:
             raise DspRequestRefusedError("consumerPid does not match the process")
@@ -784,6 +783,10 @@ class DspService:
             return
         if row.provider_pid is None:
             row.provider_pid = provider_pid  # the ACK carrying it may still be on its way
+            # The provider names a process only our request created: that request has arrived.
+            # Marked sent here, so what this transaction sends next leaves at once instead of
+            # waiting for the request's deliverer to settle it.
+            self.store.settle_initial_request(tx.s, row.id)
         elif provider_pid != row.provider_pid:
             raise DspRequestRefusedError("providerPid does not match the process")
 
@@ -846,7 +849,7 @@ class DspService:
         now = self.clock.now()
         with self._tx(token) as tx:
             row = self._own_transfer(tx, caller, pid)
-            self._check_pids(row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
+            self._check_pids(tx, row, getattr(msg, "provider_pid", None), getattr(msg, "consumer_pid", None))
             target = transfer_next_state(Role(row.role), message_key(msg), _T(row.state))
             reason = None
             if isinstance(msg, TransferTerminationMessage | TransferSuspensionMessage):

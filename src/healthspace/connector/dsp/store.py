@@ -429,6 +429,26 @@ class DspStore:
             if result.rowcount != 1:
                 raise NotFoundError(f"no outbox message {seq}")
 
+    @staticmethod
+    def settle_initial_request(s: Session, process_id: str) -> None:
+        """Mark sent a consumer's initial request the provider has evidently received (it answered
+        with a message naming its own pid), in the caller's transaction.
+
+        Only the initial request can be pending while the process has no providerPid (a later
+        message needs that pid), and the consumer's process row is locked first, then the outbox
+        row, as in `settle_delivered`: no lock-order deadlock with the request's deliverer, whose
+        settling then changes nothing that matters (a retry or failure it records keeps "sent")."""
+        t = _OUTBOX
+        s.connection().execute(
+            update(t)
+            .where(
+                t.c.process_id == process_id,
+                t.c.status == "pending",
+                t.c.message_type.in_(("ContractRequestMessage", "TransferRequestMessage")),
+            )
+            .values(status="sent", lease_until=None)
+        )
+
     def release_lease(self, seq: int) -> None:
         """Give back the lease of a pending message nobody will deliver (a manager stopping)."""
         with self.db.writing_core() as conn:
@@ -444,15 +464,9 @@ class DspStore:
         """In one transaction: mark a leased message sent and fill in the process's missing pids from
         the peer's acknowledgement (a pid already known is kept)."""
         t = _PROCESS_TABLES[kind]
+        # The process row first, then the outbox row: the order of a handler's transaction
+        # (`settle_initial_request`), so the two never wait on each other's locks.
         with self.db.writing_core() as conn:
-            settled = cast(
-                CursorResult[Any],
-                conn.execute(
-                    _SETTLE, {"lease_until": None, "last_error": None, "status": "sent", "b_seq": seq}
-                ),
-            )
-            if settled.rowcount != 1:
-                raise NotFoundError(f"no outbox message {seq}")  # rolls the transaction back
             moved = cast(
                 CursorResult[Any],
                 conn.execute(
@@ -466,7 +480,15 @@ class DspStore:
             )
             if moved.rowcount != 1:
                 what = "contract negotiation" if kind == "negotiation" else "transfer process"
-                raise NotFoundError(f"no {what} {process_id!r}")
+                raise NotFoundError(f"no {what} {process_id!r}")  # rolls the transaction back
+            settled = cast(
+                CursorResult[Any],
+                conn.execute(
+                    _SETTLE, {"lease_until": None, "last_error": None, "status": "sent", "b_seq": seq}
+                ),
+            )
+            if settled.rowcount != 1:
+                raise NotFoundError(f"no outbox message {seq}")
 
     def process_values(self, kind: str, pid: str) -> dict[str, Any]:
         """A process's columns by name, read on a plain connection (the read waiters repeat)."""
