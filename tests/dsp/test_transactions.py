@@ -7,6 +7,8 @@ against the rows themselves.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,9 +29,12 @@ from healthspace.identity.keys import SigningKey
 from healthspace.protocol.messages import (
     Agreement,
     ContractAgreementMessage,
+    ContractNegotiation,
+    ContractNegotiationTerminationMessage,
     ContractRequestMessage,
     Offer,
 )
+from healthspace.protocol.states import NegotiationState
 
 ME, PEER = "gz-hospital", "hk-university"
 OFFER: dict[str, Any] = {"@id": "urn:offer:1", "permission": [{"action": "use"}]}
@@ -309,3 +314,43 @@ def test_an_agreement_naming_the_providers_pid_settles_our_request_still_in_flig
         verification.seq: "pending",
     }
     assert service.negotiation(started.id).provider_pid == "urn:p:1"
+
+
+class _CountedReads(DspService):
+    """Counts the reads a long poll makes of a negotiation."""
+
+    reads = 0
+
+    def negotiation(self, pid: str) -> Any:
+        self.reads += 1
+        return super().negotiation(pid)
+
+
+def test_a_long_poll_for_a_later_state_does_not_re_read_after_the_acknowledgement(db: Database) -> None:
+    """Settling the request's ACK reports the state it leaves (REQUESTED): a waiter for FINALIZED
+    knows without reading that it is not there yet."""
+    service = _service(db, [], [], cls=_CountedReads)
+    assert isinstance(service, _CountedReads)
+    started = service.start_negotiation(
+        "researcher:t", PEER, "http://127.0.0.1:8", {**OFFER, "target": "urn:d:1"}
+    )
+    (request,) = _outbox(db, started.id)
+    found: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: found.append(service.wait_negotiation(started.id, {NegotiationState.FINALIZED}, 10.0))
+    )
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 5
+        while service.reads < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ack = ContractNegotiation(provider_pid="urn:p:1", consumer_pid=started.id, state="REQUESTED")
+        service.delivered(request.seq, "negotiation", started.id, ack)
+        time.sleep(0.2)  # a waiter that re-reads does so at once
+        assert service.reads == 1
+    finally:
+        ended = ContractNegotiationTerminationMessage(provider_pid="urn:p:1", consumer_pid=started.id)
+        service.on_negotiation_message(PEER, started.id, ended)
+        waiter.join(10)
+    assert [f.state for f in found] == ["TERMINATED"]
+    assert service.reads == 2

@@ -1456,8 +1456,9 @@ class DspService:
         provider_pid = getattr(answer, "provider_pid", None)
         consumer_pid = getattr(answer, "consumer_pid", None)
         # The ACK moves no state and owes no work: two UPDATEs, no row to load (`settle_delivered`).
-        self.store.settle_delivered(seq, kind, pid, provider_pid, consumer_pid)
-        self._touched({pid})  # waiters for the acknowledgement re-read
+        state = self.store.settle_delivered(seq, kind, pid, provider_pid, consumer_pid)
+        # Waiters for the acknowledgement re-read; one waiting for a later state need not.
+        self._touched({pid}, {pid: state})
 
     def undeliverable(self, kind: str, pid: str, message_type: str, why: str) -> None:
         """A message we owed could not be delivered: our side stops (TERMINATED) with the reason."""

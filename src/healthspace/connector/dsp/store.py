@@ -460,25 +460,24 @@ class DspStore:
 
     def settle_delivered(
         self, seq: int, kind: str, process_id: str, provider_pid: str | None, consumer_pid: str | None
-    ) -> None:
+    ) -> str:
         """In one transaction: mark a leased message sent and fill in the process's missing pids from
-        the peer's acknowledgement (a pid already known is kept)."""
+        the peer's acknowledgement (a pid already known is kept). Returns the process's state as
+        this transaction leaves it (waiters need not read the row to learn it)."""
         t = _PROCESS_TABLES[kind]
         # The process row first, then the outbox row: the order of a handler's transaction
         # (`settle_initial_request`), so the two never wait on each other's locks.
         with self.db.writing_core() as conn:
-            moved = cast(
-                CursorResult[Any],
-                conn.execute(
-                    update(t)
-                    .where(t.c.id == process_id)
-                    .values(
-                        provider_pid=func.coalesce(t.c.provider_pid, provider_pid),
-                        consumer_pid=func.coalesce(t.c.consumer_pid, consumer_pid),
-                    )
-                ),
-            )
-            if moved.rowcount != 1:
+            state = conn.execute(
+                update(t)
+                .where(t.c.id == process_id)
+                .values(
+                    provider_pid=func.coalesce(t.c.provider_pid, provider_pid),
+                    consumer_pid=func.coalesce(t.c.consumer_pid, consumer_pid),
+                )
+                .returning(t.c.state)
+            ).scalar_one_or_none()
+            if state is None:
                 what = "contract negotiation" if kind == "negotiation" else "transfer process"
                 raise NotFoundError(f"no {what} {process_id!r}")  # rolls the transaction back
             settled = cast(
@@ -489,6 +488,7 @@ class DspStore:
             )
             if settled.rowcount != 1:
                 raise NotFoundError(f"no outbox message {seq}")
+        return str(state)
 
     def process_values(self, kind: str, pid: str) -> dict[str, Any]:
         """A process's columns by name, read on a plain connection (the read waiters repeat)."""
