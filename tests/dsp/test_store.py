@@ -8,10 +8,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from healthspace.connector.dsp.store import DspStore
-from healthspace.connector.dsp.tables import NegotiationRow, OutboxRow, TransferRow
+from healthspace.connector.dsp.tables import DatasetRow, NegotiationRow, OutboxRow, TransferRow
 from healthspace.core.db import Database
 from healthspace.core.errors import ConflictError, InvalidTransitionError, NotFoundError
 from healthspace.protocol.states import NegotiationState, TransferState
@@ -235,3 +235,50 @@ def test_claim_next_does_not_take_a_message_settled_while_it_waited(store: DspSt
         settled.status, settled.lease_until = "sent", None
     waiter.join(10)
     assert claimed == [None]
+
+
+def _dataset(did: str = "urn:dataset:1") -> DatasetRow:
+    return DatasetRow(
+        id=did,
+        title="Cohort",
+        description="",
+        keywords=["diabetes"],
+        metadata_json={},
+        offer={"@id": "urn:offer:1", "permission": [{"action": "use"}]},
+        approval="auto",
+        created_at=T0,
+    )
+
+
+def test_a_committed_dataset_is_read_from_the_database_once(store: DspStore) -> None:
+    with store.db.session() as s:
+        store.put_dataset(s, _dataset())
+    statements: list[str] = []
+    listener = lambda *a: statements.append(a[2])  # noqa: E731 - (conn, cursor, statement, ...)
+    event.listen(store.db.engine, "before_cursor_execute", listener)
+    try:
+        with store.db.session() as s:
+            first = store.dataset(s, "urn:dataset:1")
+            first.offer["permission"] = []  # a caller changing its copy
+        with store.db.session() as s:
+            second = store.dataset(s, "urn:dataset:1")
+    finally:
+        event.remove(store.db.engine, "before_cursor_execute", listener)
+    assert len([q for q in statements if "dsp_datasets" in q]) == 1
+    assert second.offer == {"@id": "urn:offer:1", "permission": [{"action": "use"}]}
+    assert second is not first
+
+
+def test_a_dataset_read_in_the_transaction_that_inserts_it_is_not_kept(store: DspStore) -> None:
+    """That transaction may still roll back: then the dataset never existed."""
+
+    def publish_then_fail() -> None:
+        with store.db.session() as s:
+            store.put_dataset(s, _dataset("urn:dataset:gone"))
+            assert store.dataset(s, "urn:dataset:gone").id == "urn:dataset:gone"
+            raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        publish_then_fail()
+    with store.db.session() as s, pytest.raises(NotFoundError):
+        store.dataset(s, "urn:dataset:gone")

@@ -18,6 +18,7 @@ The store never commits: the service's `Database.session()` is the transaction.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -161,9 +162,18 @@ class Outgoing:
         )
 
 
+_DATASET_CACHE_SIZE = 1024
+
+
 class DspStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # Committed dataset rows by id. Datasets are never changed in place nor deleted, so a row
+        # once committed stays as read: every negotiation request reads its dataset, and this saves
+        # that statement. Only rows other transactions committed are kept (`put_dataset` marks the
+        # session that inserts one: a row read there could still roll back).
+        self._datasets: dict[str, dict[str, Any]] = {}
+        self._datasets_lock = threading.Lock()
 
     def writing(self) -> AbstractContextManager[Session]:
         """A write transaction (see `Database.write_lock`)."""
@@ -174,15 +184,25 @@ class DspStore:
     def put_dataset(self, s: Session, row: DatasetRow) -> None:
         if s.get(DatasetRow, row.id) is not None:
             raise ConflictError(f"dataset {row.id!r} already exists")
+        s.info["dsp_dataset_written"] = True
         s.add(row)
         s.flush()
 
     def dataset(self, s: Session, dataset_id: str) -> DatasetRow:
-        """The dataset as a detached row (datasets are never changed in place)."""
-        r = s.connection().execute(_DATASET, {"pid": dataset_id}).mappings().first()
-        if r is None:
-            raise NotFoundError(f"no dataset {dataset_id!r}")
-        return DatasetRow(**r)
+        """The dataset as a detached row of its own (datasets are never changed in place)."""
+        values = self._datasets.get(dataset_id)
+        if values is None:
+            r = s.connection().execute(_DATASET, {"pid": dataset_id}).mappings().first()
+            if r is None:
+                raise NotFoundError(f"no dataset {dataset_id!r}")
+            values = dict(r)
+            if not s.info.get("dsp_dataset_written"):
+                with self._datasets_lock:
+                    if len(self._datasets) >= _DATASET_CACHE_SIZE:
+                        self._datasets.clear()
+                    self._datasets[dataset_id] = values
+        # A copy each time: callers may change the row's JSON members; the cache must not see that.
+        return DatasetRow(**copy.deepcopy(values))
 
     def datasets(self, s: Session) -> Sequence[DatasetRow]:
         return s.scalars(select(DatasetRow).order_by(DatasetRow.created_at, DatasetRow.id)).all()
