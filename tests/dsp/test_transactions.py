@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from healthspace.audit.models import Outcome
 from healthspace.connector.dsp.manager import DspManager
@@ -354,3 +354,24 @@ def test_a_long_poll_for_a_later_state_does_not_re_read_after_the_acknowledgemen
         waiter.join(10)
     assert [f.state for f in found] == ["TERMINATED"]
     assert service.reads == 2
+
+
+def test_a_request_decided_in_its_transaction_writes_its_process_once(db: Database) -> None:
+    """The new process is inserted as the decision left it: one INSERT, no UPDATE after it."""
+    handed: list[list[Outgoing]] = []
+    service = _service(db, [], [])
+    service.hand_off(handed.append, LEASE)
+    statements: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement.split("(")[0].strip())
+
+    event.listen(db.engine, "before_cursor_execute", note)
+    try:
+        ack, _ = service.on_contract_request(PEER, _request(), None)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", note)
+    writes = [q for q in statements if "dsp_negotiations" in q and not q.startswith("SELECT")]
+    assert writes == ["INSERT INTO dsp_negotiations"]
+    stored = service.negotiation(ack.provider_pid)
+    assert (stored.state, stored.pending, stored.agreement_id is not None) == ("AGREED", None, True)

@@ -254,6 +254,9 @@ class _Tx:
     # owed are taken in it, and what they send is written leased and handed to a worker after commit.
     handed: bool = False
     datasets: dict[str, DatasetRow] = field(default_factory=dict)  # read in this transaction
+    # New negotiations of a handed transaction: inserted at its end, after the steps taken in it,
+    # with one INSERT of what they became instead of an INSERT and an UPDATE.
+    inserts: list[NegotiationRow] = field(default_factory=list)
     work: list[Work] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)
     states: dict[str, str] = field(default_factory=dict)  # of the rows created here, as created
@@ -307,9 +310,20 @@ class _Tx:
             created_at=now,
             updated_at=now,
         )
-        self.store.create_negotiation(self.s, row)
+        self.store.create_negotiation(self.s, row, insert=not self.handed)
         self.created(row)
+        if self.handed:
+            self.inserts.append(row)
         return row
+
+    def insert_deferred(self) -> None:
+        """Insert the new negotiations held back (`begin_negotiation`), as they are now."""
+        for row in self.inserts:
+            self.store.insert_negotiation(self.s, row)
+            self.states[row.id] = row.state
+            if row.pending:
+                self.work.append(("step", _kind(row), row.id))
+        self.inserts = []
 
     def created(self, row: _Process) -> None:
         """A process row this transaction inserted (`DspStore.create_*`)."""
@@ -317,7 +331,7 @@ class _Tx:
         self.states[row.id] = row.state
         if row.pending:
             self.work.append(("step", _kind(row), row.id))
-        if self.handed:
+        if self.handed and isinstance(row, TransferRow):
             # A step taken in this transaction changes the row after its INSERT: `save` writes that.
             self.rows.append((row, snapshot(row)))
 
@@ -450,6 +464,7 @@ class DspService:
             yield tx
             if tx.handed:
                 self._steps_inline(tx)
+                tx.insert_deferred()
             tx.save()
             s.flush()
             touched = tx.touched | {pid for _, _, pid in work}
@@ -479,7 +494,7 @@ class DspService:
         own, which records the failure as before, so a failing step never fails the request that
         left it owed."""
         actor = f"connector:{self.me}"
-        for row, _ in list(tx.rows):
+        for row in [*tx.inserts, *(r for r, _ in tx.rows)]:
             owed = row.pending
             if owed is None:
                 continue

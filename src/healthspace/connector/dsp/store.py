@@ -209,11 +209,19 @@ class DspStore:
 
     # --- negotiations --------------------------------------------------------------------------------
 
-    def create_negotiation(self, s: Session, row: NegotiationRow) -> NegotiationRow:
+    def create_negotiation(self, s: Session, row: NegotiationRow, *, insert: bool = True) -> NegotiationRow:
+        """Check the first state and insert. `insert=False` only checks: the caller inserts the row
+        later in the same transaction (`insert_negotiation`), with what the transaction made of it."""
         if NegotiationState(row.state) not in _NEGOTIATION_INITIAL:
             raise InvalidTransitionError(f"a negotiation cannot begin in {row.state}")
-        _insert(s, row, f"negotiation with consumerPid {row.consumer_pid!r}")
+        if insert:
+            self.insert_negotiation(s, row)
         return row
+
+    @staticmethod
+    def insert_negotiation(s: Session, row: NegotiationRow) -> None:
+        """Insert a negotiation checked by `create_negotiation`, in whatever state it is now."""
+        _insert(s, row, f"negotiation with consumerPid {row.consumer_pid!r}")
 
     def negotiation(self, s: Session, pid: str, *, lock: bool = False) -> NegotiationRow:
         q = select(NegotiationRow).where(NegotiationRow.id == pid)
