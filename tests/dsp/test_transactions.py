@@ -29,6 +29,7 @@ from healthspace.identity.keys import SigningKey
 from healthspace.protocol.messages import (
     Agreement,
     ContractAgreementMessage,
+    ContractAgreementVerificationMessage,
     ContractNegotiation,
     ContractNegotiationTerminationMessage,
     ContractRequestMessage,
@@ -375,3 +376,28 @@ def test_a_request_decided_in_its_transaction_writes_its_process_once(db: Databa
     assert writes == ["INSERT INTO dsp_negotiations"]
     stored = service.negotiation(ack.provider_pid)
     assert (stored.state, stored.pending, stored.agreement_id is not None) == ("AGREED", None, True)
+
+
+def test_a_verification_settles_our_agreement_still_in_flight_and_the_finalization_leaves_at_once(
+    db: Database,
+) -> None:
+    hints: list[Work] = []
+    handed: list[list[Outgoing]] = []
+    service = _service(db, [], hints)
+    service.hand_off(handed.append, LEASE)
+    ack, _ = service.on_contract_request(PEER, _request(), None)
+    (agreement,) = _outbox(db, ack.provider_pid)  # leased to a worker, not yet settled
+    assert (agreement.message_type, agreement.status) == ("ContractAgreementMessage", "pending")
+
+    verification = ContractAgreementVerificationMessage(
+        provider_pid=ack.provider_pid, consumer_pid="urn:uuid:c-1"
+    )
+    service.on_negotiation_message(PEER, ack.provider_pid, verification)
+
+    rows = {o.message_type: o for o in _outbox(db, ack.provider_pid)}
+    assert rows["ContractAgreementMessage"].status == "sent"
+    event_row = rows["ContractNegotiationEventMessage:FINALIZED"]
+    assert (event_row.status, event_row.attempts) == ("pending", 1)
+    assert [o.seq for o in handed[-1]] == [event_row.seq]
+    assert ("send", "negotiation", ack.provider_pid) not in hints
+    assert service.negotiation(ack.provider_pid).state == "FINALIZED"

@@ -225,6 +225,9 @@ def new_pid() -> str:
     return f"urn:uuid:{uuid.uuid4()}"
 
 
+# The first message of a consumer's process: pending only until the provider's pid is known.
+_INITIAL_REQUESTS = ("ContractRequestMessage", "TransferRequestMessage")
+
 Work = tuple[str, str, str]
 """A hint for the manager: ("step", kind, pid) = a step is owed on pid; ("send", kind, pid) = pid has a
 message waiting in the outbox. Hints only say where to look; the rows say whether there is work."""
@@ -691,6 +694,10 @@ class DspService:
                 reason = _reason_text(msg.code, msg.reason) or "terminated by the counterparty"
             if isinstance(msg, ContractAgreementMessage):
                 self._accept_agreement(tx, row, msg.agreement, caller)
+            if isinstance(msg, ContractAgreementVerificationMessage) and role is _P:
+                # Only a consumer that has our agreement can verify it: settled here, so the
+                # finalization taken with this message leaves without waiting for its deliverer.
+                self.store.settle_answered(tx.s, row.id, ("ContractAgreementMessage",))
             accept_why: list[str] = []
             if isinstance(msg, ContractOfferMessage):
                 offered = msg.offer.target
@@ -801,7 +808,7 @@ class DspService:
             # The provider names a process only our request created: that request has arrived.
             # Marked sent here, so what this transaction sends next leaves at once instead of
             # waiting for the request's deliverer to settle it.
-            self.store.settle_initial_request(tx.s, row.id)
+            self.store.settle_answered(tx.s, row.id, _INITIAL_REQUESTS)
         elif provider_pid != row.provider_pid:
             raise DspRequestRefusedError("providerPid does not match the process")
 

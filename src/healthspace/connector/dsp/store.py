@@ -458,13 +458,13 @@ class DspStore:
                 raise NotFoundError(f"no outbox message {seq}")
 
     @staticmethod
-    def settle_initial_request(s: Session, process_id: str) -> None:
-        """Mark sent a consumer's initial request the provider has evidently received (it answered
-        with a message naming its own pid), in the caller's transaction.
+    def settle_answered(s: Session, process_id: str, message_types: tuple[str, ...]) -> None:
+        """Mark sent, in the caller's transaction, the pending messages of these types of a process
+        that the peer has evidently received, because it answered them (a consumer's initial request
+        once the provider names its pid; a provider's agreement once the consumer verifies it).
 
-        Only the initial request can be pending while the process has no providerPid (a later
-        message needs that pid), and the consumer's process row is locked first, then the outbox
-        row, as in `settle_delivered`: no lock-order deadlock with the request's deliverer, whose
+        The caller holds the process row's lock; the outbox row comes second, as in
+        `settle_delivered`, so there is no lock-order deadlock with the message's deliverer, whose
         settling then changes nothing that matters (a retry or failure it records keeps "sent")."""
         t = _OUTBOX
         s.connection().execute(
@@ -472,7 +472,7 @@ class DspStore:
             .where(
                 t.c.process_id == process_id,
                 t.c.status == "pending",
-                t.c.message_type.in_(("ContractRequestMessage", "TransferRequestMessage")),
+                t.c.message_type.in_(message_types),
             )
             .values(status="sent", lease_until=None)
         )
@@ -494,7 +494,7 @@ class DspStore:
         this transaction leaves it (waiters need not read the row to learn it)."""
         t = _PROCESS_TABLES[kind]
         # The process row first, then the outbox row: the order of a handler's transaction
-        # (`settle_initial_request`), so the two never wait on each other's locks.
+        # (`settle_answered`), so the two never wait on each other's locks.
         with self.db.writing_core() as conn:
             state = conn.execute(
                 update(t)
