@@ -492,7 +492,9 @@ class DspService:
         """Take, in this transaction, the steps it leaves owed (an automatic decision, verification,
         finalization ...): what a worker would do right after the commit, without its transaction.
 
-        Each step runs in a savepoint. One that fails is undone (its writes, its changes to the row,
+        Each step runs in a savepoint (on the connection: the steps write through it, not through
+        the ORM, so the session's flush and expiry around a nested transaction are not needed).
+        One that fails is undone (its writes, its changes to the row,
         its audit entries and hints) and stays owed: a worker then takes it in a transaction of its
         own, which records the failure as before, so a failing step never fails the request that
         left it owed."""
@@ -504,7 +506,7 @@ class DspService:
             kept = snapshot(row)
             marks = len(tx.audits), len(tx.work), len(tx.leased)
             try:
-                with tx.s.begin_nested():
+                with tx.s.connection().begin_nested():
                     row.pending = None
                     self._take_owed(tx, row, owed, actor)
             except Exception:  # any failure: the step is left to a worker, as before
