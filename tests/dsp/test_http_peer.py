@@ -9,10 +9,12 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
+import httpx
 import pytest
 import uvicorn
 from cryptography import x509
@@ -21,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi import FastAPI, Request, Response
 
-from healthspace.connector.dsp.manager import peer_http_client
+from healthspace.connector.dsp.manager import DspManager, _NoAnswerError, peer_http_client
 from healthspace.connector.dsp.peer_http import PeerHttp, PeerHttpClient, PeerHttpError
 from tests.support.servers import bind_loopback, serve
 
@@ -278,3 +280,69 @@ def test_a_closed_pool_refuses_calls(url: str) -> None:
     client.close()
     with pytest.raises(PeerHttpError, match="closed"):
         client.peer.post(f"{url}/echo", b"{}", {})
+
+
+class _Service:
+    """The manager only registers for hints here; these tests drive its HTTP calls alone."""
+
+    def on_work(self, _: object) -> None:
+        pass
+
+
+class _Header(httpx.Auth):
+    """An auth for both clients: `authorization()` for the pool, `auth_flow` for httpx."""
+
+    def __init__(self) -> None:
+        self.minted = 0
+
+    def authorization(self) -> str:
+        self.minted += 1
+        return f"Bearer t{self.minted}"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self.authorization()
+        yield request
+
+
+def _refuse(_: httpx.Request) -> httpx.Response:
+    raise AssertionError("the manager must not post through httpx when the client carries a pool")
+
+
+def test_the_manager_delivers_through_the_pool_with_a_fresh_header(url: str) -> None:
+    auth = _Header()
+    client = PeerHttpClient(PeerHttp(5.0), transport=httpx.MockTransport(_refuse))
+    manager = DspManager(cast(Any, _Service()), client, lambda _: auth)
+    try:
+        r = manager._call("POST", f"{url}/echo", "peer", b'{"m":1}')
+        again = manager._call("POST", f"{url}/echo", "peer", b'{"m":2}')
+    finally:
+        client.close()
+    assert (r.status_code, r.content, again.content, auth.minted) == (201, b'{"m":1}', b'{"m":2}', 2)
+
+
+def test_the_manager_falls_back_to_httpx_for_other_clients(url: str) -> None:
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers["authorization"])
+        return httpx.Response(201, content=request.content)
+
+    auth = _Header()
+    with httpx.Client(transport=httpx.MockTransport(answer)) as client:
+        manager = DspManager(cast(Any, _Service()), client, lambda _: auth)
+        r = manager._call("POST", f"{url}/echo", "peer", b'{"m":1}')
+    assert (r.status_code, r.content, sent) == (201, b'{"m":1}', ["Bearer t1"])
+
+
+def test_the_manager_reports_no_answer_from_either_client() -> None:
+    sock = bind_loopback()
+    dead = f"http://127.0.0.1:{sock.getsockname()[1]}/x"
+    sock.close()
+    auth = _Header()
+    for client in (peer_http_client(2.0), httpx.Client()):
+        manager = DspManager(cast(Any, _Service()), client, lambda _: auth)
+        try:
+            with pytest.raises(_NoAnswerError):
+                manager._call("POST", dead, "peer", b"{}")
+        finally:
+            client.close()
