@@ -6,8 +6,10 @@ cost that matters is the client's CPU per request. httpx spent ≈ 0.7 ms of CPU
 (URL merging, cookies, the auth generator, redirect handling, h11 in pure Python); `http.client`
 ≈ 0.35 ms for the same request. What the manager needs from a client is kept: per-request timeouts
 (connect and every read or write), keep-alive connections pooled per peer, TLS with certificate
-and host-name checks (`https://` URLs, the default SSL context unless one is given), TCP_NODELAY, a
-bounded answer size, and one exception type (`PeerHttpError`) for every failure to get an answer.
+and host-name checks (`https://` URLs; httpx's trust store unless a context is given), TCP_NODELAY,
+a bounded answer size, and one exception type (`PeerHttpError`) for every failure to get an answer.
+Like the httpx client it replaces (whose custom transport ignored the proxy environment), it
+connects to peers directly.
 
 `PeerHttpClient` is what `manager.peer_http_client()` returns: an `httpx.Client` (the management
 API's occasional calls keep httpx's convenience) that carries a `PeerHttp` for the manager's
@@ -16,6 +18,7 @@ deliveries; both share the timeout and are closed together.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import select
 import socket
@@ -161,7 +164,7 @@ class PeerHttp:
             conn.close()
         scheme, host, port = key
         if scheme == "https":
-            ctx = self._ssl_context or ssl.create_default_context()
+            ctx = self._ssl_context or _default_tls()
             return _TlsConnection(host, port, timeout=timeout, context=ctx)
         return _Connection(host, port, timeout=timeout)
 
@@ -172,6 +175,13 @@ class PeerHttp:
                 stack.append((time.monotonic(), conn))
                 return
         conn.close()
+
+
+@functools.cache
+def _default_tls() -> ssl.SSLContext:
+    # The trust store httpx uses (certifi's, or SSL_CERT_FILE / SSL_CERT_DIR), so moving DSP calls
+    # off httpx changes no certificate decision. Built once: reading the CA bundle takes tens of ms.
+    return httpx.create_ssl_context()
 
 
 def _split(url: str) -> tuple[_Key, str]:
