@@ -58,8 +58,8 @@ class PeerResponse:
 class _Connection(http.client.HTTPConnection):
     def connect(self) -> None:
         super().connect()
-        # http.client writes headers and a bytes body in one send; the peer's answer still must not
-        # wait for Nagle's algorithm on a connection that also carries small writes.
+        # http.client sends headers and a bytes body in one write, but a request it writes in two
+        # parts (a body that is not bytes) would wait ~40 ms for the peer's delayed ACK under Nagle.
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
