@@ -346,3 +346,11 @@ def test_the_manager_reports_no_answer_from_either_client() -> None:
                 manager._call("POST", dead, "peer", b"{}")
         finally:
             client.close()
+
+
+def test_leaving_the_client_s_block_closes_the_pool_too(url: str) -> None:
+    with peer_http_client(5.0) as client:
+        assert isinstance(client, PeerHttpClient)
+        assert client.peer.post(f"{url}/echo", b"{}", {}).status_code == 201
+    with pytest.raises(PeerHttpError, match="closed"):
+        client.peer.post(f"{url}/echo", b"{}", {})

@@ -230,3 +230,10 @@ class PeerHttpClient(httpx.Client):
             self.peer.close()
         finally:
             super().close()
+
+    def __exit__(self, *exc: Any) -> None:
+        # httpx's own `__exit__` closes its transport, not through `close()`: close the pool too.
+        try:
+            self.peer.close()
+        finally:
+            super().__exit__(*exc)
