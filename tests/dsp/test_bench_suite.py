@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from healthspace.bench.suites import dsp
 
+PER_BACKEND = 4
 
-def test_quick_run_reports_latency_and_throughput_on_both_backends_with_baselines() -> None:
+
+def test_quick_run_reports_latency_cpu_and_throughput_on_both_backends_with_baselines() -> None:
     figures = dsp.run(quick=True)
     # SQLite always; PostgreSQL too (run() refuses to skip it under CI=true when it is unreachable).
-    backends = ["SQLite", "PostgreSQL"] if len(figures) == 6 else ["SQLite"]
-    assert [f.target for f in figures] == [dsp.TARGET_P50_MS, dsp.TARGET_P99_MS, dsp.TARGET_RATE] * len(
-        backends
-    )
-    for figure, backend in zip(figures, [b for b in backends for _ in range(3)], strict=True):
+    backends = ["SQLite", "PostgreSQL"] if len(figures) == 2 * PER_BACKEND else ["SQLite"]
+    targets = [dsp.TARGET_P50_MS, dsp.TARGET_P99_MS, None, dsp.TARGET_RATE]
+    assert [f.target for f in figures] == targets * len(backends)
+    for figure, backend in zip(figures, [b for b in backends for _ in range(PER_BACKEND)], strict=True):
         assert figure.name.endswith(f"({backend})")
         assert figure.median > 0
         assert figure.baseline_median is not None
         assert figure.baseline_median > 0
+
+    # A negotiation (four signed messages, persisted and audited on both sides) costs far more CPU
+    # than one GET /health round trip.
+    cpu = [f for f in figures if f.name.startswith("dsp CPU per negotiation")]
+    assert len(cpu) == len(backends)
+    assert all(f.unit == "ms" and f.ratio is not None and f.ratio > 3 for f in cpu)

@@ -154,3 +154,19 @@ def test_dependency_accepts_the_verifier_itself(space: Space) -> None:
     with serve(app) as url, httpx.Client(base_url=url) as c:
         assert c.get("/x", auth=_auth(space)).json() == HOSPITAL_ID
         assert c.get("/x").status_code == 401
+
+
+def test_peer_auth_hands_a_fresh_header_to_other_clients(space: Space, server: tuple[FastAPI, str]) -> None:
+    """`authorization()` (what the DSP manager's own HTTP client sends) is verified like `auth_flow`'s."""
+    app, url = server
+    app.state.verifier = space.verifier()
+    app.state.recorder = Recorder()
+    auth = _auth(space)
+    first, second = auth.authorization(), auth.authorization()
+    assert first.startswith("Bearer ")
+    assert first != second
+    with httpx.Client(base_url=url) as c:
+        for header in (first, second):
+            r = c.get("/peer/whoami", headers={"Authorization": header})
+            assert (r.status_code, r.json()["id"]) == (200, HOSPITAL_ID)
+        assert c.get("/peer/whoami", headers={"Authorization": first}).status_code == 401  # spent

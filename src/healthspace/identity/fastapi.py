@@ -119,9 +119,13 @@ class PeerAuth(httpx.Auth):
         self._clock = clock or SystemClock()
         self._ttl = ttl
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+    def authorization(self) -> str:
+        """A fresh `Authorization` header value (`Bearer <token>`), for clients other than httpx."""
         token = mint_request_token(
             self._key, self._credential, self._caller_id, self._audience, self._clock.now(), self._ttl
         )
-        request.headers["Authorization"] = f"Bearer {token}"
+        return f"Bearer {token}"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self.authorization()
         yield request

@@ -164,16 +164,30 @@ def _negotiate(consumer: _Node, provider: _Node, dataset_id: str) -> float:
 
 
 def _provider_main(conn: Connection, db_url: str, authority_raw: bytes) -> None:
-    """The provider connector's process: serve until told to stop."""
+    """The provider connector's process: serve until told to stop; answer "cpu" with its CPU time."""
     authority = SigningKey(Ed25519PrivateKey.from_private_bytes(authority_raw))
     with _node(db_url, "bench-provider", authority) as node:
         node.service.publish("bench", DatasetCreate(id=DATASET, title="Bench cohort", offer=OFFER))
         conn.send(node.url)
-        conn.recv()
+        while conn.recv() == "cpu":
+            conn.send(time.process_time())
+
+
+class _Cpu:
+    """CPU seconds used so far by both connector processes: this one (consumer, driver, and the
+    bench's HTTP client) and the provider, which reports its own `time.process_time()`."""
+
+    def __init__(self, provider: Connection) -> None:
+        self._provider = provider
+
+    def __call__(self) -> float:
+        self._provider.send("cpu")
+        theirs: float = self._provider.recv()
+        return time.process_time() + theirs
 
 
 @contextmanager
-def _provider(db_url: str, authority: SigningKey) -> Iterator[tuple[str, str]]:
+def _provider(db_url: str, authority: SigningKey) -> Iterator[tuple[str, str, _Cpu]]:
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
     raw = authority.private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
@@ -182,7 +196,7 @@ def _provider(db_url: str, authority: SigningKey) -> Iterator[tuple[str, str]]:
     try:
         if not ours.poll(120):
             raise RuntimeError("the bench provider did not start")
-        yield "bench-provider", ours.recv()
+        yield "bench-provider", ours.recv(), _Cpu(ours)
     finally:
         ours.send("stop")
         proc.join(30)
@@ -230,7 +244,7 @@ def _measure(kind: str, quick: bool) -> list[Figure]:
     authority = SigningKey.generate()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         root = Path(tmp)
-        provider_id, provider_url = stack.enter_context(
+        provider_id, provider_url, cpu = stack.enter_context(
             _provider(stack.enter_context(_database(kind, root, "bench-provider")), authority)
         )
         consumer = stack.enter_context(
@@ -252,6 +266,21 @@ def _measure(kind: str, quick: bool) -> list[Figure]:
                 client.get(f"{provider.url}/health").raise_for_status()
                 health.append((time.perf_counter() - t0) * 1000)
                 latencies.append(one())
+            # CPU per negotiation, both processes, in blocks; the baseline is the CPU of a block of
+            # GET /health round trips in between (the bench's httpx client and the provider's uvicorn).
+            block, health_block = (4, 20) if quick else (20, 100)
+            cpu_neg: list[float] = []
+            cpu_health: list[float] = []
+            for _ in range(2 if quick else 5):
+                c0 = cpu()
+                for _ in range(block):
+                    one()
+                c1 = cpu()
+                for _ in range(health_block):
+                    client.get(f"{provider.url}/health").raise_for_status()
+                c2 = cpu()
+                cpu_neg.append((c1 - c0) / block * 1000)
+                cpu_health.append((c2 - c1) / health_block * 1000)
             # Throughput: negotiations started by CONCURRENCY threads at once, all to FINALIZED,
             # against sequential GET /health round trips in the same run.
             per_round = CONCURRENCY * (2 if quick else 10)
@@ -288,6 +317,17 @@ def _measure(kind: str, quick: bool) -> list[Figure]:
             baseline_samples=[_percentile(health, 0.99)],
             target=TARGET_P99_MS,
             note=f"{note}; p50 of the same run {statistics.median(latencies):.1f} ms",
+        ),
+        Figure(
+            name=f"dsp CPU per negotiation, both connector processes ({backend})",
+            unit="ms",
+            samples=cpu_neg,
+            better="lower",
+            baseline_name="CPU per loopback GET /health round trip, both processes",
+            baseline_samples=cpu_health,
+            note=f"{block} sequential negotiations per sample, {health_block} GET /health per baseline "
+            "sample; process_time of the consumer process and of the provider process. At this CPU "
+            "per negotiation, two cores give at most 2000 / median negotiations/s",
         ),
         Figure(
             name=f"dsp negotiations/s with {CONCURRENCY} concurrent requests ({backend})",

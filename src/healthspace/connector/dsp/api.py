@@ -153,6 +153,11 @@ def make_dsp_routers(
     async def _svc(request: Request) -> DspService:
         return components(request).service
 
+    # The DSP routes that write take the service and the body themselves: each FastAPI dependency
+    # costs its resolution on every request, and these routes carry every DSP message.
+    async def svc_and_body(request: Request) -> tuple[DspService, bytes]:
+        return components(request).service, await request.body()
+
     Svc = Annotated[DspService, Depends(_svc)]  # noqa: N806
     Comp = Annotated[DspComponents, Depends(_components)]  # noqa: N806
 
@@ -232,7 +237,9 @@ def make_dsp_routers(
             return _error("negotiation", exc, pid, body)
 
     @dsp.post("/negotiations/request")
-    async def negotiation_request(request: Request, svc: Svc, body: Raw) -> Response:
+    async def negotiation_request(request: Request) -> Response:
+        svc, body = await svc_and_body(request)
+
         def handle(caller: Caller, token: TokenUse | None) -> Response:
             try:
                 msg = parse_as(body, ContractRequestMessage)
@@ -244,7 +251,9 @@ def make_dsp_routers(
         return await as_peer_writing(request, svc, handle)
 
     @dsp.post("/negotiations/offers")
-    async def negotiation_initial_offer(request: Request, svc: Svc, body: Raw) -> Response:
+    async def negotiation_initial_offer(request: Request) -> Response:
+        svc, body = await svc_and_body(request)
+
         def handle(caller: Caller, token: TokenUse | None) -> Response:
             try:
                 msg = parse_as(body, ContractOfferMessage)
@@ -274,7 +283,8 @@ def make_dsp_routers(
     }
 
     def negotiation_route(model: type[DspMessage]) -> Callable[..., Awaitable[Response]]:
-        async def endpoint(request: Request, pid: str, svc: Svc, body: Raw) -> Response:
+        async def endpoint(request: Request, pid: str) -> Response:
+            svc, body = await svc_and_body(request)
             return await as_peer_writing(
                 request, svc, lambda caller, token: _negotiation(svc, caller, token, pid, body, model)
             )
@@ -292,7 +302,9 @@ def make_dsp_routers(
     # --- transfers ---------------------------------------------------------------------------------
 
     @dsp.post("/transfers/request")
-    async def transfer_request(request: Request, svc: Svc, body: Raw) -> Response:
+    async def transfer_request(request: Request) -> Response:
+        svc, body = await svc_and_body(request)
+
         def handle(caller: Caller, token: TokenUse | None) -> Response:
             try:
                 msg = parse_as(body, TransferRequestMessage)
@@ -321,7 +333,9 @@ def make_dsp_routers(
     }
 
     def transfer_route(model: type[DspMessage]) -> Callable[..., Awaitable[Response]]:
-        async def endpoint(request: Request, pid: str, svc: Svc, body: Raw) -> Response:
+        async def endpoint(request: Request, pid: str) -> Response:
+            svc, body = await svc_and_body(request)
+
             def handle(caller: Caller, token: TokenUse | None) -> Response:
                 try:
                     msg = parse_as(body, model)

@@ -28,12 +28,15 @@ from datetime import timedelta
 
 import httpx
 
+from healthspace.connector.dsp.peer_http import PeerHttp, PeerHttpClient, PeerHttpError, PeerResponse
 from healthspace.connector.dsp.service import DspService, Work
 from healthspace.connector.dsp.store import Outgoing
 from healthspace.core.errors import HealthspaceError
 from healthspace.protocol.messages import ContractNegotiation, DspMessage, TransferProcess, parse_as
 
 __all__ = ["DspManager", "peer_http_client"]
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +57,21 @@ def _ack_type(message_type: str, url: str) -> type[DspMessage] | None:
 _SWEEP: Work = ("sweep", "", "")
 
 
-def peer_http_client(timeout_s: float = 10.0, connections: int = 32) -> httpx.Client:
-    """An HTTP client for peer calls with TCP_NODELAY: httpx writes headers and body separately, and
-    Nagle's algorithm meeting the peer's delayed ACK would add ~40 ms to every POST. Keep-alive
+def peer_http_client(timeout_s: float = 10.0, connections: int = 32) -> PeerHttpClient:
+    """The HTTP client for peer calls: an `httpx.Client` for the management API's occasional calls,
+    carrying the `PeerHttp` pool the manager delivers DSP messages with (`connector.dsp.peer_http`,
+    ADR 0008: a fraction of httpx's CPU per request). Both set TCP_NODELAY: with Nagle's algorithm
+    meeting the peer's delayed ACK, a request written in two parts waits ~40 ms. Keep-alive
     connections are pooled per peer, enough for every manager worker to hold one."""
     transport = httpx.HTTPTransport(
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
     )
-    return httpx.Client(transport=transport, timeout=timeout_s)
+    return PeerHttpClient(PeerHttp(timeout_s, connections), transport=transport, timeout=timeout_s)
+
+
+class _NoAnswerError(Exception):
+    """A peer call that got no HTTP answer (network, timeout, malformed answer); `str()` says why."""
 
 
 class DspManager:
@@ -80,6 +89,9 @@ class DspManager:
     ) -> None:
         self.service = service
         self.http = http
+        # Deliveries go through the lean pool when the client carries one and the auth can hand us
+        # its header (`PeerAuth`); any other client or auth (tests, embedders) goes through httpx.
+        self._peer: PeerHttp | None = http.peer if isinstance(http, PeerHttpClient) else None
         self.auth_for = auth_for
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
@@ -238,15 +250,9 @@ class DspManager:
     ) -> None:
         store = self.service.store
         try:
-            r = self.http.post(
-                url,
-                content=body.encode(),
-                headers={"Content-Type": "application/json"},
-                auth=self.auth_for(peer),
-                timeout=self.timeout_s,
-            )
-        except httpx.HTTPError as exc:
-            self._retry(seq, kind, pid, mtype, f"{type(exc).__name__}", attempts)
+            r = self._call("POST", url, peer, body.encode())
+        except _NoAnswerError as exc:
+            self._retry(seq, kind, pid, mtype, str(exc), attempts)
             return
         if 200 <= r.status_code < 300:
             answer: DspMessage | None = None
@@ -285,7 +291,7 @@ class DspManager:
             return False
         their_pid = rest.split("/", 1)[0]
         try:
-            r = self.http.get(f"{base}{marker}{their_pid}", auth=self.auth_for(peer), timeout=self.timeout_s)
+            r = self._call("GET", f"{base}{marker}{their_pid}", peer)
             if r.status_code != 200:
                 return False
             theirs: str = (
@@ -298,9 +304,34 @@ class DspManager:
                 if kind == "negotiation"
                 else self.service.transfer(pid).state
             )
-        except (httpx.HTTPError, HealthspaceError):
+        except (_NoAnswerError, HealthspaceError):
             return False
         return bool(theirs == ours)
+
+    def _call(self, method: str, url: str, peer: str, body: bytes | None = None) -> PeerResponse:
+        """One signed call to `peer` (a fresh request token), answered or raising `_NoAnswerError`."""
+        auth = self.auth_for(peer)
+        authorization = getattr(auth, "authorization", None)
+        if self._peer is not None and callable(authorization):
+            headers = {"Authorization": authorization()}
+            if body is not None:
+                headers.update(_JSON_HEADERS)
+            try:
+                return self._peer.request(method, url, body, headers, self.timeout_s)
+            except PeerHttpError as exc:
+                raise _NoAnswerError(str(exc)) from None
+        try:
+            r = self.http.request(
+                method,
+                url,
+                content=body,
+                headers=_JSON_HEADERS if body is not None else None,
+                auth=auth,
+                timeout=self.timeout_s,
+            )
+        except httpx.HTTPError as exc:
+            raise _NoAnswerError(type(exc).__name__) from None
+        return PeerResponse(r.status_code, r.content)
 
     def _retry(self, seq: int, kind: str, pid: str, mtype: str, why: str, attempts: int) -> None:
         store = self.service.store
