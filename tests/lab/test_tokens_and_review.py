@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -13,6 +13,8 @@ import pytest
 
 from healthspace.audit.models import Outcome
 from healthspace.connector.dataplane import Reviewer
+from healthspace.connector.dsp.dataplane import mint_access_token
+from healthspace.identity.keys import SigningKey
 from healthspace.lab import Site, Study, TokenKeeper, fetch_released, run_study
 from tests.dataplane.provider import SCENARIO, Provider
 
@@ -209,3 +211,16 @@ def test_a_federated_fit_outlives_its_tokens(providers: dict[str, Provider]) -> 
     np.testing.assert_allclose(long.fit.coef, plain.fit.coef, rtol=0, atol=1e-12)
     assert [s.status for s in long.sites] == ["ok", "ok", "ok"]
     assert all(len(refreshes(p, "tr-agr-lab-long-fit")) >= 2 for p in providers.values())
+
+
+def test_token_claims_are_read_once_per_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from healthspace.lab import sites as lab_sites
+
+    decoded = []
+    real = lab_sites.jwt.decode
+    monkeypatch.setattr(lab_sites.jwt, "decode", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    lab_sites._claims.cache_clear()
+    key = SigningKey.generate()
+    token = mint_access_token(key, "gz-hospital", "hk-university", "agr", "tr-9", datetime.now(UTC))
+    assert [lab_sites._claims(token)[0] for _ in range(4)] == ["tr-9"] * 4
+    assert len(decoded) == 1
