@@ -41,7 +41,7 @@ from healthspace.compute.spec import GlmAnalysis
 from healthspace.connector.dataplane.review import OutputReview
 from healthspace.connector.dataplane.states import JOB, JobState
 from healthspace.connector.dataplane.tables import GlmSessionRow, JobRow, TokenRefreshRow
-from healthspace.connector.dataplane.terms import data_classes_of, rules_from_policy
+from healthspace.connector.dataplane.terms import counts_uses, data_classes_of, rules_from_policy
 from healthspace.connector.dsp.dataplane import (
     DEFAULT_ACCESS_TTL,
     AccessGrant,
@@ -608,28 +608,24 @@ class JobService:
                 state, why = JobState.REFUSED, no_review_for_glm
             else:
                 state, why = JobState.RUNNING, None
-            # A Core INSERT built once, its values as parameters: the ORM's unit of work would cost as
-            # much again, and building `.values(...)` each time about half as much, on every job.
-            s.execute(
-                _INSERT_JOB,
-                {
-                    "id": job_id,
-                    "agreement_id": agreement.id,
-                    "transfer_id": grant.transfer_id,
-                    "consumer_id": grant.consumer,
-                    "scenario_id": body.scenario,
-                    "dataset_id": agreement.dataset_id,
-                    "kind": kind,
-                    "state": JOB.transition(JobState.QUEUED, state).value,
-                    "spec": orjson.dumps(body.spec).decode(),
-                    "result": None,
-                    "reason": None if why is None else why[:4000],
-                    "epsilon": 0.0,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            s.commit()
+            consent: Any = None
+            cohort_error: Exception | None = None
+            if state is JobState.RUNNING:
+                # The consent cohort (its registry's version read, the cohort itself from the cache)
+                # in this transaction, before the INSERT takes the write lock; a failure ends the job
+                # below, once its RUNNING row is stored, as any failure after the decision does.
+                try:
+                    consent = self._cohort(s, job_id, spec, body.scenario, now, audit)
+                except Exception as exc:
+                    cohort_error = exc
+            if cohort_error is None:
+                s.execute(_INSERT_JOB, self._job_row(job_id, grant, agreement, body, kind, state, why, now))
+                s.commit()
+            else:
+                s.rollback()  # a failed read may leave the transaction unusable (PostgreSQL)
+        if cohort_error is not None:
+            with self.db.session() as s:
+                s.execute(_INSERT_JOB, self._job_row(job_id, grant, agreement, body, kind, state, why, now))
         if not decision.allowed:
             audit.flush()
             raise PolicyDeniedError(
@@ -651,9 +647,8 @@ class JobService:
             audit.flush()
             raise ForbiddenError(no_review_for_glm, reason="review-required", job_id=job_id)
         try:
-            consent = self._consent().cohort(
-                body.scenario, data_classes_of(spec), actor=f"dataplane:{job_id}", at=now, record=audit
-            )
+            if cohort_error is not None:
+                raise cohort_error
             ctx = JobContext(job_id, grant.consumer, body.scenario, agreement.dataset_id)
             if kind == "glm":
                 self.close_idle_glm_sessions()
@@ -687,6 +682,52 @@ class JobService:
                 job_id, payload, result.epsilon_spent, review=review, audit=audit, history=history
             )
 
+    @staticmethod
+    def _job_row(
+        job_id: str,
+        grant: AccessGrant,
+        agreement: AgreementView,
+        body: JobCreate,
+        kind: str,
+        state: JobState,
+        why: str | None,
+        now: datetime,
+    ) -> dict[str, Any]:
+        # The values of a Core INSERT built once (`_INSERT_JOB`): the ORM's unit of work would cost as
+        # much again, and building `.values(...)` each time about half as much, on every job.
+        return {
+            "id": job_id,
+            "agreement_id": agreement.id,
+            "transfer_id": grant.transfer_id,
+            "consumer_id": grant.consumer,
+            "scenario_id": body.scenario,
+            "dataset_id": agreement.dataset_id,
+            "kind": kind,
+            "state": JOB.transition(JobState.QUEUED, state).value,
+            "spec": orjson.dumps(body.spec).decode(),
+            "result": None,
+            "reason": None if why is None else why[:4000],
+            "epsilon": 0.0,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    def _cohort(
+        self, s: Session, job_id: str, spec: QuerySpec, scenario: str, now: datetime, audit: AuditBatch
+    ) -> Any:
+        """The job's consent cohort, read in the job's transaction `s` when the registry shares the
+        data plane's database (as in the connector), else in the registry's own."""
+        consent = self._consent()
+        shared = getattr(consent, "database", None) is self.db
+        return consent.cohort(
+            scenario,
+            data_classes_of(spec),
+            actor=f"dataplane:{job_id}",
+            at=now,
+            record=audit,
+            session=s if shared else None,
+        )
+
     def _engine_now(self) -> DuckDBEngine:
         """The engine over the store's current connection (call under `_engine_lock`)."""
         con = self._connect()
@@ -709,8 +750,9 @@ class JobService:
         use count and budget are read in `s`."""
         params = job_parameters(spec, rules)
         # A held result is a use: the computation ran and its budget is spent, released or not.
-        # Counted on the (agreement_id, state) index.
-        uses = s.scalar(_USES, {"agreement_id": agreement.id})
+        # Counted on the (agreement_id, state) index, which grows with every job of the agreement:
+        # only when the policy may constrain the count (`counts_uses`), else it cannot matter.
+        uses = s.scalar(_USES, {"agreement_id": agreement.id}) if counts_uses(agreement.policy) else 0
         d = self.gate.decide(
             agreement.policy,
             agreement.dataset_id,
