@@ -523,3 +523,20 @@ def test_counts_uses_errs_towards_counting() -> None:
         rule = {"action": "use", "duty": [{"constraint": [{"leftOperand": named}]}]}
         assert counts_uses({"permission": [rule]})
     assert counts_uses({"permission": [], "note": object()})  # not plain JSON: count
+
+
+def test_a_successful_job_opens_one_orm_session(gz: Provider, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The decision's transaction (use count, budget, consent version, job row) is the only ORM session;
+    # the success is one Core transaction. Main had three sessions (decision, cohort, success).
+    opened: list[int] = []
+    real = gz.db.session
+
+    def counting() -> Any:
+        opened.append(1)
+        return real()
+
+    monkeypatch.setattr(gz.db, "session", counting)
+    job = post_job(gz, gz.token("agr-plain"), COUNT_SPEC).json()
+    assert job["state"] == "SUCCEEDED"
+    assert verify_envelope(job["signed"], gz.key.public_key_b64)["job_id"] == job["id"]
+    assert len(opened) == 1

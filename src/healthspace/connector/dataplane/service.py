@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Table, Update, bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -229,24 +230,42 @@ class _Checked:
 
 
 def _public(
-    row: JobRow, glm: dict[str, Any] | None = None, review: dict[str, Any] | None = None
+    row: JobRow | Mapping[Any, Any], glm: dict[str, Any] | None = None, review: dict[str, Any] | None = None
 ) -> JobPublic:
+    """The consumer's view of a job row (an ORM row, or the columns a Core statement returned)."""
+    m: Mapping[Any, Any] = row if isinstance(row, Mapping) else {c: getattr(row, c) for c in _PUBLIC_COLUMNS}
     return JobPublic(
-        id=row.id,
-        state=JobState(row.state),
-        kind=row.kind,
-        agreement_id=row.agreement_id,
-        consumer_id=row.consumer_id,
-        scenario_id=row.scenario_id,
-        dataset_id=row.dataset_id,
-        epsilon=row.epsilon,
-        reason=row.reason,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        signed=orjson.loads(row.result) if row.result else None,
+        id=m["id"],
+        state=JobState(m["state"]),
+        kind=m["kind"],
+        agreement_id=m["agreement_id"],
+        consumer_id=m["consumer_id"],
+        scenario_id=m["scenario_id"],
+        dataset_id=m["dataset_id"],
+        epsilon=m["epsilon"],
+        reason=m["reason"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        signed=orjson.loads(m["result"]) if m["result"] else None,
         glm=glm,
         review=review,
     )
+
+
+_PUBLIC_COLUMNS = (
+    "id",
+    "state",
+    "kind",
+    "agreement_id",
+    "consumer_id",
+    "scenario_id",
+    "dataset_id",
+    "epsilon",
+    "reason",
+    "created_at",
+    "updated_at",
+    "result",
+)
 
 
 class _ProfileDirectory:
@@ -328,7 +347,7 @@ class _HeldHistory:
     ) -> None:
         self._held.append((dataset_id, consumer_id, sets, at, digests))
 
-    def store(self, s: Session) -> None:
+    def store(self, s: Session | Connection) -> None:
         for dataset_id, consumer_id, sets, at, digests in self._held:
             self._history.record_in(s, dataset_id, consumer_id, sets, at, digests)
         self._held = []
@@ -850,23 +869,25 @@ class JobService:
         held = None
         audit = audit or AuditBatch(self._record, self._record_many, self._clock)
         try:
-            with self.db.session() as s:
-                if history is not None:
-                    history.store(s)
-                if review:
+            if review:
+                with self.db.session() as s:
+                    if history is not None:
+                        history.store(s)
                     row = s.get(JobRow, job_id)
                     if row is None:
                         raise NotFoundError(f"no job {job_id!r}")
                     held = self.review.hold(s, row, envelope, epsilon)
-                else:
-                    row = self._finish(s, job_id, JobState.SUCCEEDED, result=envelope, epsilon=epsilon)
-                s.commit()
-                summary = (
-                    {"id": held.id, "state": held.state, "approvals": 0, "required": held.required}
-                    if held is not None
-                    else None
-                )
-                out = _public(row, review=summary)
+                    s.commit()
+                    summary = {"id": held.id, "state": held.state, "approvals": 0, "required": held.required}
+                    out = _public(row, review=summary)
+            else:
+                # Core statements only (the guard's sets, the UPDATE ... RETURNING): a plain connection's
+                # transaction, not an ORM session's, on every job.
+                with self.db.engine.begin() as c:
+                    if history is not None:
+                        history.store(c)
+                    stored = self._finish(c, job_id, JobState.SUCCEEDED, result=envelope, epsilon=epsilon)
+                out = _public(stored)
         except Exception as exc:
             # Cancelled meanwhile, or the store failed: nothing is released, but the job's decision,
             # cohort and spent budget happened and its held entries are evidence of them.
@@ -906,7 +927,7 @@ class JobService:
         audit.flush()
         return out
 
-    def _finish(self, s: Session, job_id: str, target: JobState, **values: Any) -> JobRow:
+    def _finish(self, s: Session | Connection, job_id: str, target: JobState, **values: Any) -> RowMapping:
         """Move a RUNNING job to `target` with `values`, in `s`: one UPDATE ... RETURNING on the Core
         table (this runs on every job; the ORM would load the row first). The transition is checked
         against the state machine, and the UPDATE applies only while the stored state is RUNNING; a
@@ -925,7 +946,7 @@ class JobService:
                 raise NotFoundError(f"no job {job_id!r}")
             JOB.transition(JobState(current), target)  # refuses: the job is no longer RUNNING
             raise ConflictError(f"job {job_id!r} changed state meanwhile")
-        return JobRow(**stored._mapping)
+        return stored._mapping
 
     def _move(self, job_id: str, target: JobState, reason: str | None = None) -> JobRow:
         with self.db.session() as s:
