@@ -454,3 +454,89 @@ def test_a_job_cancelled_while_it_runs_does_not_end_succeeded(
         ("dataplane.job.run", Outcome.FAILURE),
     ]
     assert mine[-1].reason.startswith("the result was not stored")
+
+
+def test_a_failing_consent_cohort_ends_the_job_failed_and_audited(
+    providers: dict[str, Provider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hk = providers["hk"]
+    hk.add_agreement("agr-consent-down")
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("registry unreadable")
+
+    monkeypatch.setattr(hk.consent, "cohort", broken)
+    r = post_job(hk, hk.token("agr-consent-down"), COUNT_SPEC)
+    assert r.status_code == 500
+    with hk.db.session() as s:
+        rows = list(s.scalars(select(JobRow).where(JobRow.agreement_id == "agr-consent-down")))
+    assert [(row.state, row.reason) for row in rows] == [
+        (JobState.FAILED.value, "internal error (RuntimeError)")
+    ]
+    mine = [(e.action, e.outcome) for e in hk.audit_entries() if e.subject == f"job:{rows[0].id}"]
+    assert mine == [("policy.decision", Outcome.ALLOWED), ("dataplane.job.run", Outcome.FAILURE)]
+
+
+def test_the_consent_cohort_is_read_in_the_jobs_decision_transaction(
+    gz: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Any] = []
+    real = gz.consent.cohort
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("session"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gz.consent, "cohort", spy)
+    assert gz.consent.database is gz.service.db
+    assert post_job(gz, gz.token("agr-plain"), COUNT_SPEC).status_code == 200
+    assert len(seen) == 1
+    assert seen[0] is not None
+
+
+def test_uses_are_counted_only_when_the_policy_may_limit_them(
+    gz: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted: list[str] = []
+    real = service_module.counts_uses
+
+    def spy(policy: Any) -> bool:
+        out = real(policy)
+        counted.append("count" if out else "skip")
+        return out
+
+    monkeypatch.setattr(service_module, "counts_uses", spy)
+    assert post_job(gz, gz.token("agr-plain"), COUNT_SPEC).status_code == 200
+    gz.add_agreement("agr-twice", max_uses=2)
+    assert post_job(gz, gz.token("agr-twice"), COUNT_SPEC).status_code == 200
+    assert post_job(gz, gz.token("agr-twice"), COUNT_SPEC).status_code == 200
+    assert post_job(gz, gz.token("agr-twice"), COUNT_SPEC).status_code == 403  # the third use
+    assert counted == ["skip", "count", "count", "count"]
+
+
+def test_counts_uses_errs_towards_counting() -> None:
+    from healthspace.connector.dataplane.terms import counts_uses
+
+    plain = {"permission": [{"action": "use", "constraint": [{"leftOperand": "purpose"}]}]}
+    assert not counts_uses(plain)
+    for named in ("count", "odrl:count", "http://www.w3.org/ns/odrl/2/count", "COUNT"):
+        rule = {"action": "use", "duty": [{"constraint": [{"leftOperand": named}]}]}
+        assert counts_uses({"permission": [rule]})
+    assert counts_uses({"permission": [], "note": object()})  # not plain JSON: count
+
+
+def test_a_successful_job_opens_one_orm_session(gz: Provider, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The decision's transaction (use count, budget, consent version, job row) is the only ORM session;
+    # the success is one Core transaction. Main had three sessions (decision, cohort, success).
+    opened: list[int] = []
+    real = gz.db.session
+
+    def counting() -> Any:
+        opened.append(1)
+        return real()
+
+    monkeypatch.setattr(gz.db, "session", counting)
+    job = post_job(gz, gz.token("agr-plain"), COUNT_SPEC).json()
+    assert job["state"] == "SUCCEEDED"
+    assert verify_envelope(job["signed"], gz.key.public_key_b64)["job_id"] == job["id"]
+    assert len(opened) == 1

@@ -199,3 +199,27 @@ def test_airlock_does_not_count_one_reviewer_twice() -> None:
     with pytest.raises(Exception, match="already approved"):
         airlock.approve(held.id, "bob")
     assert held.state is ReviewState.HELD
+
+
+def test_envelope_checks_reuse_the_parsed_key_and_still_refuse_a_bad_signature(
+    providers: dict[str, Provider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from healthspace.connector.dataplane import sign_payload
+    from healthspace.lab import sites
+
+    key = providers["gz"].key
+    parsed = []
+    real = sites.public_key_from_b64
+    monkeypatch.setattr(sites, "public_key_from_b64", lambda b64: parsed.append(b64) or real(b64))
+    sites._provider_key.cache_clear()
+    env = sign_payload(key, {"job_id": "j", "result": {"n": 12}})
+    for _ in range(3):
+        assert verify_envelope(env, key.public_key_b64) == env["payload"]
+    assert parsed == [key.public_key_b64]
+    forged = {**env, "payload": {"job_id": "j", "result": {"n": 13}}}
+    with pytest.raises(AuthenticationError) as exc:
+        verify_envelope(forged, key.public_key_b64)
+    assert exc.value.extra["reason"] == "bad-signature"
+    with pytest.raises(AuthenticationError) as exc:
+        verify_envelope(env, providers["hk"].key.public_key_b64)
+    assert exc.value.extra["reason"] == "wrong-key"

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from healthspace.audit.models import Outcome
 from healthspace.connector.dataplane import Reviewer
+from healthspace.connector.dsp.dataplane import mint_access_token
+from healthspace.identity.keys import SigningKey
 from healthspace.lab import Site, Study, TokenKeeper, fetch_released, run_study
 from tests.dataplane.provider import SCENARIO, Provider
+from tests.support.servers import serve
 
 E11 = {"type": "event", "event": {"domain": "condition", "codes": ["E11"], "match": "prefix"}}
 COUNT_SPEC: dict[str, Any] = {
@@ -209,3 +214,48 @@ def test_a_federated_fit_outlives_its_tokens(providers: dict[str, Provider]) -> 
     np.testing.assert_allclose(long.fit.coef, plain.fit.coef, rtol=0, atol=1e-12)
     assert [s.status for s in long.sites] == ["ok", "ok", "ok"]
     assert all(len(refreshes(p, "tr-agr-lab-long-fit")) >= 2 for p in providers.values())
+
+
+def test_token_claims_are_read_once_per_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from healthspace.lab import sites as lab_sites
+
+    decoded = []
+    real = lab_sites.jwt.decode
+    monkeypatch.setattr(lab_sites.jwt, "decode", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    lab_sites._claims.cache_clear()
+    key = SigningKey.generate()
+    token = mint_access_token(key, "gz-hospital", "hk-university", "agr", "tr-9", datetime.now(UTC))
+    assert [lab_sites._claims(token)[0] for _ in range(4)] == ["tr-9"] * 4
+    assert len(decoded) == 1
+
+
+def test_a_call_sends_its_body_as_json_once_encoded_and_resends_it_after_a_refresh() -> None:
+    key = SigningKey.generate()
+    now = datetime.now(UTC)
+    old = mint_access_token(key, "p", "c", "agr", "tr-1", now - timedelta(hours=1), timedelta(minutes=10))
+    fresh = mint_access_token(key, "p", "c", "agr", "tr-1", now)
+    seen: list[tuple[str, str, bytes]] = []
+    app = FastAPI()
+
+    @app.post("/dataplane/jobs")
+    async def jobs(request: Request) -> JSONResponse:
+        seen.append((request.headers["authorization"], request.headers["content-type"], await request.body()))
+        if request.headers["authorization"] != f"Bearer {fresh}":
+            return JSONResponse({"reason": "token-expired"}, status_code=401)
+        return JSONResponse({"ok": True})
+
+    @app.post("/dataplane/token")
+    def token() -> dict[str, str]:
+        return {"token": fresh}
+
+    body = {"scenario": "s", "spec": {"codes": [f"C{i:03d}" for i in range(1000)], "x": 0.5}}
+    with serve(app) as url, httpx.Client() as http:
+        site = Site("p", f"{url}/dataplane", old)
+        r = TokenKeeper(refresh_before_s=0).call(http, site, "POST", "/jobs", body)
+    assert r.status_code == 200
+    assert [(a, t) for a, t, _ in seen] == [
+        (f"Bearer {old}", "application/json"),
+        (f"Bearer {fresh}", "application/json"),
+    ]
+    assert seen[0][2] == seen[1][2]
+    assert httpx.Response(200, content=seen[1][2]).json() == body

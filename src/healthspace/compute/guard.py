@@ -10,6 +10,7 @@ from typing import Protocol, cast
 
 import numpy as np
 from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from healthspace.compute.disclosure import DisclosureError
@@ -177,14 +178,15 @@ class SqlCohortHistory:
 
     def record_in(
         self,
-        s: Session,
+        s: Session | Connection,
         dataset_id: str,
         consumer_id: str,
         sets: list[np.ndarray],
         at: datetime,
         digests: list[bytes] | None = None,
     ) -> None:
-        """`record` inside a caller's transaction (the data plane's, which also stores the result).
+        """`record` inside a caller's transaction (the data plane's, which also stores the result): an
+        ORM session or a plain connection.
 
         Statements on the Core table: on the ORM class, SQLAlchemy would evaluate each UPDATE's
         criteria against the session's objects first (synchronize_session), on every job. The same set

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
+from sqlalchemy.orm import Session
 
 from healthspace.audit.log import AuditLog, AuditRecorder
 from healthspace.audit.models import Outcome, format_time
@@ -353,6 +354,11 @@ class ConsentService:
         )
         return result
 
+    @property
+    def database(self) -> Database:
+        """The database the registry lives in (a caller sharing it may pass its session to `cohort`)."""
+        return self._db
+
     def cohort(
         self,
         scenario_id: str,
@@ -361,37 +367,26 @@ class ConsentService:
         actor: str,
         at: datetime | None = None,
         record: AuditRecorder | None = None,
+        session: Session | None = None,
     ) -> ConsentFilter:
         """The consenting cohort for a use: one SQL query over the whole registry, no per-patient trips.
 
         Raises on any failure, so a job that cannot get its cohort cannot run (never "everyone").
         The `consent.cohort` entry goes to `record` when given (the data plane passes its job's
         batch, committed with the job's other entries when the job ends), else to the audit log now.
+        `session`, a transaction on this registry's `database`, is read in instead of one of its own
+        (the data plane's job transaction: one transaction per job fewer); only reads are made in it.
         """
         classes = frozenset(data_classes)
         if not classes:
             raise ValidationError("name the data classes the use reads (at least one)")
         mask_of(classes)
         at = aware(at, "at") if at is not None else self._clock.now()
-        key = (scenario_id, classes)
-        with self._db.session() as s:
-            # The version is read first: a decision committed after this read changes it, so a cohort
-            # computed from newer rows is only ever filed under an older version (a miss next time).
-            version = self._store.version(s)
-            hit = self._cohorts.get(key)
-            if (
-                hit is not None
-                and hit.version == version
-                and hit.since <= at
-                and (hit.until is None or at < hit.until)
-            ):
-                cohort = replace(hit.cohort, at=at)
-            else:
-                cohort = ConsentFilter.of(
-                    scenario_id, at, classes, self._store.cohort(s, scenario_id, at, classes)
-                )
-                until = self._store.next_change(s, scenario_id, at)
-                self._cohorts[key] = _CachedCohort(version, at, until, cohort)
+        if session is not None:
+            cohort = self._cohort_in(session, scenario_id, classes, at)
+        else:
+            with self._db.session() as s:
+                cohort = self._cohort_in(s, scenario_id, classes, at)
         ids = cohort.person_ids
         (record or self._audit.record)(
             actor,
@@ -401,6 +396,26 @@ class ConsentService:
             scenario_id=scenario_id,
             details={"patients": len(ids), "data_classes": sorted(classes), "at": format_time(at)},
         )
+        return cohort
+
+    def _cohort_in(
+        self, s: Session, scenario_id: str, classes: frozenset[str], at: datetime
+    ) -> ConsentFilter:
+        key = (scenario_id, classes)
+        # The version is read first: a decision committed after this read changes it, so a cohort
+        # computed from newer rows is only ever filed under an older version (a miss next time).
+        version = self._store.version(s)
+        hit = self._cohorts.get(key)
+        if (
+            hit is not None
+            and hit.version == version
+            and hit.since <= at
+            and (hit.until is None or at < hit.until)
+        ):
+            return replace(hit.cohort, at=at)
+        cohort = ConsentFilter.of(scenario_id, at, classes, self._store.cohort(s, scenario_id, at, classes))
+        until = self._store.next_change(s, scenario_id, at)
+        self._cohorts[key] = _CachedCohort(version, at, until, cohort)
         return cohort
 
     def consenting_count(self, scenario_id: str, *, actor: str, at: datetime | None = None) -> int:

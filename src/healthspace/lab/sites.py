@@ -4,6 +4,7 @@ the keeper that refreshes their short-lived tokens."""
 from __future__ import annotations
 
 import base64
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -12,10 +13,13 @@ from typing import Any
 
 import httpx
 import jwt
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from healthspace.compute import canonical_json
 from healthspace.core.errors import AuthenticationError, HealthspaceError, ValidationError
-from healthspace.identity.keys import key_id_of, verify_signature
+from healthspace.identity.keys import key_id_of, public_key_from_b64
 
 __all__ = [
     "DEFAULT_TOKENS",
@@ -23,6 +27,7 @@ __all__ = [
     "TokenKeeper",
     "TokenRefreshError",
     "fetch_public_key",
+    "json_of",
     "site_from_transfer",
     "verify_envelope",
 ]
@@ -68,20 +73,35 @@ def _b64url(s: str) -> bytes:
     return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
+@functools.lru_cache(maxsize=256)
+def _provider_key(public_key_b64: str) -> tuple[str, Ed25519PublicKey | None]:
+    """Key id and parsed key (None when it does not parse) of a provider's published key: a lab checks
+    every result of a site with the same key, so it is decoded once, not once per result."""
+    key_id = key_id_of(_b64url(public_key_b64))
+    try:
+        return key_id, public_key_from_b64(public_key_b64)
+    except ValidationError:
+        return key_id, None
+
+
 def verify_envelope(envelope: dict[str, Any], public_key_b64: str) -> dict[str, Any]:
     """The payload of a provider's signed envelope, after checking key id and Ed25519 signature."""
     try:
         payload = envelope["payload"]
         kid, sig = str(envelope["kid"]), _b64url(str(envelope["signature"]))
-        key_id = key_id_of(_b64url(public_key_b64))
+        key_id, key = _provider_key(public_key_b64)
     except (KeyError, TypeError, ValueError) as exc:
         raise AuthenticationError("the result is not a signed envelope", reason="bad-envelope") from exc
     if envelope.get("alg") != "EdDSA" or kid != key_id:
         raise AuthenticationError(
             f"the result is signed with key {kid!r}, not {key_id!r}", reason="wrong-key"
         )
-    if not isinstance(payload, dict) or not verify_signature(public_key_b64, canonical_json(payload), sig):
+    if not isinstance(payload, dict) or key is None:
         raise AuthenticationError("the result's signature does not verify", reason="bad-signature")
+    try:
+        key.verify(sig, canonical_json(payload))
+    except InvalidSignature:
+        raise AuthenticationError("the result's signature does not verify", reason="bad-signature") from None
     return payload
 
 
@@ -106,9 +126,11 @@ class TokenRefreshError(HealthspaceError):
         self.reasons = reasons or []
 
 
+@functools.lru_cache(maxsize=1024)
 def _claims(token: str) -> tuple[str, float, float | None]:
     """The transfer a token is for, when it was issued and its lifetime in seconds (exp - iat), read
-    without verifying: the lab only schedules refreshes with them; the provider verifies every use."""
+    without verifying: the lab only schedules refreshes with them; the provider verifies every use.
+    Kept per token (a function of the token's text alone): every call of a study reads them."""
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
         transfer = str(claims.get("transfer") or "")
@@ -218,15 +240,28 @@ class TokenKeeper:
         """`method {site.endpoint}{path}` with the current token; on 401 `token-expired`, refresh and
         retry once. Raises `TokenRefreshError` when the provider will not refresh."""
         token = self.token(http, site)
-        r = http.request(
-            method, f"{site.endpoint}{path}", json=json, headers={"Authorization": f"Bearer {token}"}
-        )
+        # The body encoded once, by orjson (httpx's `json=` uses the standard library's encoder, slow
+        # for a spec listing a thousand codes), and sent again as is on a retry.
+        content = None if json is None else orjson.dumps(json)
+        r = http.request(method, f"{site.endpoint}{path}", content=content, headers=_headers(token, content))
         if r.status_code == 401 and _reason(r) == "token-expired":
             token = self.refresh(http, site, token)
             r = http.request(
-                method, f"{site.endpoint}{path}", json=json, headers={"Authorization": f"Bearer {token}"}
+                method, f"{site.endpoint}{path}", content=content, headers=_headers(token, content)
             )
         return r
+
+
+def _headers(token: str, content: bytes | None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {token}"}
+    if content is not None:
+        headers["Content-Type"] = "application/json"
+    return headers
+
+
+def json_of(r: httpx.Response) -> Any:
+    """The answer's JSON document, parsed by orjson (a `ValueError` when it is not JSON, as `r.json()`)."""
+    return orjson.loads(r.content)
 
 
 DEFAULT_TOKENS = TokenKeeper()

@@ -26,6 +26,7 @@ from healthspace.lab.sites import (
     TokenKeeper,
     TokenRefreshError,
     fetch_public_key,
+    json_of,
     problem_of,
     verify_envelope,
 )
@@ -219,7 +220,7 @@ def _call_site(
             out.detail, out.reasons = _problem(r)
             out.status = "refused" if r.status_code in (401, 403) else "failed"
             return
-        job = r.json()
+        job = json_of(r)
         if job.get("kind") == "glm":
             out.job_id = job.get("id")
             out.result = job
@@ -334,7 +335,7 @@ def fetch_released(
                 out.detail, out.reasons = _problem(r)
                 out.status = "refused" if r.status_code in (401, 403) else "failed"
                 return
-            _accept(client, site, r.json(), out, keys)
+            _accept(client, site, json_of(r), out, keys)
 
         outcomes.append(_guarded(out, time.perf_counter(), step))
     return StudyResult(result.scenario, result.spec, result.started_at, utcnow(), outcomes, combine(outcomes))
@@ -623,7 +624,7 @@ class _HttpGlmSite:
         if r.status_code != 200:
             detail, _ = _problem(r)
             raise ValidationError(f"site {self.site.id}: HTTP {r.status_code}: {detail}")
-        payload = verify_envelope(r.json(), self.key)
+        payload = verify_envelope(json_of(r), self.key)
         if payload.get("job_id") != self.job_id or payload.get("beta") != [float(b) for b in beta]:
             raise ValidationError(f"site {self.site.id}: the signed statistics are for another step")
         return SiteStats.from_dict(payload["stats"])
@@ -672,7 +673,7 @@ def fit_federated_glm(
         r = keeper.call(client, site, "POST", f"/glm/{o.job_id}/finish")
         o.http_status = r.status_code
         if r.status_code == 200:
-            o.result = verify_envelope(r.json().get("signed") or {}, keys[site.id])
+            o.result = verify_envelope(json_of(r).get("signed") or {}, keys[site.id])
         else:
             o.status, o.detail = "failed", _problem(r)[0]
     return GlmStudyResult(fit, opened)

@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Table, Update, bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,7 +42,7 @@ from healthspace.compute.spec import GlmAnalysis
 from healthspace.connector.dataplane.review import OutputReview
 from healthspace.connector.dataplane.states import JOB, JobState
 from healthspace.connector.dataplane.tables import GlmSessionRow, JobRow, TokenRefreshRow
-from healthspace.connector.dataplane.terms import data_classes_of, rules_from_policy
+from healthspace.connector.dataplane.terms import counts_uses, data_classes_of, rules_from_policy
 from healthspace.connector.dsp.dataplane import (
     DEFAULT_ACCESS_TTL,
     AccessGrant,
@@ -229,24 +230,42 @@ class _Checked:
 
 
 def _public(
-    row: JobRow, glm: dict[str, Any] | None = None, review: dict[str, Any] | None = None
+    row: JobRow | Mapping[Any, Any], glm: dict[str, Any] | None = None, review: dict[str, Any] | None = None
 ) -> JobPublic:
+    """The consumer's view of a job row (an ORM row, or the columns a Core statement returned)."""
+    m: Mapping[Any, Any] = row if isinstance(row, Mapping) else {c: getattr(row, c) for c in _PUBLIC_COLUMNS}
     return JobPublic(
-        id=row.id,
-        state=JobState(row.state),
-        kind=row.kind,
-        agreement_id=row.agreement_id,
-        consumer_id=row.consumer_id,
-        scenario_id=row.scenario_id,
-        dataset_id=row.dataset_id,
-        epsilon=row.epsilon,
-        reason=row.reason,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        signed=orjson.loads(row.result) if row.result else None,
+        id=m["id"],
+        state=JobState(m["state"]),
+        kind=m["kind"],
+        agreement_id=m["agreement_id"],
+        consumer_id=m["consumer_id"],
+        scenario_id=m["scenario_id"],
+        dataset_id=m["dataset_id"],
+        epsilon=m["epsilon"],
+        reason=m["reason"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        signed=orjson.loads(m["result"]) if m["result"] else None,
         glm=glm,
         review=review,
     )
+
+
+_PUBLIC_COLUMNS = (
+    "id",
+    "state",
+    "kind",
+    "agreement_id",
+    "consumer_id",
+    "scenario_id",
+    "dataset_id",
+    "epsilon",
+    "reason",
+    "created_at",
+    "updated_at",
+    "result",
+)
 
 
 class _ProfileDirectory:
@@ -328,7 +347,7 @@ class _HeldHistory:
     ) -> None:
         self._held.append((dataset_id, consumer_id, sets, at, digests))
 
-    def store(self, s: Session) -> None:
+    def store(self, s: Session | Connection) -> None:
         for dataset_id, consumer_id, sets, at, digests in self._held:
             self._history.record_in(s, dataset_id, consumer_id, sets, at, digests)
         self._held = []
@@ -608,28 +627,24 @@ class JobService:
                 state, why = JobState.REFUSED, no_review_for_glm
             else:
                 state, why = JobState.RUNNING, None
-            # A Core INSERT built once, its values as parameters: the ORM's unit of work would cost as
-            # much again, and building `.values(...)` each time about half as much, on every job.
-            s.execute(
-                _INSERT_JOB,
-                {
-                    "id": job_id,
-                    "agreement_id": agreement.id,
-                    "transfer_id": grant.transfer_id,
-                    "consumer_id": grant.consumer,
-                    "scenario_id": body.scenario,
-                    "dataset_id": agreement.dataset_id,
-                    "kind": kind,
-                    "state": JOB.transition(JobState.QUEUED, state).value,
-                    "spec": orjson.dumps(body.spec).decode(),
-                    "result": None,
-                    "reason": None if why is None else why[:4000],
-                    "epsilon": 0.0,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            s.commit()
+            consent: Any = None
+            cohort_error: Exception | None = None
+            if state is JobState.RUNNING:
+                # The consent cohort (its registry's version read, the cohort itself from the cache)
+                # in this transaction, before the INSERT takes the write lock; a failure ends the job
+                # below, once its RUNNING row is stored, as any failure after the decision does.
+                try:
+                    consent = self._cohort(s, job_id, spec, body.scenario, now, audit)
+                except Exception as exc:
+                    cohort_error = exc
+            if cohort_error is None:
+                s.execute(_INSERT_JOB, self._job_row(job_id, grant, agreement, body, kind, state, why, now))
+                s.commit()
+            else:
+                s.rollback()  # a failed read may leave the transaction unusable (PostgreSQL)
+        if cohort_error is not None:
+            with self.db.session() as s:
+                s.execute(_INSERT_JOB, self._job_row(job_id, grant, agreement, body, kind, state, why, now))
         if not decision.allowed:
             audit.flush()
             raise PolicyDeniedError(
@@ -651,9 +666,8 @@ class JobService:
             audit.flush()
             raise ForbiddenError(no_review_for_glm, reason="review-required", job_id=job_id)
         try:
-            consent = self._consent().cohort(
-                body.scenario, data_classes_of(spec), actor=f"dataplane:{job_id}", at=now, record=audit
-            )
+            if cohort_error is not None:
+                raise cohort_error
             ctx = JobContext(job_id, grant.consumer, body.scenario, agreement.dataset_id)
             if kind == "glm":
                 self.close_idle_glm_sessions()
@@ -687,6 +701,52 @@ class JobService:
                 job_id, payload, result.epsilon_spent, review=review, audit=audit, history=history
             )
 
+    @staticmethod
+    def _job_row(
+        job_id: str,
+        grant: AccessGrant,
+        agreement: AgreementView,
+        body: JobCreate,
+        kind: str,
+        state: JobState,
+        why: str | None,
+        now: datetime,
+    ) -> dict[str, Any]:
+        # The values of a Core INSERT built once (`_INSERT_JOB`): the ORM's unit of work would cost as
+        # much again, and building `.values(...)` each time about half as much, on every job.
+        return {
+            "id": job_id,
+            "agreement_id": agreement.id,
+            "transfer_id": grant.transfer_id,
+            "consumer_id": grant.consumer,
+            "scenario_id": body.scenario,
+            "dataset_id": agreement.dataset_id,
+            "kind": kind,
+            "state": JOB.transition(JobState.QUEUED, state).value,
+            "spec": orjson.dumps(body.spec).decode(),
+            "result": None,
+            "reason": None if why is None else why[:4000],
+            "epsilon": 0.0,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    def _cohort(
+        self, s: Session, job_id: str, spec: QuerySpec, scenario: str, now: datetime, audit: AuditBatch
+    ) -> Any:
+        """The job's consent cohort, read in the job's transaction `s` when the registry shares the
+        data plane's database (as in the connector), else in the registry's own."""
+        consent = self._consent()
+        shared = getattr(consent, "database", None) is self.db
+        return consent.cohort(
+            scenario,
+            data_classes_of(spec),
+            actor=f"dataplane:{job_id}",
+            at=now,
+            record=audit,
+            session=s if shared else None,
+        )
+
     def _engine_now(self) -> DuckDBEngine:
         """The engine over the store's current connection (call under `_engine_lock`)."""
         con = self._connect()
@@ -709,8 +769,9 @@ class JobService:
         use count and budget are read in `s`."""
         params = job_parameters(spec, rules)
         # A held result is a use: the computation ran and its budget is spent, released or not.
-        # Counted on the (agreement_id, state) index.
-        uses = s.scalar(_USES, {"agreement_id": agreement.id})
+        # Counted on the (agreement_id, state) index, which grows with every job of the agreement:
+        # only when the policy may constrain the count (`counts_uses`), else it cannot matter.
+        uses = s.scalar(_USES, {"agreement_id": agreement.id}) if counts_uses(agreement.policy) else 0
         d = self.gate.decide(
             agreement.policy,
             agreement.dataset_id,
@@ -808,23 +869,25 @@ class JobService:
         held = None
         audit = audit or AuditBatch(self._record, self._record_many, self._clock)
         try:
-            with self.db.session() as s:
-                if history is not None:
-                    history.store(s)
-                if review:
+            if review:
+                with self.db.session() as s:
+                    if history is not None:
+                        history.store(s)
                     row = s.get(JobRow, job_id)
                     if row is None:
                         raise NotFoundError(f"no job {job_id!r}")
                     held = self.review.hold(s, row, envelope, epsilon)
-                else:
-                    row = self._finish(s, job_id, JobState.SUCCEEDED, result=envelope, epsilon=epsilon)
-                s.commit()
-                summary = (
-                    {"id": held.id, "state": held.state, "approvals": 0, "required": held.required}
-                    if held is not None
-                    else None
-                )
-                out = _public(row, review=summary)
+                    s.commit()
+                    summary = {"id": held.id, "state": held.state, "approvals": 0, "required": held.required}
+                    out = _public(row, review=summary)
+            else:
+                # Core statements only (the guard's sets, the UPDATE ... RETURNING): a plain connection's
+                # transaction, not an ORM session's, on every job.
+                with self.db.engine.begin() as c:
+                    if history is not None:
+                        history.store(c)
+                    stored = self._finish(c, job_id, JobState.SUCCEEDED, result=envelope, epsilon=epsilon)
+                out = _public(stored)
         except Exception as exc:
             # Cancelled meanwhile, or the store failed: nothing is released, but the job's decision,
             # cohort and spent budget happened and its held entries are evidence of them.
@@ -864,7 +927,7 @@ class JobService:
         audit.flush()
         return out
 
-    def _finish(self, s: Session, job_id: str, target: JobState, **values: Any) -> JobRow:
+    def _finish(self, s: Session | Connection, job_id: str, target: JobState, **values: Any) -> RowMapping:
         """Move a RUNNING job to `target` with `values`, in `s`: one UPDATE ... RETURNING on the Core
         table (this runs on every job; the ORM would load the row first). The transition is checked
         against the state machine, and the UPDATE applies only while the stored state is RUNNING; a
@@ -883,7 +946,7 @@ class JobService:
                 raise NotFoundError(f"no job {job_id!r}")
             JOB.transition(JobState(current), target)  # refuses: the job is no longer RUNNING
             raise ConflictError(f"job {job_id!r} changed state meanwhile")
-        return JobRow(**stored._mapping)
+        return stored._mapping
 
     def _move(self, job_id: str, target: JobState, reason: str | None = None) -> JobRow:
         with self.db.session() as s:
