@@ -23,6 +23,7 @@ from healthspace.data.keys import LocalKeyStore
 from healthspace.data.store import ClinicalStore
 from healthspace.identity.keys import SigningKey
 from healthspace.lab import verify_envelope
+from healthspace.policy.compiler import compile_policy
 from tests.dataplane.provider import CONSUMER, SCENARIO, Provider
 
 E11 = {"type": "event", "event": {"domain": "condition", "codes": ["E11"], "match": "prefix"}}
@@ -498,14 +499,14 @@ def test_uses_are_counted_only_when_the_policy_may_limit_them(
     gz: Provider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counted: list[str] = []
-    real = service_module.counts_uses
+    real = gz.service.gate.reads_use_count
 
     def spy(policy: Any) -> bool:
         out = real(policy)
         counted.append("count" if out else "skip")
         return out
 
-    monkeypatch.setattr(service_module, "counts_uses", spy)
+    monkeypatch.setattr(gz.service.gate, "reads_use_count", spy)
     assert post_job(gz, gz.token("agr-plain"), COUNT_SPEC).status_code == 200
     gz.add_agreement("agr-twice", max_uses=2)
     assert post_job(gz, gz.token("agr-twice"), COUNT_SPEC).status_code == 200
@@ -514,15 +515,34 @@ def test_uses_are_counted_only_when_the_policy_may_limit_them(
     assert counted == ["skip", "count", "count", "count"]
 
 
-def test_counts_uses_errs_towards_counting() -> None:
-    from healthspace.connector.dataplane.terms import counts_uses
+def _policy(rule: dict[str, Any], kind: str = "permission") -> dict[str, Any]:
+    return {
+        "@context": "http://www.w3.org/ns/odrl.jsonld",
+        "@type": "Agreement",
+        "@id": "urn:agreement:count-test",
+        "target": "urn:dataset:x",
+        "assigner": "gz",
+        "assignee": "uni",
+        kind: [{"action": "use", **rule}],
+    }
 
-    plain = {"permission": [{"action": "use", "constraint": [{"leftOperand": "purpose"}]}]}
-    assert not counts_uses(plain)
-    for named in ("count", "odrl:count", "http://www.w3.org/ns/odrl/2/count", "COUNT"):
-        rule = {"action": "use", "duty": [{"constraint": [{"leftOperand": named}]}]}
-        assert counts_uses({"permission": [rule]})
-    assert counts_uses({"permission": [], "note": object()})  # not plain JSON: count
+
+def test_the_use_count_is_read_for_a_count_constraint_wherever_it_stands(gz: Provider) -> None:
+    gate = gz.service.gate
+    count = {"leftOperand": "count", "operator": "lteq", "rightOperand": "3"}
+    purpose = {"leftOperand": "purpose", "operator": "eq", "rightOperand": "research"}
+    assert not gate.reads_use_count(_policy({"constraint": [purpose]}))
+    with_count = [
+        _policy({"constraint": [count]}),
+        _policy({"constraint": [{**count, "leftOperand": "odrl:count"}]}),
+        _policy({"constraint": [{"and": [purpose, count]}]}),
+        _policy({"constraint": [count]}, kind="prohibition"),
+    ]
+    for policy in with_count:
+        assert "count" in compile_policy(policy).left_operands  # compiles: not the fallback below
+        assert gate.reads_use_count(policy)
+    # A document that does not compile: count (its decision denies anyway).
+    assert gate.reads_use_count({"permission": "not a list"})
 
 
 def test_a_successful_job_opens_one_orm_session(gz: Provider, monkeypatch: pytest.MonkeyPatch) -> None:

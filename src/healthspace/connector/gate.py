@@ -203,6 +203,14 @@ class PolicyGate:
                 self._compiled.popitem(last=False)
         return compiled
 
+    def reads_use_count(self, policy: Mapping[str, Any]) -> bool:
+        """Whether a decision on `policy` depends on the agreement's use count (a `count` constraint
+        anywhere in it). Counting reads every earlier job of the agreement, so a caller skips it when
+        the answer cannot change the decision. A document that does not compile says yes: its decision
+        denies anyway, and counting never makes a decision more permissive."""
+        compiled = self._compile(policy)
+        return not isinstance(compiled, CompiledPolicy) or "count" in compiled.left_operands
+
     def decide(
         self,
         policy: Mapping[str, Any],

@@ -132,6 +132,9 @@ class CompiledPolicy:
     obligations: tuple[DutyDef, ...]
     document: Mapping[str, Any]
     """The policy after normalisation (ODRL prefixes removed)."""
+    left_operands: frozenset[str] = frozenset()
+    """Every leftOperand a constraint of the policy names (rules, duties, refinements): what a caller
+    must gather facts for, e.g. the agreement's use count only when `count` is among them."""
 
 
 # --- value formatting ------------------------------------------------------------------------------
@@ -407,6 +410,7 @@ class _Compiler:
     def __init__(self, original: Any) -> None:
         self.original = original
         self.problems: list[Problem] = []
+        self.operands: set[str] = set()
 
     def problem(self, path: list[str | int], message: str) -> None:
         self.problems.append(Problem(original_pointer(self.original, path), message))
@@ -479,6 +483,7 @@ class _Compiler:
                 summary = f" {logical} ".join(f"({c.summary})" for c in children)
                 return Constraint(logical, pointer, uid, make(children), summary, children=children)
         name, op, raw = node["leftOperand"], node["operator"], node["rightOperand"]
+        self.operands.add(name)
         operand = LEFT_OPERANDS[name]
         if op not in operand.operators:
             self.problem(
@@ -603,4 +608,5 @@ def compile_policy(doc: Any) -> CompiledPolicy:
         prohibitions=tuple(r for r in prohibs if r is not None),
         obligations=tuple(d for d in obligations if d is not None),
         document=norm,
+        left_operands=frozenset(c.operands),
     )

@@ -42,7 +42,7 @@ from healthspace.compute.spec import GlmAnalysis
 from healthspace.connector.dataplane.review import OutputReview
 from healthspace.connector.dataplane.states import JOB, JobState
 from healthspace.connector.dataplane.tables import GlmSessionRow, JobRow, TokenRefreshRow
-from healthspace.connector.dataplane.terms import counts_uses, data_classes_of, rules_from_policy
+from healthspace.connector.dataplane.terms import data_classes_of, rules_from_policy
 from healthspace.connector.dsp.dataplane import (
     DEFAULT_ACCESS_TTL,
     AccessGrant,
@@ -770,8 +770,12 @@ class JobService:
         params = job_parameters(spec, rules)
         # A held result is a use: the computation ran and its budget is spent, released or not.
         # Counted on the (agreement_id, state) index, which grows with every job of the agreement:
-        # only when the policy may constrain the count (`counts_uses`), else it cannot matter.
-        uses = s.scalar(_USES, {"agreement_id": agreement.id}) if counts_uses(agreement.policy) else 0
+        # only when the policy has a `count` constraint, else it cannot matter.
+        uses = (
+            s.scalar(_USES, {"agreement_id": agreement.id})
+            if self.gate.reads_use_count(agreement.policy)
+            else 0
+        )
         d = self.gate.decide(
             agreement.policy,
             agreement.dataset_id,
@@ -883,7 +887,7 @@ class JobService:
             else:
                 # Core statements only (the guard's sets, the UPDATE ... RETURNING): a plain connection's
                 # transaction, not an ORM session's, on every job.
-                with self.db.engine.begin() as c:
+                with self.db.writing_core() as c:
                     if history is not None:
                         history.store(c)
                     stored = self._finish(c, job_id, JobState.SUCCEEDED, result=envelope, epsilon=epsilon)

@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import orjson
-
 from healthspace.compute import DisclosureRules, QuerySpec
 
-__all__ = ["DOMAIN_CLASSES", "counts_uses", "data_classes_of", "rules_from_policy"]
+__all__ = ["DOMAIN_CLASSES", "data_classes_of", "rules_from_policy"]
 
 # Consent data class behind each event domain of a spec. Person, age, sex and death come from the
 # demographics class, which every job reads.
@@ -44,22 +42,6 @@ def data_classes_of(spec: QuerySpec) -> frozenset[str]:
         if d.get("type") in ("measurement_summary", "measurement_histogram") or d.get("kind") == "value":
             out.add("laboratory")
     return frozenset(out)
-
-
-def counts_uses(policy: Mapping[str, Any]) -> bool:
-    """Whether the policy may constrain the number of uses (the `count` left operand), so that the
-    data plane must count the agreement's earlier jobs for its decision.
-
-    Deliberately coarse, erring towards counting: true when "count" appears anywhere in the
-    document (any rule, duty, refinement, prefix or IRI form, even in a description). Counting is
-    a query over every earlier job of the agreement, so it grows with the agreement's use; skipped
-    only when no constraint can name it.
-    """
-    try:
-        text = orjson.dumps(policy)
-    except TypeError:  # not plain JSON: count, and let the policy gate judge the document
-        return True
-    return b"count" in text.lower()
 
 
 def _constraints(policy: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
