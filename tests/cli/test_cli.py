@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,36 @@ def test_an_operator_onboards_lists_and_revokes_from_the_command_line(tmp_path: 
         )
         assert wrong_key.exit_code == 1
         assert "401" in wrong_key.output
+
+
+def test_a_connector_without_the_dsp_schemas_refuses_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without them every peer's first DSP message would meet a 500; the connector must not start.
+    monkeypatch.setenv("HEALTHSPACE_DSP_SCHEMA_DIR", str(tmp_path / "no-schemas"))
+    result = runner.invoke(app, ["connector", "serve", "--data-dir", str(tmp_path / "c")])
+    assert result.exit_code == 1
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "HEALTHSPACE_DSP_SCHEMA_DIR" in said
+    assert "does not hold the DSP 2025-1 schemas" in said
+
+
+def test_the_demo_without_the_dsp_schemas_stops_before_generating_anything(tmp_path: Path) -> None:
+    # Run from a directory with no ../shared next to it and no setting: nothing is generated or started.
+    work = tmp_path / "elsewhere" / "cwd"
+    work.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "HEALTHSPACE_DSP_SCHEMA_DIR"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "healthspace", "demo", "--once", "--data-dir", str(tmp_path / "space")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    said = " ".join(proc.stdout.split())  # the console wraps long lines
+    assert "DSP 2025-1 schemas not found" in said
+    assert "HEALTHSPACE_DSP_SCHEMA_DIR" in said
+    assert not (tmp_path / "space").exists()

@@ -39,6 +39,7 @@ from healthspace.core.errors import HealthspaceError
 from healthspace.core.settings import Settings
 from healthspace.data.profile import default_profile
 from healthspace.policy.templates import template
+from healthspace.protocol.schemas import SCHEMA_DIR_ENV, find_schema_dir
 
 __all__ = ["DEMO_PARTICIPANTS", "run_demo"]
 
@@ -122,9 +123,9 @@ def _free_ports(start: int, count: int) -> list[int]:
     return ports
 
 
-def _start(svc: Service) -> None:
+def _start(svc: Service, schemas: Path) -> None:
     log = (svc.data_dir / "service.log").open("ab")
-    env = {**os.environ, "HEALTHSPACE_DATA_DIR": str(svc.data_dir)}
+    env = {**os.environ, "HEALTHSPACE_DATA_DIR": str(svc.data_dir), SCHEMA_DIR_ENV: str(schemas)}
     env.pop("HEALTHSPACE_DATABASE_URL", None)  # each demo service keeps its own SQLite database
     svc.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed arguments
         [
@@ -715,6 +716,13 @@ def _print_space(space: dict[str, Any], console: Console) -> None:
 
 
 def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, console: Console) -> int:
+    try:
+        # Before minutes of data generation: every connector needs the DSP schemas (it refuses to
+        # start without them), and its process is handed the directory found here.
+        schemas = find_schema_dir().resolve()
+    except HealthspaceError as exc:
+        console.print(f"[red]error:[/red] {exc.detail}")
+        return 2
     root = data_dir / "demo"
     if root.exists():
         console.print(f"replacing the previous demo space in {root}")
@@ -732,7 +740,7 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
 
         keys = init_authority(Settings(data_dir=authority.data_dir), AUTHORITY_ID, AUTHORITY_NAME)
         authority.api_keys = {r.value: k.secret for r, k in keys.items()}
-        _start(authority)
+        _start(authority, schemas)
         _wait_healthy(authority)
         admin = AuthorityClient(authority.url, authority.api_keys[Role.ADMIN.value])
         anchor = admin.describe()
@@ -767,7 +775,7 @@ def run_demo(data_dir: Path, *, patients: int, base_port: int, once: bool, conso
                 }
             )
             install_credential(settings, result["credential"])
-            _start(svc)
+            _start(svc, schemas)
         for svc in connectors:
             _wait_healthy(svc)
         approvals = _register_export_approvals(

@@ -65,6 +65,7 @@ from healthspace.identity.replay import SqlReplayGuard
 from healthspace.identity.revocation import RevocationCache, verify_revocation_list
 from healthspace.identity.tokens import Caller, RequestVerifier, mint_request_token
 from healthspace.policy.registry import CrossBorderCache, CrossBorderSet, verify_approvals, verify_rules
+from healthspace.protocol.schemas import find_schema_dir
 
 __all__ = ["ConnectorRuntime", "create_app", "init_connector", "open_runtime"]
 
@@ -496,6 +497,9 @@ def _staff(*roles: Role) -> Any:
 
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+    # Every DSP message in and out is checked against the schemas, loaded on first use: without them a
+    # peer's first message would meet a 500. Refuse to start instead, naming where we looked.
+    find_schema_dir()
     rt = open_runtime(settings or Settings(), clock)
 
     @asynccontextmanager
