@@ -158,6 +158,21 @@ def make_dsp_routers(
     async def svc_and_body(request: Request) -> tuple[DspService, bytes]:
         return components(request).service, await request.body()
 
+    Act = Callable[[DspService, str, bytes, TokenUse | None], Response]  # noqa: N806
+
+    async def peer_message(request: Request, kind: str, pid: str | None, act: Act) -> Response:
+        """A writing DSP route: `act(service, caller id, body, token use)` as the authenticated peer,
+        any refusal answered as a DSP error of `kind` naming the process."""
+        svc, body = await svc_and_body(request)
+
+        def handle(caller: Caller, token: TokenUse | None) -> Response:
+            try:
+                return act(svc, caller.participant_id, body, token)
+            except HealthspaceError as exc:
+                return _error(kind, exc, pid, body)
+
+        return await as_peer_writing(request, svc, handle)
+
     Svc = Annotated[DspService, Depends(_svc)]  # noqa: N806
     Comp = Annotated[DspComponents, Depends(_components)]  # noqa: N806
 
@@ -218,50 +233,22 @@ def make_dsp_routers(
 
     # --- negotiations ------------------------------------------------------------------------------
 
-    def _negotiation(
-        svc: DspService,
-        caller: Caller,
-        token: TokenUse | None,
-        pid: str,
-        body: bytes,
-        model: type[DspMessage],
-    ) -> Response:
-        try:
-            msg = parse_as(body, model)
-            if isinstance(msg, ContractRequestMessage):
-                ack, _ = svc.on_contract_request(caller.participant_id, msg, pid, token=token)
-            else:
-                ack = svc.on_negotiation_message(caller.participant_id, pid, msg, token=token)
-            return _json(ack)
-        except HealthspaceError as exc:
-            return _error("negotiation", exc, pid, body)
-
     @dsp.post("/negotiations/request")
     async def negotiation_request(request: Request) -> Response:
-        svc, body = await svc_and_body(request)
+        def act(svc: DspService, who: str, body: bytes, token: TokenUse | None) -> Response:
+            msg = parse_as(body, ContractRequestMessage)
+            ack, created = svc.on_contract_request(who, msg, None, token=token)
+            return _json(ack, 201 if created else 200)
 
-        def handle(caller: Caller, token: TokenUse | None) -> Response:
-            try:
-                msg = parse_as(body, ContractRequestMessage)
-                ack, created = svc.on_contract_request(caller.participant_id, msg, None, token=token)
-                return _json(ack, 201 if created else 200)
-            except HealthspaceError as exc:
-                return _error("negotiation", exc, None, body)
-
-        return await as_peer_writing(request, svc, handle)
+        return await peer_message(request, "negotiation", None, act)
 
     @dsp.post("/negotiations/offers")
     async def negotiation_initial_offer(request: Request) -> Response:
-        svc, body = await svc_and_body(request)
+        def act(svc: DspService, who: str, body: bytes, token: TokenUse | None) -> Response:
+            msg = parse_as(body, ContractOfferMessage)
+            return _json(svc.on_initial_offer(who, msg, token=token), 201)
 
-        def handle(caller: Caller, token: TokenUse | None) -> Response:
-            try:
-                msg = parse_as(body, ContractOfferMessage)
-                return _json(svc.on_initial_offer(caller.participant_id, msg, token=token), 201)
-            except HealthspaceError as exc:
-                return _error("negotiation", exc, None, body)
-
-        return await as_peer_writing(request, svc, handle)
+        return await peer_message(request, "negotiation", None, act)
 
     @dsp.get("/negotiations/{pid}")
     async def negotiation_get(request: Request, pid: str, svc: Svc) -> Response:
@@ -284,10 +271,14 @@ def make_dsp_routers(
 
     def negotiation_route(model: type[DspMessage]) -> Callable[..., Awaitable[Response]]:
         async def endpoint(request: Request, pid: str) -> Response:
-            svc, body = await svc_and_body(request)
-            return await as_peer_writing(
-                request, svc, lambda caller, token: _negotiation(svc, caller, token, pid, body, model)
-            )
+            def act(svc: DspService, who: str, body: bytes, token: TokenUse | None) -> Response:
+                msg = parse_as(body, model)
+                if isinstance(msg, ContractRequestMessage):
+                    ack, _ = svc.on_contract_request(who, msg, pid, token=token)
+                    return _json(ack)
+                return _json(svc.on_negotiation_message(who, pid, msg, token=token))
+
+            return await peer_message(request, "negotiation", pid, act)
 
         return endpoint
 
@@ -303,17 +294,11 @@ def make_dsp_routers(
 
     @dsp.post("/transfers/request")
     async def transfer_request(request: Request) -> Response:
-        svc, body = await svc_and_body(request)
+        def act(svc: DspService, who: str, body: bytes, token: TokenUse | None) -> Response:
+            ack, created = svc.on_transfer_request(who, parse_as(body, TransferRequestMessage), token=token)
+            return _json(ack, 201 if created else 200)
 
-        def handle(caller: Caller, token: TokenUse | None) -> Response:
-            try:
-                msg = parse_as(body, TransferRequestMessage)
-                ack, created = svc.on_transfer_request(caller.participant_id, msg, token=token)
-                return _json(ack, 201 if created else 200)
-            except HealthspaceError as exc:
-                return _error("transfer", exc, None, body)
-
-        return await as_peer_writing(request, svc, handle)
+        return await peer_message(request, "transfer", None, act)
 
     @dsp.get("/transfers/{pid}")
     async def transfer_get(request: Request, pid: str, svc: Svc) -> Response:
@@ -334,16 +319,10 @@ def make_dsp_routers(
 
     def transfer_route(model: type[DspMessage]) -> Callable[..., Awaitable[Response]]:
         async def endpoint(request: Request, pid: str) -> Response:
-            svc, body = await svc_and_body(request)
+            def act(svc: DspService, who: str, body: bytes, token: TokenUse | None) -> Response:
+                return _json(svc.on_transfer_message(who, pid, parse_as(body, model), token=token))
 
-            def handle(caller: Caller, token: TokenUse | None) -> Response:
-                try:
-                    msg = parse_as(body, model)
-                    return _json(svc.on_transfer_message(caller.participant_id, pid, msg, token=token))
-                except HealthspaceError as exc:
-                    return _error("transfer", exc, pid, body)
-
-            return await as_peer_writing(request, svc, handle)
+            return await peer_message(request, "transfer", pid, act)
 
         return endpoint
 
