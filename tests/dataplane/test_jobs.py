@@ -560,3 +560,22 @@ def test_a_successful_job_opens_one_orm_session(gz: Provider, monkeypatch: pytes
     assert job["state"] == "SUCCEEDED"
     assert verify_envelope(job["signed"], gz.key.public_key_b64)["job_id"] == job["id"]
     assert len(opened) == 1
+
+
+def test_an_error_inside_policy_compilation_denies_the_job(
+    gz: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The data plane compiles the policy once for the use-count question and the decision; a fault in
+    # the compiler must end as a denial (fail closed), never as a 500 or an allowed job.
+    import healthspace.connector.gate as gate_module
+    import healthspace.policy.gate as decide_module
+
+    def broken(_: Any) -> Any:
+        raise RuntimeError("compiler fault")
+
+    monkeypatch.setattr(gate_module, "compile_policy", broken)
+    monkeypatch.setattr(decide_module, "compile_policy", broken)
+    # A policy document the gate (shared by this module's tests) has not compiled yet: its own k.
+    gz.add_agreement("agr-fresh", k=97)
+    r = post_job(gz, gz.token("agr-fresh"), COUNT_SPEC)
+    assert r.status_code == 403, r.text

@@ -41,7 +41,6 @@ from healthspace.policy.gate import UseDecision, decide_use, scenarios_of
 from healthspace.policy.models import Decision, Facts, Phase
 from healthspace.policy.models import Request as UseRequest
 from healthspace.policy.registry import CrossBorderSet
-from healthspace.policy.schema import PolicyError
 from healthspace.protocol.states import Role as DspRole
 
 __all__ = [
@@ -180,10 +179,13 @@ class PolicyGate:
         self._compiled: OrderedDict[bytes, CompiledPolicy] = OrderedDict()
         self._compiled_lock = threading.Lock()
 
-    def _compile(self, policy: Mapping[str, Any]) -> CompiledPolicy | Mapping[str, Any]:
+    def compiled(self, policy: Mapping[str, Any] | CompiledPolicy) -> CompiledPolicy | Mapping[str, Any]:
         """`policy` compiled, once per distinct document (keyed by a digest of its canonical JSON).
-        A document that does not compile is handed on as it is: `decide_use` denies it with the
-        problems, exactly as without the cache."""
+        A document that does not compile is handed on as it is: `decide` denies it with the problems,
+        exactly as without the cache. A caller that asks the gate several things about one policy
+        (`reads_use_count`, then `decide`) compiles it here once and passes the result to each."""
+        if isinstance(policy, CompiledPolicy):
+            return policy
         try:
             key = hashlib.sha256(orjson.dumps(policy, option=orjson.OPT_SORT_KEYS)).digest()
         except TypeError:
@@ -195,7 +197,7 @@ class PolicyGate:
                 return hit
         try:
             compiled = compile_policy(policy)
-        except PolicyError:
+        except Exception:
             return policy
         with self._compiled_lock:
             self._compiled[key] = compiled
@@ -203,17 +205,17 @@ class PolicyGate:
                 self._compiled.popitem(last=False)
         return compiled
 
-    def reads_use_count(self, policy: Mapping[str, Any]) -> bool:
+    def reads_use_count(self, policy: Mapping[str, Any] | CompiledPolicy) -> bool:
         """Whether a decision on `policy` depends on the agreement's use count (a `count` constraint
         anywhere in it). Counting reads every earlier job of the agreement, so a caller skips it when
         the answer cannot change the decision. A document that does not compile says yes: its decision
         denies anyway, and counting never makes a decision more permissive."""
-        compiled = self._compile(policy)
+        compiled = self.compiled(policy)
         return not isinstance(compiled, CompiledPolicy) or "count" in compiled.left_operands
 
     def decide(
         self,
-        policy: Mapping[str, Any],
+        policy: Mapping[str, Any] | CompiledPolicy,
         dataset_id: str,
         consumer_id: str,
         phase: Phase,
@@ -261,7 +263,7 @@ class PolicyGate:
                 consent_obtained=self.has_consent_registry,
             )
             return decide_use(
-                self._compile(policy),
+                self.compiled(policy),
                 request,
                 facts,
                 provider_jurisdiction=self.jurisdiction,

@@ -771,13 +771,10 @@ class JobService:
         # A held result is a use: the computation ran and its budget is spent, released or not.
         # Counted on the (agreement_id, state) index, which grows with every job of the agreement:
         # only when the policy has a `count` constraint, else it cannot matter.
-        uses = (
-            s.scalar(_USES, {"agreement_id": agreement.id})
-            if self.gate.reads_use_count(agreement.policy)
-            else 0
-        )
+        policy = self.gate.compiled(agreement.policy)  # once, for both questions below
+        uses = s.scalar(_USES, {"agreement_id": agreement.id}) if self.gate.reads_use_count(policy) else 0
         d = self.gate.decide(
-            agreement.policy,
+            policy,
             agreement.dataset_id,
             grant.consumer,
             Phase.JOB,
