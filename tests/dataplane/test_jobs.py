@@ -14,7 +14,7 @@ from healthspace.compute import DifferencingGuard, DuckDBEngine, JobContext, par
 from healthspace.compute.disclosure import DisclosureError
 from healthspace.compute.guard import decode_ids
 from healthspace.compute.tables import CohortHistoryRow
-from healthspace.connector.dataplane import JobCreate, JobState, data_classes_of, rules_from_policy
+from healthspace.connector.dataplane import JobCreate, JobPublic, JobState, data_classes_of, rules_from_policy
 from healthspace.connector.dataplane import service as service_module
 from healthspace.connector.dataplane.tables import JobRow
 from healthspace.connector.dsp.dataplane import mint_access_token
@@ -579,3 +579,49 @@ def test_an_error_inside_policy_compilation_denies_the_job(
     gz.add_agreement("agr-fresh", k=97)
     r = post_job(gz, gz.token("agr-fresh"), COUNT_SPEC)
     assert r.status_code == 403, r.text
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        (b"{not json", ["body"]),
+        (b'{"scenario": "x", "spec": {}, "extra": 1}', ["body", "extra"]),
+        (b'{"spec": {}}', ["body", "scenario"]),
+        (b"", ["body"]),
+    ],
+)
+def test_a_malformed_job_body_is_a_422_problem_naming_where(
+    gz: Provider, body: bytes, where: list[Any]
+) -> None:
+    # The job route parses its body itself (pydantic's JSON parser): errors must still be the 422
+    # problem every other route gives, located in the body, and no job may start.
+    r = httpx.post(
+        f"{gz.url}/dataplane/jobs",
+        content=body,
+        headers={"Authorization": f"Bearer {gz.token('agr-plain')}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422
+    assert r.headers["content-type"].startswith("application/problem+json")
+    locs = [e["loc"] for e in r.json()["errors"]]
+    assert any(loc[: len(where)] == where for loc in locs), locs
+
+
+def test_the_job_route_documents_its_body_and_answer(gz: Provider) -> None:
+    doc = httpx.get(f"{gz.url}/openapi.json").json()
+    op = doc["paths"]["/dataplane/jobs"]["post"]
+    body = op["requestBody"]["content"]["application/json"]["schema"]
+    if "$ref" in body:
+        body = doc["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert set(body["required"]) == {"scenario", "spec"}
+    assert body["additionalProperties"] is False
+    answer = op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer["$ref"].endswith("/JobPublic")
+
+
+def test_a_job_answer_is_the_public_view_of_its_row(gz: Provider) -> None:
+    r = post_job(gz, gz.token("agr-plain"), COUNT_SPEC)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    job = r.json()
+    assert JobPublic.model_validate(job).state is JobState.SUCCEEDED
+    assert set(job) == set(JobPublic.model_fields)

@@ -1,4 +1,4 @@
-"""The manager's peer HTTP client (`connector.dsp.peer_http`) against real servers on loopback: keep-alive
+"""The manager's peer HTTP client (`core.peer_http`) against real servers on loopback: keep-alive
 reuse, connections the server closed, timeouts, refused connections, oversized answers, TLS."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from fastapi import FastAPI, Request, Response
 
 from healthspace.connector.dsp.manager import DspManager, _NoAnswerError, peer_http_client
-from healthspace.connector.dsp.peer_http import PeerHttp, PeerHttpClient, PeerHttpError
+from healthspace.core.peer_http import PeerHttp, PeerHttpClient, PeerHttpError
 from tests.support.servers import bind_loopback, serve
 
 LOOPBACK = "127.0.0.1"
@@ -169,6 +169,22 @@ def test_a_timeout_is_a_peer_http_error() -> None:
             pool.post(f"http://127.0.0.1:{port}/x", b"{}", {})
         assert time.monotonic() - t0 < 0.9
         pool.close()
+
+
+def test_a_short_connect_timeout_does_not_bound_the_wait_for_the_answer() -> None:
+    # The lab connects within 5 s but lets a site compute for 30: the connect timeout must not stay
+    # on the socket for the reads.
+    def slow(conn: socket.socket) -> None:
+        _read_request(conn)
+        time.sleep(0.4)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}")
+
+    with _raw_server(slow) as port:
+        pool = PeerHttp(3.0, connect_timeout_s=0.1)
+        try:
+            assert pool.post(f"http://127.0.0.1:{port}/x", b"{}", {}).status_code == 200
+        finally:
+            pool.close()
 
 
 def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:

@@ -19,18 +19,45 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from healthspace.compute import canonical_json
 from healthspace.core.errors import AuthenticationError, HealthspaceError, ValidationError
+from healthspace.core.peer_http import PeerHttp, PeerHttpError, PeerResponse
 from healthspace.identity.keys import key_id_of, public_key_from_b64
 
 __all__ = [
     "DEFAULT_TOKENS",
+    "NO_ANSWER",
+    "Answer",
     "Site",
+    "SiteHttp",
     "TokenKeeper",
     "TokenRefreshError",
     "fetch_public_key",
     "json_of",
+    "send",
     "site_from_transfer",
+    "timed_out",
     "verify_envelope",
 ]
+
+SiteHttp = PeerHttp | httpx.Client
+"""How the lab reaches data planes: its own `PeerHttp` pool by default (a fraction of httpx's CPU per
+call, ADR 0008), or an `httpx.Client` a caller passes (tests, custom transports)."""
+Answer = PeerResponse | httpx.Response
+NO_ANSWER: tuple[type[Exception], ...] = (PeerHttpError, httpx.HTTPError)
+"""Every way a call can end without an answer, whichever client made it."""
+
+
+def send(
+    http: SiteHttp, method: str, url: str, content: bytes | None = None, headers: dict[str, str] | None = None
+) -> Answer:
+    """One request with either client; raises one of `NO_ANSWER` when there is no answer."""
+    if isinstance(http, PeerHttp):
+        return http.request(method, url, content, headers or {})
+    return http.request(method, url, content=content, headers=headers)
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether a `NO_ANSWER` error was a timeout (the site was reached but too slow)."""
+    return isinstance(exc, httpx.TimeoutException) or isinstance(exc.__cause__, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +132,14 @@ def verify_envelope(envelope: dict[str, Any], public_key_b64: str) -> dict[str, 
     return payload
 
 
-def fetch_public_key(http: httpx.Client, site: Site) -> str:
+def fetch_public_key(http: SiteHttp, site: Site) -> str:
     """The provider's published public key (base64), for sites that do not pin one."""
     if site.public_key is not None:
         return site.public_key
-    r = http.get(f"{site.base_url}/.well-known/healthspace")
-    r.raise_for_status()
-    return str(r.json()["public_key"])
+    r = send(http, "GET", f"{site.base_url}/.well-known/healthspace")
+    if r.status_code != 200:
+        raise PeerHttpError(f"{site.id} did not publish its key (HTTP {r.status_code})")
+    return str(json_of(r)["public_key"])
 
 
 class TokenRefreshError(HealthspaceError):
@@ -187,7 +215,7 @@ class TokenKeeper:
                 self._held[key] = held
             return held
 
-    def token(self, http: httpx.Client, site: Site) -> str:
+    def token(self, http: SiteHttp, site: Site) -> str:
         """The token to call `site` with now, refreshed first if it is within `refresh_before_s` of expiry."""
         held = self._current(site)
         if held.lifetime_s is None:
@@ -202,7 +230,7 @@ class TokenKeeper:
                 return held.token  # still valid: let the call go ahead and tell its own story
             raise
 
-    def refresh(self, http: httpx.Client, site: Site, stale: str) -> str:
+    def refresh(self, http: SiteHttp, site: Site, stale: str) -> str:
         """Exchange `stale` for a fresh token (or return the one another caller already fetched)."""
         key = self._key(site)
         with self._lock:
@@ -212,8 +240,8 @@ class TokenKeeper:
             if held.token != stale:
                 return held.token
             try:
-                r = http.post(f"{site.endpoint}/token", headers={"Authorization": f"Bearer {stale}"})
-            except httpx.HTTPError as exc:
+                r = send(http, "POST", f"{site.endpoint}/token", headers={"Authorization": f"Bearer {stale}"})
+            except NO_ANSWER as exc:
                 raise TokenRefreshError(
                     f"token refresh at {site.id} failed: {type(exc).__name__}", http_status=None
                 ) from exc
@@ -225,7 +253,7 @@ class TokenKeeper:
                     reasons=reasons,
                 )
             try:
-                fresh = str(r.json()["token"])
+                fresh = str(json_of(r)["token"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise TokenRefreshError(
                     f"token refresh at {site.id}: malformed answer", http_status=r.status_code
@@ -234,21 +262,17 @@ class TokenKeeper:
                 self._held[key] = _Held.of(fresh, self._clock())
             return fresh
 
-    def call(
-        self, http: httpx.Client, site: Site, method: str, path: str, json: Any = None
-    ) -> httpx.Response:
+    def call(self, http: SiteHttp, site: Site, method: str, path: str, json: Any = None) -> Answer:
         """`method {site.endpoint}{path}` with the current token; on 401 `token-expired`, refresh and
         retry once. Raises `TokenRefreshError` when the provider will not refresh."""
         token = self.token(http, site)
         # The body encoded once, by orjson (httpx's `json=` uses the standard library's encoder, slow
         # for a spec listing a thousand codes), and sent again as is on a retry.
         content = None if json is None else orjson.dumps(json)
-        r = http.request(method, f"{site.endpoint}{path}", content=content, headers=_headers(token, content))
+        r = send(http, method, f"{site.endpoint}{path}", content, _headers(token, content))
         if r.status_code == 401 and _reason(r) == "token-expired":
             token = self.refresh(http, site, token)
-            r = http.request(
-                method, f"{site.endpoint}{path}", content=content, headers=_headers(token, content)
-            )
+            r = send(http, method, f"{site.endpoint}{path}", content, _headers(token, content))
         return r
 
 
@@ -259,8 +283,8 @@ def _headers(token: str, content: bytes | None) -> dict[str, str]:
     return headers
 
 
-def json_of(r: httpx.Response) -> Any:
-    """The answer's JSON document, parsed by orjson (a `ValueError` when it is not JSON, as `r.json()`)."""
+def json_of(r: Answer) -> Any:
+    """The answer's JSON document, parsed by orjson (a `ValueError` when it is not JSON)."""
     return orjson.loads(r.content)
 
 
@@ -268,18 +292,18 @@ DEFAULT_TOKENS = TokenKeeper()
 """The lab process's keeper, used when a study is run without one: refreshed tokens outlive one run."""
 
 
-def _reason(r: httpx.Response) -> str | None:
+def _reason(r: Answer) -> str | None:
     try:
-        doc = r.json()
+        doc = json_of(r)
     except ValueError:
         return None
     return str(doc.get("reason")) if isinstance(doc, dict) and doc.get("reason") is not None else None
 
 
-def problem_of(r: httpx.Response) -> tuple[str, list[str]]:
+def problem_of(r: Answer) -> tuple[str, list[str]]:
     """The detail and reasons of a problem-JSON answer (or the start of the body)."""
     try:
-        doc = r.json()
+        doc = json_of(r)
     except ValueError:
         return r.text[:300], []
     if not isinstance(doc, dict):

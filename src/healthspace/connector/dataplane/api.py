@@ -5,7 +5,10 @@ the output-review airlock for the provider's staff under their API keys."""
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from healthspace.connector.dataplane.review import RejectBody, Reviewer, ReviewPublic
 from healthspace.connector.dataplane.service import (
@@ -47,12 +50,33 @@ def make_dataplane_router(get_service: Callable[[], JobService]) -> APIRouter:
         refreshed already; 403 when the transfer or agreement is no longer usable (with reasons)."""
         return svc.refresh_token(authorization)
 
-    @router.post("/jobs", status_code=status.HTTP_200_OK)
-    def submit_job(
-        body: JobCreate, svc: Annotated[JobService, Depends(service)], authorization: Authorization = None
-    ) -> JobPublic:
+    # The route every study pays for on every site: its body is parsed by pydantic's own JSON parser
+    # and its answer written by pydantic's serializer, where FastAPI would parse with `json`, validate,
+    # and validate the answer again before encoding it (together ≈ 0.5 ms of a job's 5 outside the
+    # engine). The schemas it documents are the same (`openapi_extra`, `response_model`).
+    @router.post(
+        "/jobs",
+        status_code=status.HTTP_200_OK,
+        response_model=JobPublic,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": JobCreate.model_json_schema()}},
+            }
+        },
+    )
+    async def submit_job(
+        request: Request, svc: Annotated[JobService, Depends(service)], authorization: Authorization = None
+    ) -> Response:
         """Run a query spec now (SUCCEEDED with the signed result) or open a GLM session (RUNNING)."""
-        return svc.submit(svc.authenticate(authorization), body)
+        try:
+            body = JobCreate.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors(include_url=False)]
+            ) from None
+        job = await run_in_threadpool(lambda: svc.submit(svc.authenticate(authorization), body))
+        return Response(job.model_dump_json(), media_type="application/json")
 
     @router.get("/jobs/{job_id}")
     def get_job(

@@ -28,10 +28,10 @@ from datetime import timedelta
 
 import httpx
 
-from healthspace.connector.dsp.peer_http import PeerHttp, PeerHttpClient, PeerHttpError, PeerResponse
 from healthspace.connector.dsp.service import DspService, Work
 from healthspace.connector.dsp.store import Outgoing
 from healthspace.core.errors import HealthspaceError
+from healthspace.core.peer_http import PeerHttp, PeerHttpClient, PeerHttpError, PeerResponse
 from healthspace.protocol.messages import ContractNegotiation, DspMessage, TransferProcess, parse_as
 
 __all__ = ["DspManager", "peer_http_client"]
@@ -59,7 +59,7 @@ _SWEEP: Work = ("sweep", "", "")
 
 def peer_http_client(timeout_s: float = 10.0, connections: int = 32) -> PeerHttpClient:
     """The HTTP client for peer calls: an `httpx.Client` for the management API's occasional calls,
-    carrying the `PeerHttp` pool the manager delivers DSP messages with (`connector.dsp.peer_http`,
+    carrying the `PeerHttp` pool the manager delivers DSP messages with (`core.peer_http`,
     ADR 0008: a fraction of httpx's CPU per request). Both set TCP_NODELAY: with Nagle's algorithm
     meeting the peer's delayed ACK, a request written in two parts waits ~40 ms. Keep-alive
     connections are pooled per peer, enough for every manager worker to hold one."""

@@ -1,5 +1,5 @@
-"""The HTTP client the DSP manager posts peer messages with: the standard library's `http.client`,
-pooled (ADR 0008).
+"""The HTTP client the DSP manager posts peer messages with, and the lab calls data planes with: the
+standard library's `http.client`, pooled (ADR 0008).
 
 A DSP message is one small POST with a fresh request token to a peer we talk to constantly, so the
 cost that matters is the client's CPU per request. httpx spent ≈ 0.7 ms of CPU on one loopback POST
@@ -56,17 +56,26 @@ class PeerResponse:
 
 
 class _Connection(http.client.HTTPConnection):
+    read_timeout: float | None = None
+    """The timeout of every read and write once connected (`timeout` bounds only the connect)."""
+
     def connect(self) -> None:
         super().connect()
         # http.client sends headers and a bytes body in one write, but a request it writes in two
         # parts (a body that is not bytes) would wait ~40 ms for the peer's delayed ACK under Nagle.
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.read_timeout is not None:
+            self.sock.settimeout(self.read_timeout)
 
 
 class _TlsConnection(http.client.HTTPSConnection):
+    read_timeout: float | None = None
+
     def connect(self) -> None:
         super().connect()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.read_timeout is not None:
+            self.sock.settimeout(self.read_timeout)
 
 
 _Key = tuple[str, str, int]  # scheme, host, port
@@ -76,7 +85,8 @@ class PeerHttp:
     """A thread-safe pool of keep-alive HTTP/1.1 connections, at most `connections` idle per peer.
 
     A connection is used by one request at a time; requests beyond the idle ones open a connection
-    of their own (the manager runs a handful of workers, so this stays small).
+    of their own (the manager runs a handful of workers, so this stays small). `timeout_s` bounds
+    every read and write (a request may pass its own); `connect_timeout_s`, when shorter, the connect.
     """
 
     def __init__(
@@ -84,10 +94,12 @@ class PeerHttp:
         timeout_s: float = 10.0,
         connections: int = 32,
         *,
+        connect_timeout_s: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.connections = connections
         self.max_answer_bytes = max_answer_bytes
         self._ssl_context = ssl_context
@@ -163,10 +175,14 @@ class PeerHttp:
                 return conn
             conn.close()
         scheme, host, port = key
+        connect = timeout if self.connect_timeout_s is None else min(timeout, self.connect_timeout_s)
+        fresh: _Connection | _TlsConnection
         if scheme == "https":
-            ctx = self._ssl_context or _default_tls()
-            return _TlsConnection(host, port, timeout=timeout, context=ctx)
-        return _Connection(host, port, timeout=timeout)
+            fresh = _TlsConnection(host, port, timeout=connect, context=self._ssl_context or _default_tls())
+        else:
+            fresh = _Connection(host, port, timeout=connect)
+        fresh.read_timeout = timeout
+        return fresh
 
     def _checkin(self, key: _Key, conn: http.client.HTTPConnection) -> None:
         with self._lock:
