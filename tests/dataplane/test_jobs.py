@@ -499,20 +499,43 @@ def test_uses_are_counted_only_when_the_policy_may_limit_them(
     gz: Provider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counted: list[str] = []
-    real = gz.service.gate.reads_use_count
+    real = gz.service.gate.reads
 
-    def spy(policy: Any) -> bool:
-        out = real(policy)
-        counted.append("count" if out else "skip")
+    def spy(policy: Any, operand: str) -> bool:
+        out = real(policy, operand)
+        if operand == "count":
+            counted.append("count" if out else "skip")
         return out
 
-    monkeypatch.setattr(gz.service.gate, "reads_use_count", spy)
+    monkeypatch.setattr(gz.service.gate, "reads", spy)
     assert post_job(gz, gz.token("agr-plain"), COUNT_SPEC).status_code == 200
     gz.add_agreement("agr-twice", max_uses=2)
     assert post_job(gz, gz.token("agr-twice"), COUNT_SPEC).status_code == 200
     assert post_job(gz, gz.token("agr-twice"), COUNT_SPEC).status_code == 200
     assert post_job(gz, gz.token("agr-twice"), COUNT_SPEC).status_code == 403  # the third use
     assert counted == ["skip", "count", "count", "count"]
+
+
+def test_the_budget_is_summed_only_when_the_policy_may_limit_it(
+    gz: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sums: list[str] = []
+    real = gz.service.ledger.spent
+
+    def spy(*args: Any, **kwargs: Any) -> float:
+        sums.append(args[0].consumer_id)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gz.service.ledger, "spent", spy)
+    assert post_job(gz, gz.token("agr-plain"), COUNT_SPEC).status_code == 200
+    assert sums == []  # no privacyBudget constraint: the ledger is not read
+    # A consumer of its own: the ledger is per consumer x scenario x dataset, and other tests spend.
+    gz.add_agreement("agr-dp-sums", consumer="sums-university", epsilon=1.0)
+    token = gz.token("agr-dp-sums", consumer="sums-university")
+    assert post_job(gz, token, DP_SPEC).status_code == 200
+    refused = post_job(gz, token, DP_SPEC)  # beyond the budget: still refused
+    assert refused.status_code == 403
+    assert sums == ["sums-university", "sums-university"]
 
 
 def _policy(rule: dict[str, Any], kind: str = "permission") -> dict[str, Any]:
@@ -531,7 +554,7 @@ def test_the_use_count_is_read_for_a_count_constraint_wherever_it_stands(gz: Pro
     gate = gz.service.gate
     count = {"leftOperand": "count", "operator": "lteq", "rightOperand": "3"}
     purpose = {"leftOperand": "purpose", "operator": "eq", "rightOperand": "research"}
-    assert not gate.reads_use_count(_policy({"constraint": [purpose]}))
+    assert not gate.reads(_policy({"constraint": [purpose]}), "count")
     with_count = [
         _policy({"constraint": [count]}),
         _policy({"constraint": [{**count, "leftOperand": "odrl:count"}]}),
@@ -540,9 +563,11 @@ def test_the_use_count_is_read_for_a_count_constraint_wherever_it_stands(gz: Pro
     ]
     for policy in with_count:
         assert "count" in compile_policy(policy).left_operands  # compiles: not the fallback below
-        assert gate.reads_use_count(policy)
-    # A document that does not compile: count (its decision denies anyway).
-    assert gate.reads_use_count({"permission": "not a list"})
+        assert gate.reads(policy, "count")
+        assert not gate.reads(policy, "privacyBudget")
+    # A document that does not compile: count and sum (its decision denies anyway).
+    assert gate.reads({"permission": "not a list"}, "count")
+    assert gate.reads({"permission": "not a list"}, "privacyBudget")
 
 
 def test_a_successful_job_opens_one_orm_session(gz: Provider, monkeypatch: pytest.MonkeyPatch) -> None:

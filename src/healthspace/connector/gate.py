@@ -183,7 +183,7 @@ class PolicyGate:
         """`policy` compiled, once per distinct document (keyed by a digest of its canonical JSON).
         A document that does not compile is handed on as it is: `decide` denies it with the problems,
         exactly as without the cache. A caller that asks the gate several things about one policy
-        (`reads_use_count`, then `decide`) compiles it here once and passes the result to each."""
+        (`reads`, then `decide`) compiles it here once and passes the result to each."""
         if isinstance(policy, CompiledPolicy):
             return policy
         try:
@@ -205,13 +205,14 @@ class PolicyGate:
                 self._compiled.popitem(last=False)
         return compiled
 
-    def reads_use_count(self, policy: Mapping[str, Any] | CompiledPolicy) -> bool:
-        """Whether a decision on `policy` depends on the agreement's use count (a `count` constraint
-        anywhere in it). Counting reads every earlier job of the agreement, so a caller skips it when
-        the answer cannot change the decision. A document that does not compile says yes: its decision
-        denies anyway, and counting never makes a decision more permissive."""
+    def reads(self, policy: Mapping[str, Any] | CompiledPolicy, operand: str) -> bool:
+        """Whether a decision on `policy` depends on the left operand `operand` (`count`: the
+        agreement's use count; `privacyBudget`: the ε spent so far) anywhere in it. Each is a read of
+        every earlier job or charge, so a caller skips it when the answer cannot change the decision.
+        A document that does not compile says yes: its decision denies anyway, and a counter never
+        makes a decision more permissive."""
         compiled = self.compiled(policy)
-        return not isinstance(compiled, CompiledPolicy) or "count" in compiled.left_operands
+        return not isinstance(compiled, CompiledPolicy) or operand in compiled.left_operands
 
     def decide(
         self,

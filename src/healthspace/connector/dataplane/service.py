@@ -769,10 +769,13 @@ class JobService:
         use count and budget are read in `s`."""
         params = job_parameters(spec, rules)
         # A held result is a use: the computation ran and its budget is spent, released or not.
-        # Counted on the (agreement_id, state) index, which grows with every job of the agreement:
-        # only when the policy has a `count` constraint, else it cannot matter.
-        policy = self.gate.compiled(agreement.policy)  # once, for both questions below
-        uses = s.scalar(_USES, {"agreement_id": agreement.id}) if self.gate.reads_use_count(policy) else 0
+        # Uses are counted on the (agreement_id, state) index, which grows with every job of the
+        # agreement, and ε summed over the ledger: each only when the policy has a constraint on it,
+        # else it cannot matter.
+        policy = self.gate.compiled(agreement.policy)  # once, for every question below
+        uses = s.scalar(_USES, {"agreement_id": agreement.id}) if self.gate.reads(policy, "count") else 0
+        budget = BudgetKey(grant.consumer, scenario, agreement.dataset_id)
+        spent = self.ledger.spent(budget, session=s) if self.gate.reads(policy, "privacyBudget") else 0.0
         d = self.gate.decide(
             policy,
             agreement.dataset_id,
@@ -785,9 +788,7 @@ class JobService:
             cell_size=params["cell_size"],
             execution_location="provider",
             use_count=int(uses or 0),
-            epsilon_spent=self.ledger.spent(
-                BudgetKey(grant.consumer, scenario, agreement.dataset_id), session=s
-            ),
+            epsilon_spent=spent,
         )
         record_decision(
             record,
