@@ -61,8 +61,9 @@ class _Connection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         super().connect()
-        # http.client sends headers and a bytes body in one write, but a request it writes in two
-        # parts (a body that is not bytes) would wait ~40 ms for the peer's delayed ACK under Nagle.
+        # http.client writes a request's head and body in two `send` calls: under Nagle's algorithm
+        # the body would wait ~40 ms for the peer's delayed ACK. (Joining them into one write was
+        # measured against uvicorn on loopback: no difference in wall time or server CPU.)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.read_timeout is not None:
             self.sock.settimeout(self.read_timeout)
