@@ -202,3 +202,66 @@ def test_another_engine_on_the_same_connection_cannot_replace_a_reusing_engines_
     assert _count_by_sex(reusing, gz_consent, LIGHT_COHORTS["t2d"]) == before
     assert before["n"]["count"] > 0
     con.close()
+
+
+def _ids(engine: DuckDBEngine, consent: ConsentFilter, cohort: dict[str, Any], *, sql: bool) -> Any:
+    b = _light_builder(engine, consent, cohort)
+    return engine.column(b.cohort_ids()) if sql else engine.cohort_ids(b)
+
+
+def test_cohort_ids_on_sorted_arrays_are_the_sql_cohort(
+    synth_dirs: dict[str, Path], gz_consent: ConsentFilter
+) -> None:
+    # The reusing engine computes a light cohort's ids by set operations on the eligible persons
+    # (`cohort_ids`); they must be the SQL semi-joins' ids exactly, for every criterion kind (index
+    # event, inclusions, exclusion, sex, measurement values, vocabulary, 1,000 codes), under each
+    # consent set, and against an engine that never takes that path.
+    con, plain_con = duckdb.connect(), duckdb.connect()
+    attach_parquet(con, synth_dirs["gz"] / "omop")
+    attach_parquet(plain_con, synth_dirs["gz"] / "omop")
+    reusing, plain = DuckDBEngine(con, reuse_consent=True), DuckDBEngine(plain_con)
+    half = ConsentFilter(gz_consent.scenario_id, gz_consent.at, frozenset(), gz_consent.person_ids[::2])
+    men_not_t2d = {"inclusion": [{"type": "sex", "sex": "male"}], "exclusion": [T2D]}
+    for consent in (gz_consent, half):
+        for name, cohort in sorted({**LIGHT_COHORTS, "men-not-t2d": men_not_t2d}.items()):
+            fast = _ids(reusing, consent, cohort, sql=False)
+            assert fast.dtype == "int64", name
+            assert list(fast) == sorted(set(fast)), name  # sorted, unique
+            assert list(fast) == list(_ids(reusing, consent, cohort, sql=True)), name
+            assert list(fast) == list(_ids(plain, consent, cohort, sql=True)), name
+            assert list(plain.cohort_ids(_light_builder(plain, consent, cohort))) == list(fast), name
+    assert (
+        len(_ids(reusing, gz_consent, LIGHT_COHORTS["t2d"], sql=False))
+        > len(_ids(reusing, half, LIGHT_COHORTS["t2d"], sql=False))
+        > 0
+    )
+    con.close()
+    plain_con.close()
+
+
+def _light_builder(engine: DuckDBEngine, consent: ConsentFilter, cohort: dict[str, Any]) -> SqlBuilder:
+    b = SqlBuilder("duckdb")
+    relation = engine.set_consent(consent)
+    b.use_light(spec_of(cohort, [COUNT]), relation, eligible=engine.light_base(relation))
+    return b
+
+
+def test_only_a_builder_reading_the_kept_eligible_persons_gets_set_terms(
+    synth_dirs: dict[str, Path], gz_consent: ConsentFilter
+) -> None:
+    con = duckdb.connect()
+    attach_parquet(con, synth_dirs["gz"] / "omop")
+    reusing = DuckDBEngine(con, reuse_consent=True)
+    b = _light_builder(reusing, gz_consent, LIGHT_COHORTS["t2d-not-htn-women"])
+    terms = b.light_terms(reusing.light_base(reusing.set_consent(gz_consent)) or "")
+    assert terms is not None
+    assert [(t.keep, t.ids is not None, t.sex) for t in terms] == [
+        (True, True, None),
+        (True, False, "female"),
+        (False, True, None),
+    ]
+    assert b.light_terms("some_other_relation") is None
+    inlined = SqlBuilder("duckdb")
+    inlined.use_light(spec_of(LIGHT_COHORTS["t2d"], [COUNT]), "consenting")
+    assert inlined.light_terms("consenting") is None  # inlined eligible query: not a kept relation
+    con.close()

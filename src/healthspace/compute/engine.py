@@ -11,7 +11,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from healthspace.compute.sql import COHORT_TABLE, Dialect, Query, eligible_persons
+from healthspace.compute.sql import COHORT_TABLE, Dialect, Query, SqlBuilder, eligible_persons
 from healthspace.consent.filter import ConsentFilter
 
 __all__ = [
@@ -61,6 +61,11 @@ class ClinicalEngine(Protocol):
         """The first column of the result as int64 (person ids)."""
         ...
 
+    def cohort_ids(self, b: SqlBuilder) -> np.ndarray:
+        """The cohort's person ids, sorted: `column(b.cohort_ids())`, or the same set computed another
+        way when the engine has a faster one."""
+        ...
+
     def columns(self, query: Query) -> list[np.ndarray]:
         """The result column by column."""
         ...
@@ -92,6 +97,8 @@ class DuckDBEngine:
         # The arrays registered / materialised last (held, so identity means the same ids).
         self._registered: pa.Array | None = None
         self._eligible_of: pa.Array | None = None
+        # The eligible persons' ids (sorted) and sexes, read once per consent set when first needed.
+        self._eligible_arrays: tuple[pa.Array, np.ndarray, np.ndarray] | None = None
 
     def set_consent(self, consent: ConsentFilter) -> str:
         if self._reuse and self._registered is consent.person_ids:
@@ -118,10 +125,45 @@ class DuckDBEngine:
     def rows(self, query: Query) -> list[tuple[Any, ...]]:
         return self.con.execute(query.sql, query.params).fetchall()
 
-    def column(self, query: Query) -> np.ndarray:
+    def cohort_ids(self, b: SqlBuilder) -> np.ndarray:
+        """A light cohort drawn from the kept eligible persons is computed on sorted id arrays: each
+        criterion's DISTINCT ids from DuckDB, then intersections and differences by binary search.
+        DuckDB's hash semi-join of those ids against the eligible persons cost more than the scan
+        that finds them (≈ 5 ms for 24,000 ids against 160,000 persons, ≈ 1 ms here). Any other
+        cohort: the SQL."""
+        terms = b.light_terms(self._eligible_name) if self._eligible_of is not None else None
+        if terms is None:
+            return self._ids(b.cohort_ids())
+        ids, sexes = self._eligible()
+        cohort = ids
+        for t in sorted(terms, key=lambda t: not t.keep):  # intersections first: they shrink it
+            if t.ids is None:
+                same = sexes[np.searchsorted(ids, cohort)] == t.sex  # the cohort is within `ids`
+                cohort = cohort[same if t.keep else ~same]
+                continue
+            found = np.sort(self._ids(t.ids))  # DISTINCT: unique
+            cohort = found[_members(found, cohort)] if t.keep else cohort[~_members(cohort, found)]
+        return cohort
+
+    def _eligible(self) -> tuple[np.ndarray, np.ndarray]:
+        held = self._eligible_arrays
+        if held is None or held[0] is not self._eligible_of:
+            table = self.con.execute(
+                f"SELECT person_id, sex FROM {self._eligible_name} ORDER BY 1"  # noqa: S608
+            ).to_arrow_table()
+            ids = table.column(0).to_numpy().astype(np.int64, copy=False)
+            sexes = table.column(1).to_numpy(zero_copy_only=False)
+            held = self._eligible_arrays = (self._eligible_of, ids, sexes)
+        return held[1], held[2]
+
+    def _ids(self, query: Query) -> np.ndarray:
+        # The connection directly, not `column`: a subclass timing `column` times `cohort_ids` whole.
         table = self.con.execute(query.sql, query.params).to_arrow_table()
         ids: np.ndarray = table.column(0).to_numpy().astype(np.int64, copy=False)
         return ids
+
+    def column(self, query: Query) -> np.ndarray:
+        return self._ids(query)
 
     def columns(self, query: Query) -> list[np.ndarray]:
         table = self.con.execute(query.sql, query.params).to_arrow_table()
@@ -172,6 +214,9 @@ class PostgresEngine:
     def column(self, query: Query) -> np.ndarray:
         return np.array([r[0] for r in self.rows(query)], dtype=np.int64)
 
+    def cohort_ids(self, b: SqlBuilder) -> np.ndarray:
+        return self.column(b.cohort_ids())
+
     def columns(self, query: Query) -> list[np.ndarray]:
         rows = self.rows(query)
         width = len(rows[0]) if rows else 0
@@ -180,6 +225,14 @@ class PostgresEngine:
     def matrix(self, query: Query) -> np.ndarray:
         rows = self.rows(query)
         return np.array(rows, dtype=np.float64) if rows else np.zeros((0, 0))
+
+
+def _members(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Which elements of `a` are in `b` (both sorted ascending, unique), by binary search in `b`."""
+    if len(b) == 0:
+        return np.zeros(len(a), dtype=bool)
+    at = np.minimum(np.searchsorted(b, a), len(b) - 1)
+    return np.asarray(b[at] == a)
 
 
 def _plain(v: Any) -> Any:

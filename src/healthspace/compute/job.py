@@ -448,7 +448,7 @@ def run_job(
     else:
         engine.materialise(b.cohort(spec, relation))
     if guard is not None:
-        cohort_ids = engine.column(b.cohort_ids())
+        cohort_ids = engine.cohort_ids(b)
         n = len(cohort_ids)
     else:
         cohort_ids = np.zeros(0, dtype=np.int64)

@@ -38,6 +38,7 @@ __all__ = [
     "DOMAINS",
     "Dialect",
     "Domain",
+    "LightTerm",
     "Query",
     "SqlBuilder",
     "eligible_persons",
@@ -97,6 +98,16 @@ class Query:
 
     sql: str
     params: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LightTerm:
+    """One criterion of a light cohort as a set operation: persons in `ids` (the DISTINCT person ids
+    of an event criterion), or of `sex`, stay when `keep`, else they leave."""
+
+    keep: bool
+    ids: Query | None
+    sex: str | None = None
 
 
 @dataclass
@@ -253,6 +264,30 @@ class SqlBuilder:
             f"SELECT DISTINCT e.person_id FROM {d.table} e"
             f" WHERE e.person_id IS NOT NULL AND {self.event_filter(event, 'e')}"
         )
+
+    def light_terms(self, eligible: str) -> list[LightTerm] | None:
+        """The light cohort as set operations on the persons of `eligible` (a relation holding
+        `eligible_persons`), or None when this builder does not read its cohort from `eligible`.
+
+        The same persons as `cohort_ids()`: each event criterion (the index event, inclusions) keeps
+        the eligible persons among its DISTINCT person ids, each exclusion removes them, and a sex
+        criterion keeps one sex. An engine may compute this on sorted id arrays instead of joining in
+        SQL (`DuckDBEngine.cohort_ids`)."""
+        if self._light is None or self._eligible != eligible:
+            return None
+        cohort = self._light.cohort
+        terms: list[LightTerm] = []
+        if cohort.index.event is not None:
+            terms.append(LightTerm(True, self.done(self._semi(cohort.index.event))))
+        for keep, criteria in ((True, cohort.inclusion), (False, cohort.exclusion)):
+            for c in criteria:
+                if isinstance(c, EventCriterion):
+                    terms.append(LightTerm(keep, self.done(self._semi(c.event))))
+                elif isinstance(c, SexCriterion):
+                    terms.append(LightTerm(keep, None, c.sex))
+                else:
+                    raise TypeError(f"{type(c).__name__} is not part of the light plan")
+        return terms
 
     def _light_criterion(self, c: Criterion) -> str:
         if isinstance(c, EventCriterion):  # light_plan guarantees an unbounded window
