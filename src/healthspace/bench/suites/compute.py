@@ -89,8 +89,9 @@ _SPEC = _spec({"domain": "condition", "codes": ["E11"], "match": "prefix"})
 _SPEC_1000 = _spec({"domain": "condition", "codes": _CODES})
 
 
-class _TimedEngine(DuckDBEngine):
-    """A DuckDB engine that sums the seconds spent in its queries (not in the consent registration).
+class TimedEngine(DuckDBEngine):
+    """A DuckDB engine that sums the seconds spent in its queries (not in the consent registration):
+    what "the engine" means in the compute and federated suites' "everything but the engine".
 
     It keeps the consent relation and the eligible persons across jobs, as the data plane's engine does
     (`reuse_consent`); they are built during each figure's warm-up run.
@@ -160,7 +161,7 @@ def run(quick: bool) -> list[Figure]:
         counts = [con.execute(f"SELECT count(*) FROM {t}").fetchone() for t in OMOP_TABLES]  # noqa: S608
         rows = sum(int(c[0]) for c in counts if c is not None)
         consent = ConsentFilter.of("diabetes-outcomes-research", datetime.now(UTC), frozenset(), ids)
-        engine = _TimedEngine(con)
+        engine = TimedEngine(con)
         rules = DisclosureRules()
         ctx = JobContext("bench", "c", "s", "gz")
 
