@@ -639,6 +639,7 @@ def test_the_job_route_documents_its_body_and_answer(gz: Provider) -> None:
         body = doc["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
     assert set(body["required"]) == {"scenario", "spec"}
     assert body["additionalProperties"] is False
+    assert [(p["name"], p["in"]) for p in op["parameters"]] == [("authorization", "header")]
     answer = op["responses"]["200"]["content"]["application/json"]["schema"]
     assert answer["$ref"].endswith("/JobPublic")
 

@@ -52,23 +52,26 @@ def make_dataplane_router(get_service: Callable[[], JobService]) -> APIRouter:
 
     # The route every study pays for on every site: its body is parsed by pydantic's own JSON parser
     # and its answer written by pydantic's serializer, where FastAPI would parse with `json`, validate,
-    # and validate the answer again before encoding it (together ≈ 0.5 ms of a job's 5 outside the
-    # engine). The schemas it documents are the same (`openapi_extra`, `response_model`).
+    # and validate the answer again before encoding it, and it reads its header and service itself,
+    # without FastAPI's dependency solving (together ≈ 0.6 ms of a job's 5 outside the engine). What
+    # it documents is the same (`openapi_extra`, `response_model`).
     @router.post(
         "/jobs",
         status_code=status.HTTP_200_OK,
         response_model=JobPublic,
         openapi_extra={
+            "parameters": [
+                {"name": "authorization", "in": "header", "required": False, "schema": {"type": "string"}}
+            ],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": JobCreate.model_json_schema()}},
-            }
+            },
         },
     )
-    async def submit_job(
-        request: Request, svc: Annotated[JobService, Depends(service)], authorization: Authorization = None
-    ) -> Response:
+    async def submit_job(request: Request) -> Response:
         """Run a query spec now (SUCCEEDED with the signed result) or open a GLM session (RUNNING)."""
+        svc, authorization = get_service(), request.headers.get("authorization")
         try:
             body = JobCreate.model_validate_json(await request.body())
         except ValidationError as exc:
