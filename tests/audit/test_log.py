@@ -317,3 +317,57 @@ def test_reopening_with_a_different_key_needs_the_old_key_as_trusted(
         assert reopened.verify().ok
     finally:
         reopened.close()
+
+
+def _count(db: Database) -> int:
+    return int(_sql(db, "SELECT count(*) FROM audit_entries")[0][0])
+
+
+@pytest.mark.parametrize("rows_per_statement", [None, 3])
+def test_a_batch_with_a_clash_midway_appends_nothing(
+    log: AuditLog, db: Database, rows_per_statement: int | None
+) -> None:
+    # A batch is one multi-row INSERT when it fits one statement (all rows or none: one statement is
+    # one transaction), else an explicit transaction; either way a row that cannot be written takes
+    # the whole batch with it.
+    if rows_per_statement is not None:
+        log.max_rows_per_statement = rows_per_statement  # a 10-row batch then needs the transaction
+    _filled(log, 5)
+    forged = make_entry(99).canonical_bytes()
+    _sql(
+        db,
+        "INSERT INTO audit_entries (seq, data, leaf_hash) VALUES (12, :d, :h)",
+        d=forged.decode(),
+        h=merkle.leaf_hash(forged),
+    )
+    with pytest.raises(AuditIntegrityError, match="never appended by this log"):
+        log.append_many([make_entry(i) for i in range(5, 15)])  # seq 5..14 clashes at 12
+    assert _count(db) == 6  # the five appended before and the forged row: none of the batch
+    assert log.size == 5
+
+
+@pytest.mark.parametrize("rows_per_statement", [None, 3])
+def test_batches_in_one_statement_or_in_a_transaction_read_back_the_same(
+    log: AuditLog, db: Database, rows_per_statement: int | None
+) -> None:
+    if rows_per_statement is not None:
+        log.max_rows_per_statement = rows_per_statement
+    entries = [make_entry(i) for i in range(10)]
+    log.append_many(entries[:1])
+    log.append_many(entries[1:])
+    assert _count(db) == 10
+    assert [e.entry for e in log.entries(0, 10)] == entries
+    assert log.verify().ok
+
+
+def test_the_writer_connection_goes_back_to_the_pool_out_of_autocommit(db: Database, log: AuditLog) -> None:
+    # The writer appends in autocommit mode; a connection handed back so would make every later
+    # user of it commit statement by statement.
+    _filled(log, 3)
+    log.close()
+    with db.engine.connect() as conn:
+        dbapi: Any = conn.connection.dbapi_connection
+        if db.dialect == "sqlite":
+            assert dbapi.isolation_level is not None
+        else:
+            assert dbapi.autocommit is False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,6 +60,7 @@ _KEYS = cast(Table, AuditKeyRow.__table__)
 _CACHE_LEVEL = 8  # keep subtree hashes from 256 leaves up: ~n/128 hashes in memory
 _BLOCK = 1 << _CACHE_LEVEL
 _PAGE = 20_000
+_PG_MAX_PARAMS = 65_535  # parameters per statement: the protocol counts them in 16 bits
 
 
 class AuditUnavailableError(HealthspaceError):
@@ -480,8 +482,13 @@ class AuditLog:
         self._clock: Clock = clock or SystemClock()
         self._keys = {**(trusted_keys or {}), signer.key_id: signer.public_key_b64}
         self._sqlite = db.dialect == "sqlite"
-        ph = "?" if self._sqlite else "%s"
+        self._ph = "?" if self._sqlite else "%s"
+        ph = self._ph
         self._insert_sql = f"INSERT INTO audit_entries (seq, data, leaf_hash) VALUES ({ph}, {ph}, {ph})"  # noqa: S608
+        self._values_sql: dict[int, str] = {}  # multi-row INSERTs by number of rows
+        # Rows one INSERT may carry (3 parameters each); larger batches take a transaction. Set
+        # from the driver when the writer connection opens (`_writer`).
+        self.max_rows_per_statement = _PG_MAX_PARAMS // 3
         dbapi_module = db.engine.dialect.loaded_dbapi
         self._driver_errors: tuple[type[BaseException], ...] = (dbapi_module.Error,)
         self._lock = threading.Lock()
@@ -613,30 +620,74 @@ class AuditLog:
     def _writer(self) -> PoolProxiedConnection:
         if self._wconn is None:
             conn = self._db.engine.raw_connection()
+            dbapi = cast(Any, conn.dbapi_connection)
             if self._sqlite:
                 # Durable means committed before append returns, power loss included.
                 cur = conn.cursor()
                 cur.execute("PRAGMA synchronous=FULL")
                 cur.close()
                 conn.commit()
+                # SQLite's variable limit is a compile-time setting (32,766 by default since 3.32).
+                limit = dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+                self.max_rows_per_statement = min(self.max_rows_per_statement, limit // 3)
+                dbapi.isolation_level = None  # autocommit: see `_write`
+            else:
+                dbapi.autocommit = True  # client-side in psycopg: no round trip
             self._wconn = conn
         return self._wconn
+
+    def _release_writer(self) -> None:
+        """Give the writer connection back to the pool as the pool handed it out (not in autocommit)."""
+        conn, self._wconn = self._wconn, None
+        if conn is None:
+            return
+        dbapi = cast(Any, conn.dbapi_connection)
+        try:
+            if dbapi is not None:
+                if self._sqlite:
+                    dbapi.isolation_level = ""  # the sqlite3 module's default (deferred BEGIN)
+                else:
+                    dbapi.autocommit = False
+        finally:
+            conn.close()
+
+    def _values(self, n: int) -> str:
+        sql = self._values_sql.get(n)
+        if sql is None:
+            ph = self._ph
+            rows = ", ".join([f"({ph}, {ph}, {ph})"] * n)
+            sql = f"INSERT INTO audit_entries (seq, data, leaf_hash) VALUES {rows}"  # noqa: S608
+            if len(self._values_sql) < 64:  # group-commit batches are small: keep the usual sizes
+                self._values_sql[n] = sql
+        return sql
 
     def _write(self, rows: list[tuple[int, str, bytes]]) -> None:
         # The driver directly, on a connection kept for writing: at one row per transaction,
         # SQLAlchemy's statement and transaction layers cost as much as the insert itself.
+        #
+        # The connection is in autocommit mode, and a batch that fits one statement is ONE
+        # multi-row INSERT: a single statement is a transaction of its own on PostgreSQL and
+        # SQLite alike (all rows or none), committed when it returns (on SQLite with
+        # synchronous=FULL: durable), so an append costs one round trip instead of three (BEGIN,
+        # INSERT, COMMIT). A batch beyond the driver's parameter limit is NOT split into several
+        # statements (a failure between them would leave part of the batch): it is inserted in an
+        # explicit transaction, as every batch was before.
         conn = self._writer()
         try:
             with self._db.write_lock:
                 cur = conn.cursor()
                 try:
-                    cur.executemany(self._insert_sql, rows)
+                    if len(rows) <= self.max_rows_per_statement:
+                        cur.execute(self._values(len(rows)), [v for row in rows for v in row])
+                    else:
+                        cur.execute("BEGIN")
+                        cur.executemany(self._insert_sql, rows)
+                        cur.execute("COMMIT")
                 finally:
                     cur.close()
-                conn.commit()
         except self._driver_errors as exc:
             try:
-                conn.rollback()
+                conn.rollback()  # a failed explicit transaction; nothing to undo after one statement
             finally:
                 conn.invalidate()
                 self._wconn = None
@@ -840,6 +891,4 @@ class AuditLog:
                 if not self._writing:
                     break
             time.sleep(0.001)
-        if self._wconn is not None:
-            self._wconn.close()
-            self._wconn = None
+        self._release_writer()
