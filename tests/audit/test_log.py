@@ -250,15 +250,21 @@ def test_inserting_a_forged_entry_in_the_middle_is_detected(log: AuditLog, db: D
     assert "do not match the root signed" in (report.reason or "")
 
 
-def test_a_forged_entry_after_the_end_is_detected_and_blocks_appends(log: AuditLog, db: Database) -> None:
-    _filled(log, 20)
+def _forge(db: Database, seq: int) -> None:
+    """A well-formed entry written at `seq` by SQL, not by the log."""
     forged = make_entry(99).canonical_bytes()
     _sql(
         db,
-        "INSERT INTO audit_entries (seq, data, leaf_hash) VALUES (20, :d, :h)",
+        "INSERT INTO audit_entries (seq, data, leaf_hash) VALUES (:s, :d, :h)",
+        s=seq,
         d=forged.decode(),
         h=merkle.leaf_hash(forged),
     )
+
+
+def test_a_forged_entry_after_the_end_is_detected_and_blocks_appends(log: AuditLog, db: Database) -> None:
+    _filled(log, 20)
+    _forge(db, 20)
     report = log.verify()
     assert (report.ok, report.first_bad_index) == (False, 20)
     with pytest.raises(AuditIntegrityError, match="never appended by this log"):
@@ -333,13 +339,7 @@ def test_a_batch_with_a_clash_midway_appends_nothing(
     if rows_per_statement is not None:
         log.max_rows_per_statement = rows_per_statement  # a 10-row batch then needs the transaction
     _filled(log, 5)
-    forged = make_entry(99).canonical_bytes()
-    _sql(
-        db,
-        "INSERT INTO audit_entries (seq, data, leaf_hash) VALUES (12, :d, :h)",
-        d=forged.decode(),
-        h=merkle.leaf_hash(forged),
-    )
+    _forge(db, 12)
     with pytest.raises(AuditIntegrityError, match="never appended by this log"):
         log.append_many([make_entry(i) for i in range(5, 15)])  # seq 5..14 clashes at 12
     assert _count(db) == 6  # the five appended before and the forged row: none of the batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,16 +166,29 @@ def _count_by_sex(engine: DuckDBEngine, consent: ConsentFilter, cohort: dict[str
     return run_job(spec, engine, consent, OPEN, JobContext("j", "c", "s", "gz")).analyses
 
 
+@pytest.fixture
+def engines(synth_dirs: dict[str, Path]) -> Iterator[tuple[DuckDBEngine, DuckDBEngine]]:
+    """A reusing engine and a plain one, each on its own connection over the same gz files."""
+    cons = [duckdb.connect(), duckdb.connect()]
+    for con in cons:
+        attach_parquet(con, synth_dirs["gz"] / "omop")
+    yield DuckDBEngine(cons[0], reuse_consent=True), DuckDBEngine(cons[1])
+    for con in cons:
+        con.close()
+
+
+def _half(consent: ConsentFilter) -> ConsentFilter:
+    """Every other consenting person: another consent set."""
+    return ConsentFilter(consent.scenario_id, consent.at, frozenset(), consent.person_ids[::2])
+
+
 def test_a_reusing_engine_follows_each_new_consent_set(
-    synth_dirs: dict[str, Path], gz_consent: ConsentFilter
+    engines: tuple[DuckDBEngine, DuckDBEngine], gz_consent: ConsentFilter
 ) -> None:
-    # Prepare: a reusing engine and a plain one over the same files; a second consent set (every
-    # other consenting person) and a third holding the first's ids in a new array.
-    con, plain_con = duckdb.connect(), duckdb.connect()
-    attach_parquet(con, synth_dirs["gz"] / "omop")
-    attach_parquet(plain_con, synth_dirs["gz"] / "omop")
-    reusing, plain = DuckDBEngine(con, reuse_consent=True), DuckDBEngine(plain_con)
-    half = ConsentFilter(gz_consent.scenario_id, gz_consent.at, frozenset(), gz_consent.person_ids[::2])
+    # Prepare: a second consent set (every other consenting person) and a third holding the first's
+    # ids in a new array.
+    reusing, plain = engines
+    half = _half(gz_consent)
     again = ConsentFilter(
         gz_consent.scenario_id, gz_consent.at, frozenset(), pa.array(gz_consent.person_ids.to_pylist())
     )
@@ -185,8 +199,6 @@ def test_a_reusing_engine_follows_each_new_consent_set(
     assert _count_by_sex(reusing, half, LIGHT_COHORTS["t2d"]) != _count_by_sex(
         reusing, gz_consent, LIGHT_COHORTS["t2d"]
     )
-    con.close()
-    plain_con.close()
 
 
 def test_another_engine_on_the_same_connection_cannot_replace_a_reusing_engines_consent(
@@ -210,17 +222,14 @@ def _ids(engine: DuckDBEngine, consent: ConsentFilter, cohort: dict[str, Any], *
 
 
 def test_cohort_ids_on_sorted_arrays_are_the_sql_cohort(
-    synth_dirs: dict[str, Path], gz_consent: ConsentFilter
+    engines: tuple[DuckDBEngine, DuckDBEngine], gz_consent: ConsentFilter
 ) -> None:
     # The reusing engine computes a light cohort's ids by set operations on the eligible persons
     # (`cohort_ids`); they must be the SQL semi-joins' ids exactly, for every criterion kind (index
     # event, inclusions, exclusion, sex, measurement values, vocabulary, 1,000 codes), under each
     # consent set, and against an engine that never takes that path.
-    con, plain_con = duckdb.connect(), duckdb.connect()
-    attach_parquet(con, synth_dirs["gz"] / "omop")
-    attach_parquet(plain_con, synth_dirs["gz"] / "omop")
-    reusing, plain = DuckDBEngine(con, reuse_consent=True), DuckDBEngine(plain_con)
-    half = ConsentFilter(gz_consent.scenario_id, gz_consent.at, frozenset(), gz_consent.person_ids[::2])
+    reusing, plain = engines
+    half = _half(gz_consent)
     men_not_t2d = {"inclusion": [{"type": "sex", "sex": "male"}], "exclusion": [T2D]}
     for consent in (gz_consent, half):
         for name, cohort in sorted({**LIGHT_COHORTS, "men-not-t2d": men_not_t2d}.items()):
@@ -235,8 +244,6 @@ def test_cohort_ids_on_sorted_arrays_are_the_sql_cohort(
         > len(_ids(reusing, half, LIGHT_COHORTS["t2d"], sql=False))
         > 0
     )
-    con.close()
-    plain_con.close()
 
 
 def _light_builder(engine: DuckDBEngine, consent: ConsentFilter, cohort: dict[str, Any]) -> SqlBuilder:
@@ -247,11 +254,9 @@ def _light_builder(engine: DuckDBEngine, consent: ConsentFilter, cohort: dict[st
 
 
 def test_only_a_builder_reading_the_kept_eligible_persons_gets_set_terms(
-    synth_dirs: dict[str, Path], gz_consent: ConsentFilter
+    engines: tuple[DuckDBEngine, DuckDBEngine], gz_consent: ConsentFilter
 ) -> None:
-    con = duckdb.connect()
-    attach_parquet(con, synth_dirs["gz"] / "omop")
-    reusing = DuckDBEngine(con, reuse_consent=True)
+    reusing = engines[0]
     b = _light_builder(reusing, gz_consent, LIGHT_COHORTS["t2d-not-htn-women"])
     terms = b.light_terms(reusing.light_base(reusing.set_consent(gz_consent)) or "")
     assert terms is not None
@@ -264,4 +269,3 @@ def test_only_a_builder_reading_the_kept_eligible_persons_gets_set_terms(
     inlined = SqlBuilder("duckdb")
     inlined.use_light(spec_of(LIGHT_COHORTS["t2d"], [COUNT]), "consenting")
     assert inlined.light_terms("consenting") is None  # inlined eligible query: not a kept relation
-    con.close()
