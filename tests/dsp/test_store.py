@@ -282,3 +282,29 @@ def test_a_dataset_read_in_the_transaction_that_inserts_it_is_not_kept(store: Ds
         publish_then_fail()
     with store.db.session() as s, pytest.raises(NotFoundError):
         store.dataset(s, "urn:dataset:gone")
+
+
+def test_a_process_is_read_without_a_transaction_around_the_statement(store: DspStore) -> None:
+    # Waiters read a process's state over and over: on PostgreSQL a transaction around that one
+    # SELECT costs a BEGIN and a ROLLBACK round trip each time. The read must see no open transaction.
+    with store.db.session() as s:
+        store.create_negotiation(s, _negotiation())
+    in_transaction: list[bool] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        dbapi = conn.connection.dbapi_connection
+        if store.db.dialect == "sqlite":
+            in_transaction.append(bool(dbapi.in_transaction))
+        else:
+            in_transaction.append(dbapi.info.transaction_status.name != "IDLE")
+
+    event.listen(store.db.engine, "after_cursor_execute", seen)
+    try:
+        values = store.process_values("negotiation", "urn:n:1")
+    finally:
+        event.remove(store.db.engine, "after_cursor_execute", seen)
+    assert values["state"] == "REQUESTED"
+    assert in_transaction == [False]
+    with store.db.session() as s:  # the pooled connection is back in transaction mode
+        dbapi = s.connection().connection.dbapi_connection
+        assert store.db.engine.dialect.get_isolation_level(dbapi) != "AUTOCOMMIT"

@@ -174,6 +174,9 @@ class DspStore:
         # session that inserts one: a row read there could still roll back).
         self._datasets: dict[str, dict[str, Any]] = {}
         self._datasets_lock = threading.Lock()
+        # Single-statement reads need no transaction: on autocommit connections PostgreSQL is spared
+        # the BEGIN and ROLLBACK round trips around each (psycopg sends BEGIN on its own).
+        self._reads = db.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def writing(self) -> AbstractContextManager[Session]:
         """A write transaction (see `Database.write_lock`)."""
@@ -519,9 +522,10 @@ class DspStore:
         return str(state)
 
     def process_values(self, kind: str, pid: str) -> dict[str, Any]:
-        """A process's columns by name, read on a plain connection (the read waiters repeat)."""
+        """A process's columns by name, read on a plain autocommit connection (the read waiters
+        repeat; one statement, so no transaction around it)."""
         t = _PROCESS_TABLES[kind]
-        with self.db.engine.connect() as conn:
+        with self._reads.connect() as conn:
             r = conn.execute(_FETCH[t, False], {"pid": pid}).mappings().first()
         if r is None:
             what = "contract negotiation" if kind == "negotiation" else "transfer process"
