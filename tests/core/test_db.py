@@ -36,6 +36,52 @@ def test_session_rolls_back_when_the_block_raises(db_url: str) -> None:
         db.dispose()
 
 
+def _autocommit_on(db: Database, dbapi: object) -> bool:
+    if db.dialect == "sqlite":
+        return getattr(dbapi, "isolation_level", "") is None
+    return bool(getattr(dbapi, "autocommit", False))
+
+
+def test_autocommit_statements_stand_alone_and_the_connection_goes_back_as_it_was(db_url: str) -> None:
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            s.execute(text("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
+
+        def insert_two_the_second_failing() -> None:
+            with db.writing_statement() as conn:
+                assert _autocommit_on(db, conn.connection.dbapi_connection)
+                conn.execute(text("INSERT INTO t VALUES (1)"))
+                conn.execute(text("INSERT INTO t VALUES (1)"))  # a clash: the first stays committed
+
+        with pytest.raises(DBAPIError):
+            insert_two_the_second_failing()
+        with db.session() as s:  # the same pooled connection, back in transaction mode
+            assert not _autocommit_on(db, s.connection().connection.dbapi_connection)
+            assert s.execute(text("SELECT count(*) FROM t")).scalar_one() == 1
+    finally:
+        db.dispose()
+
+
+def test_an_autocommit_read_leaves_sqlite_s_prepared_statements_alone(tmp_path: object) -> None:
+    # SQLAlchemy's isolation-level switch resets with `PRAGMA read_uncommitted`, which expires every
+    # statement the connection has prepared: each is parsed again at its next use (measured: a tenth
+    # of a DSP negotiation's instructions). `autocommit()` switches the driver and sends nothing.
+    db = Database(f"sqlite:///{tmp_path}/t.db")
+    sent: list[str] = []
+    try:
+        with db.autocommit() as conn:
+            conn.connection.dbapi_connection.set_trace_callback(sent.append)  # type: ignore[union-attr]
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+        with db.session() as s:
+            s.execute(text("SELECT 2"))
+            s.connection().connection.dbapi_connection.set_trace_callback(None)  # type: ignore[union-attr]
+    finally:
+        db.dispose()
+    assert sent[0] == "SELECT 1"
+    assert not [q for q in sent if q.upper().startswith("PRAGMA")]
+
+
 # --- disconnect safety on PostgreSQL: a pooled connection idle for a while is pinged before use ------
 
 

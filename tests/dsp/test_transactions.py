@@ -204,6 +204,27 @@ def test_a_request_received_is_decided_in_its_own_transaction_and_the_agreement_
     ]
 
 
+def test_a_step_taken_inside_a_request_needs_no_savepoint(db: Database) -> None:
+    # The step's inserts wait until it has succeeded, so undoing a failed step writes nothing back;
+    # on PostgreSQL a savepoint and its release would cost two round trips per step.
+    handed: list[list[Outgoing]] = []
+    service = _service(db, [], [])
+    service.hand_off(handed.append, LEASE)
+    savepoints: list[str] = []
+
+    def savepoint(conn: Any, name: str) -> None:
+        savepoints.append(name)
+
+    event.listen(db.engine, "savepoint", savepoint)
+    try:
+        ack, _ = service.on_contract_request(PEER, _request(), None)
+    finally:
+        event.remove(db.engine, "savepoint", savepoint)
+    assert service.negotiation(ack.provider_pid).state == "AGREED"  # the step was taken inline
+    assert savepoints == []
+    assert len(_outbox(db, ack.provider_pid)) == 1
+
+
 class _FailingDecision(DspService):
     """Decides, writes what deciding writes, then fails: what a step that goes wrong looks like."""
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from healthspace.core.db import Database
 from healthspace.identity.errors import Reason, TokenRejectedError
@@ -241,3 +241,26 @@ def test_without_a_sql_guard_on_that_database_the_check_is_made_at_once(
     finally:
         if other is not None:
             other.dispose()
+
+
+def test_sql_guard_records_a_use_in_one_statement_outside_a_transaction(db: Database) -> None:
+    # Every peer request whose handler does not take the check into its own transaction spends its
+    # token here: one INSERT that commits by itself (no BEGIN and COMMIT round trips on PostgreSQL).
+    guard = SqlReplayGuard(db)
+    guard.prune_if_due(NOW)  # pruning is a statement of its own, once per interval
+    open_after: list[bool] = []
+
+    def after(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        dbapi = conn.connection.dbapi_connection
+        if db.dialect == "sqlite":
+            open_after.append(bool(dbapi.in_transaction))
+        else:
+            open_after.append(dbapi.info.transaction_status.name != "IDLE")
+
+    event.listen(db.engine, "after_cursor_execute", after)
+    try:
+        first = guard.first_use(HOSPITAL_ID, "one", LATER, NOW)
+        again = guard.first_use(HOSPITAL_ID, "one", LATER, NOW)
+    finally:
+        event.remove(db.engine, "after_cursor_execute", after)
+    assert (first, again, open_after) == (True, False, [False, False])

@@ -38,7 +38,7 @@ from healthspace.audit.models import (
 )
 from healthspace.audit.tables import AuditEntryRow, AuditKeyRow, AuditTreeHeadRow
 from healthspace.core.clock import Clock, SystemClock
-from healthspace.core.db import Database
+from healthspace.core.db import Database, set_autocommit
 from healthspace.core.errors import HealthspaceError, ValidationError
 
 __all__ = [
@@ -630,9 +630,7 @@ class AuditLog:
                 # SQLite's variable limit is a compile-time setting (32,766 by default since 3.32).
                 limit = dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
                 self.max_rows_per_statement = min(self.max_rows_per_statement, limit // 3)
-                dbapi.isolation_level = None  # autocommit: see `_write`
-            else:
-                dbapi.autocommit = True  # client-side in psycopg: no round trip
+            set_autocommit(dbapi, True, sqlite=self._sqlite)  # see `_write`
             self._wconn = conn
         return self._wconn
 
@@ -644,10 +642,7 @@ class AuditLog:
         dbapi = cast(Any, conn.dbapi_connection)
         try:
             if dbapi is not None:
-                if self._sqlite:
-                    dbapi.isolation_level = ""  # the sqlite3 module's default (deferred BEGIN)
-                else:
-                    dbapi.autocommit = False
+                set_autocommit(dbapi, False, sqlite=self._sqlite)
         finally:
             conn.close()
 

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-__all__ = ["PING_AFTER_IDLE_S", "Base", "Database", "UtcDateTime", "migrate", "needs_ping"]
+__all__ = ["PING_AFTER_IDLE_S", "Base", "Database", "UtcDateTime", "migrate", "needs_ping", "set_autocommit"]
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -115,6 +115,15 @@ def _ping_when_idle(engine: Engine, idle_s: float) -> None:
     event.listen(engine, "checkout", checkout)
 
 
+def set_autocommit(dbapi: Any, on: bool, *, sqlite: bool) -> None:
+    """Switch a driver connection in or out of autocommit on the client, without a statement
+    (sqlite3: no implicit BEGIN; psycopg: no BEGIN sent). Only between transactions."""
+    if sqlite:
+        dbapi.isolation_level = None if on else ""  # "": the sqlite3 module's default (deferred BEGIN)
+    else:
+        dbapi.autocommit = on
+
+
 def create(url: str, ping_after_idle_s: float = PING_AFTER_IDLE_S) -> Engine:
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
@@ -193,6 +202,36 @@ class Database:
         the same queueing and the same commit-or-rollback, at a fraction of a session's cost per
         transaction (for hot single-statement writes: outbox leases, replay-guard inserts)."""
         with self.write_lock, self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A pooled connection in autocommit: each statement is a transaction of its own. For reads
+        and writes of ONE statement, which is atomic by itself: on PostgreSQL that spares the BEGIN
+        and COMMIT (or ROLLBACK) round trips around it. Several statements that must stand or fall
+        together take `writing_core()`; a write here takes `writing_statement()` (the write lock).
+
+        The driver's own switch, set and reset around the use (psycopg and sqlite3 switch on the
+        client, without a statement), not SQLAlchemy's isolation level: on SQLite that one resets
+        with `PRAGMA read_uncommitted`, which expires every statement the connection has prepared
+        (each is parsed again at its next use)."""
+        with self.engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection
+            sqlite = self.engine.dialect.name == "sqlite"
+            set_autocommit(dbapi, True, sqlite=sqlite)
+            try:
+                yield conn
+            finally:
+                try:
+                    set_autocommit(dbapi, False, sqlite=sqlite)
+                except Exception:  # a broken connection must not go back to the pool in autocommit
+                    conn.invalidate()
+                    raise
+
+    @contextmanager
+    def writing_statement(self) -> Iterator[Connection]:
+        """`autocommit()` for one write statement, queued like `writing()`."""
+        with self.write_lock, self.autocommit() as conn:
             yield conn
 
     def dispose(self) -> None:

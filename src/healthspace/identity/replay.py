@@ -87,8 +87,10 @@ class SqlReplayGuard:
     def first_use(self, issuer: str, token_id: str, expires_at: datetime, now: datetime) -> bool:
         self.prune_if_due(now)
         # A plain connection and a statement built once: this insert runs for every peer request,
-        # and an ORM session costs several times the statement.
-        with self._db.writing_core() as conn:
+        # and an ORM session costs several times the statement. Where that is one statement, it
+        # commits by itself (no BEGIN and COMMIT round trips); the fallback needs a transaction.
+        writing = self._db.writing_statement if self._insert_new is not None else self._db.writing_core
+        with writing() as conn:
             return self.first_use_in(conn, issuer, token_id, expires_at, now)
 
     def first_use_in(
@@ -114,7 +116,7 @@ class SqlReplayGuard:
 
     def prune(self, now: datetime) -> int:
         """Delete entries that expired before `now`; returns how many."""
-        with self._db.writing_core() as conn:
+        with self._db.writing_statement() as conn:
             result = cast(
                 CursorResult[Any],
                 conn.execute(delete(_SEEN).where(_SEEN.c.expires_at < now.astimezone(UTC))),

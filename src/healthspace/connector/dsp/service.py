@@ -265,6 +265,15 @@ class _Tx:
     states: dict[str, str] = field(default_factory=dict)  # of the rows created here, as created
     # Detached rows read in this transaction, with their values as last written.
     rows: list[tuple[_Process, dict[str, Any]]] = field(default_factory=list)
+    # While a step runs inline (`DspService._steps_inline`): its inserts, held back until it succeeds.
+    deferred: list[Callable[[], None]] | None = None
+
+    def write(self, insert: Callable[[], None]) -> None:
+        """Run an insert now, or hold it back while a step runs inline (see `deferred`)."""
+        if self.deferred is None:
+            insert()
+        else:
+            self.deferred.append(insert)
 
     def audit(self, actor: str, action: str, subject: str, outcome: Outcome, reason: str = "") -> None:
         self.audits.append((actor, action, subject, outcome, reason))
@@ -492,12 +501,14 @@ class DspService:
         """Take, in this transaction, the steps it leaves owed (an automatic decision, verification,
         finalization ...): what a worker would do right after the commit, without its transaction.
 
-        Each step runs in a savepoint (on the connection: the steps write through it, not through
-        the ORM, so the session's flush and expiry around a nested transaction are not needed).
-        One that fails is undone (its writes, its changes to the row,
-        its audit entries and hints) and stays owed: a worker then takes it in a transaction of its
-        own, which records the failure as before, so a failing step never fails the request that
-        left it owed."""
+        A step changes its row in memory (written by `save`) and holds its inserts (the agreement,
+        the outbox message) back until it has succeeded (`_Tx.write`). One that fails is undone
+        (its changes to the row, its inserts, audit entries and hints) with nothing written, and
+        stays owed: a worker then takes it in a transaction of its own, which records the failure
+        as before, so a failing step never fails the request that left it owed. No savepoint is
+        needed for that: on PostgreSQL a savepoint and its release are two round trips per step.
+        A held insert that fails when it is run (the database's fault, not the step's logic) fails
+        the transaction, as any other statement in it would."""
         actor = f"connector:{self.me}"
         for row in [*tx.inserts, *(r for r, _ in tx.rows)]:
             owed = row.pending
@@ -505,15 +516,19 @@ class DspService:
                 continue
             kept = snapshot(row)
             marks = len(tx.audits), len(tx.work), len(tx.leased)
+            tx.deferred = []
             try:
-                with tx.s.connection().begin_nested():
-                    row.pending = None
-                    self._take_owed(tx, row, owed, actor)
+                row.pending = None
+                self._take_owed(tx, row, owed, actor)
             except Exception:  # any failure: the step is left to a worker, as before
                 for key, value in kept.items():
                     setattr(row, key, value)
                 del tx.audits[marks[0] :], tx.work[marks[1] :], tx.leased[marks[2] :]
                 continue
+            finally:
+                inserts, tx.deferred = tx.deferred, None
+            for insert in inserts:
+                insert()
             hint = ("step", _kind(row), row.id)
             tx.work[:] = [w for w in tx.work if w != hint]
 
@@ -1110,21 +1125,19 @@ class DspService:
                 **rules,
             }
         )
-        self.store.add_agreement(
-            tx.s,
-            AgreementRow(
-                id=agreement.id,
-                negotiation_id=row.id,
-                role=_P.value,
-                provider_id=self.me,
-                consumer_id=row.counterparty_id,
-                dataset_id=row.dataset_id,
-                policy=agreement.model_dump(mode="json", exclude_none=True),
-                signed_at=self.clock.now(),
-                retired_at=None,
-                retired_reason=None,
-            ),
+        stored = AgreementRow(
+            id=agreement.id,
+            negotiation_id=row.id,
+            role=_P.value,
+            provider_id=self.me,
+            consumer_id=row.counterparty_id,
+            dataset_id=row.dataset_id,
+            policy=agreement.model_dump(mode="json", exclude_none=True),
+            signed_at=self.clock.now(),
+            retired_at=None,
+            retired_reason=None,
         )
+        tx.write(lambda: self.store.add_agreement(tx.s, stored))
         row.agreement_id = agreement.id
         return agreement
 
@@ -1146,20 +1159,26 @@ class DspService:
     ) -> None:
         # Leased to the worker only when nothing of this process is still waiting to go out (the
         # store checks in the same statement): its messages leave in order.
-        out = self.store.enqueue(
-            tx.s,
-            process_id=row.id,
-            kind=kind,
-            peer_id=row.counterparty_id,
-            url=url,
-            message_type=message_key(msg),
-            body=body if body is not None else to_json(msg),
-            now=self.clock.now(),
-            lease_until=tx.lease_until,
-        )
-        tx.queued(out)
-        if out.attempts:
-            tx.leased.append(out)
+        text = body if body is not None else to_json(msg)
+        now = self.clock.now()
+
+        def insert() -> None:
+            out = self.store.enqueue(
+                tx.s,
+                process_id=row.id,
+                kind=kind,
+                peer_id=row.counterparty_id,
+                url=url,
+                message_type=message_key(msg),
+                body=text,
+                now=now,
+                lease_until=tx.lease_until,
+            )
+            tx.queued(out)
+            if out.attempts:
+                tx.leased.append(out)
+
+        tx.write(insert)
 
     def list_negotiations(self, limit: int = 100, offset: int = 0) -> list[NegotiationPublic]:
         with self.db.session() as s:

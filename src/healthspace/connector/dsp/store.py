@@ -174,9 +174,6 @@ class DspStore:
         # session that inserts one: a row read there could still roll back).
         self._datasets: dict[str, dict[str, Any]] = {}
         self._datasets_lock = threading.Lock()
-        # Single-statement reads need no transaction: on autocommit connections PostgreSQL is spared
-        # the BEGIN and ROLLBACK round trips around each (psycopg sends BEGIN on its own).
-        self._reads = db.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def writing(self) -> AbstractContextManager[Session]:
         """A write transaction (see `Database.write_lock`)."""
@@ -429,7 +426,7 @@ class DspStore:
         and SQLite has one writer), without a scan of the whole outbox. SQL expression language on a
         plain connection: it runs once per message, and an ORM session costs more than the statement.
         """
-        with self.db.writing_core() as conn:
+        with self.db.writing_statement() as conn:
             r = conn.execute(_CLAIM_NEXT, {"pid": process_id, "now": now, "until": now + lease}).first()
         return None if r is None else Outgoing(*r)
 
@@ -455,7 +452,7 @@ class DspStore:
             values["next_at"] = retry_at
         else:
             values["status"] = "dead"
-        with self.db.writing_core() as conn:
+        with self.db.writing_statement() as conn:
             result = cast(CursorResult[Any], conn.execute(_SETTLE, {**values, "b_seq": seq}))
             if result.rowcount != 1:
                 raise NotFoundError(f"no outbox message {seq}")
@@ -482,7 +479,7 @@ class DspStore:
 
     def release_lease(self, seq: int) -> None:
         """Give back the lease of a pending message nobody will deliver (a manager stopping)."""
-        with self.db.writing_core() as conn:
+        with self.db.writing_statement() as conn:
             conn.execute(
                 update(_OUTBOX)
                 .where(_OUTBOX.c.seq == seq, _OUTBOX.c.status == "pending")
@@ -525,7 +522,8 @@ class DspStore:
         """A process's columns by name, read on a plain autocommit connection (the read waiters
         repeat; one statement, so no transaction around it)."""
         t = _PROCESS_TABLES[kind]
-        with self._reads.connect() as conn:
+        # One statement needs no transaction: on PostgreSQL no BEGIN and ROLLBACK round trips.
+        with self.db.autocommit() as conn:
             r = conn.execute(_FETCH[t, False], {"pid": pid}).mappings().first()
         if r is None:
             what = "contract negotiation" if kind == "negotiation" else "transfer process"
