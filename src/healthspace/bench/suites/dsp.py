@@ -174,16 +174,17 @@ def _provider_main(conn: Connection, db_url: str, authority_raw: bytes) -> None:
 
 
 class _Cpu:
-    """CPU seconds used so far by both connector processes: this one (consumer, driver, and the
+    """CPU seconds used so far by the connector processes: this one (consumer, driver, and the
     bench's HTTP client) and the provider, which reports its own `time.process_time()`."""
 
     def __init__(self, provider: Connection) -> None:
         self._provider = provider
 
-    def __call__(self) -> float:
+    def __call__(self) -> tuple[float, float]:
+        """(this process, the provider)."""
         self._provider.send("cpu")
         theirs: float = self._provider.recv()
-        return time.process_time() + theirs
+        return time.process_time(), theirs
 
 
 @contextmanager
@@ -271,6 +272,8 @@ def _measure(kind: str, quick: bool) -> list[Figure]:
             block, health_block = (4, 20) if quick else (20, 100)
             cpu_neg: list[float] = []
             cpu_health: list[float] = []
+            provider_neg: list[float] = []
+            provider_health: list[float] = []
             for _ in range(2 if quick else 5):
                 c0 = cpu()
                 for _ in range(block):
@@ -279,8 +282,10 @@ def _measure(kind: str, quick: bool) -> list[Figure]:
                 for _ in range(health_block):
                     client.get(f"{provider.url}/health").raise_for_status()
                 c2 = cpu()
-                cpu_neg.append((c1 - c0) / block * 1000)
-                cpu_health.append((c2 - c1) / health_block * 1000)
+                cpu_neg.append((sum(c1) - sum(c0)) / block * 1000)
+                cpu_health.append((sum(c2) - sum(c1)) / health_block * 1000)
+                provider_neg.append((c1[1] - c0[1]) / block * 1000)
+                provider_health.append((c2[1] - c1[1]) / health_block * 1000)
             # Throughput: negotiations started by CONCURRENCY threads at once, all to FINALIZED,
             # against sequential GET /health round trips in the same run.
             per_round = CONCURRENCY * (2 if quick else 10)
@@ -328,6 +333,18 @@ def _measure(kind: str, quick: bool) -> list[Figure]:
             note=f"{block} sequential negotiations per sample, {health_block} GET /health per baseline "
             "sample; process_time of the consumer process and of the provider process. At this CPU "
             "per negotiation, two cores give at most 2000 / median negotiations/s",
+        ),
+        Figure(
+            name=f"dsp provider CPU per negotiation ({backend})",
+            unit="ms",
+            samples=provider_neg,
+            better="lower",
+            baseline_name="provider CPU per loopback GET /health",
+            baseline_samples=provider_health,
+            note="process_time of the provider process alone, in the same blocks. One provider process "
+            "(one interpreter) serves at most 1000 / median negotiations/s whatever the cores; "
+            f"{TARGET_RATE:.0f}/s per provider takes {1000 / TARGET_RATE:.0f} ms or less here, or more "
+            "provider processes",
         ),
         Figure(
             name=f"dsp negotiations/s with {CONCURRENCY} concurrent requests ({backend})",
