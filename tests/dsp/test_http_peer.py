@@ -370,3 +370,132 @@ def test_leaving_the_client_s_block_closes_the_pool_too(url: str) -> None:
         assert client.peer.post(f"{url}/echo", b"{}", {}).status_code == 201
     with pytest.raises(PeerHttpError, match="closed"):
         client.peer.post(f"{url}/echo", b"{}", {})
+
+
+# --- framing: what the response parser must get right, against raw servers ---------------------------
+
+
+def _serve_raw(answer: bytes, then_close: bool = False) -> Any:
+    """A handler answering every request on a connection with `answer` (closing after, if asked)."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(5.0)
+        while True:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = next(
+                (
+                    int(h.split(b":")[1])
+                    for h in head.split(b"\r\n")
+                    if h.lower().startswith(b"content-length")
+                ),
+                0,
+            )
+            while len(rest) < length:
+                rest += conn.recv(4096)
+            conn.sendall(answer)
+            if then_close:
+                return
+
+    return handle
+
+
+def test_a_chunked_answer_is_read_whole_and_its_connection_reused() -> None:
+    chunked = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"a"\r\n3\r\n:1}\r\n0\r\n\r\n'
+    with _raw_server(_serve_raw(chunked)) as port:
+        pool = PeerHttp(2.0)
+        try:
+            first = pool.post(f"http://127.0.0.1:{port}/x", b"{}", {})
+            with pool._lock:
+                assert sum(len(v) for v in pool._idle.values()) == 1  # kept for reuse
+            second = pool.post(f"http://127.0.0.1:{port}/x", b"{}", {})
+        finally:
+            pool.close()
+    assert (first.status_code, first.content, second.content) == (200, b'{"a":1}', b'{"a":1}')
+
+
+def test_an_answer_ended_by_closing_the_connection_is_read_to_the_end_and_not_reused() -> None:
+    with _raw_server(_serve_raw(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{}", then_close=True)) as port:
+        pool = PeerHttp(2.0)
+        try:
+            r = pool.get(f"http://127.0.0.1:{port}/x", {})
+            with pool._lock:
+                assert sum(len(v) for v in pool._idle.values()) == 0
+        finally:
+            pool.close()
+    assert (r.status_code, r.content) == (200, b"{}")
+
+
+def test_an_interim_answer_is_skipped_for_the_real_one() -> None:
+    answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}"
+    with _raw_server(_serve_raw(answer)) as port:
+        pool = PeerHttp(2.0)
+        try:
+            r = pool.post(f"http://127.0.0.1:{port}/x", b"{}", {})
+        finally:
+            pool.close()
+    assert (r.status_code, r.content) == (201, b"{}")
+
+
+def test_an_answer_cut_short_is_an_error_not_a_shorter_body() -> None:
+    cut = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"
+    with _raw_server(_serve_raw(cut, then_close=True)) as port:
+        pool = PeerHttp(2.0)
+        with pytest.raises(PeerHttpError, match="RemoteDisconnected"):
+            pool.get(f"http://127.0.0.1:{port}/x", {})
+        pool.close()
+
+
+def test_a_chunked_answer_larger_than_the_bound_is_refused() -> None:
+    body = b"x" * 3000
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+        len(body),
+        body,
+    )
+    with _raw_server(_serve_raw(chunked)) as port:
+        pool = PeerHttp(2.0, max_answer_bytes=1000)
+        with pytest.raises(PeerHttpError, match="exceeds 1000 bytes"):
+            pool.get(f"http://127.0.0.1:{port}/x", {})
+        pool.close()
+
+
+def test_a_malformed_answer_is_a_peer_http_error() -> None:
+    with _raw_server(_serve_raw(b"SMTP ready\r\n\r\n", then_close=True)) as port:
+        pool = PeerHttp(2.0)
+        with pytest.raises(PeerHttpError, match="HttpParser"):
+            pool.get(f"http://127.0.0.1:{port}/x", {})
+        pool.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        ("/x", {"Authorization": "Bearer t\r\nX-Injected: 1"}),
+        ("/x", {"Bad Name": "v"}),
+        ("/x y", {}),
+        ("/x\r\nX-Injected: 1", {}),
+    ],
+)
+def test_nothing_is_sent_with_a_header_or_target_that_would_inject(
+    target: str, headers: dict[str, str]
+) -> None:
+    received: list[bytes] = []
+
+    def record(conn: socket.socket) -> None:
+        conn.settimeout(0.5)
+        try:
+            received.append(conn.recv(4096))
+        except OSError:
+            received.append(b"")
+
+    with _raw_server(record) as port:
+        pool = PeerHttp(1.0)
+        with pytest.raises(PeerHttpError):
+            pool.get(f"http://127.0.0.1:{port}{target}", headers)
+        pool.close()
+    assert b"X-Injected" not in b"".join(received)

@@ -1,15 +1,19 @@
-"""The HTTP client the DSP manager posts peer messages with, and the lab calls data planes with: the
-standard library's `http.client`, pooled (ADR 0008).
+"""The HTTP client the DSP manager posts peer messages with, and the lab calls data planes with: a
+pool of keep-alive sockets, the request head written here and the answer framed by httptools' parser
+(llhttp, the parser under Node.js and uvicorn) (ADR 0008).
 
 A DSP message is one small POST with a fresh request token to a peer we talk to constantly, so the
-cost that matters is the client's CPU per request. httpx spent ≈ 0.7 ms of CPU on one loopback POST
-(URL merging, cookies, the auth generator, redirect handling, h11 in pure Python); `http.client`
-≈ 0.35 ms for the same request. What the manager needs from a client is kept: per-request timeouts
-(connect and every read or write), keep-alive connections pooled per peer, TLS with certificate
-and host-name checks (`https://` URLs; httpx's trust store unless a context is given), TCP_NODELAY,
-a bounded answer size, and one exception type (`PeerHttpError`) for every failure to get an answer.
-Like the httpx client it replaces (whose custom transport ignored the proxy environment), it
-connects to peers directly.
+cost that matters is the client's CPU per request: httpx spent ≈ 0.7 ms on one loopback POST,
+`http.client` ≈ 0.25-0.35 ms (a third of it parsing the answer's headers with the `email` package),
+this ≈ 0.1 ms. What the manager needs from a client is kept: per-request timeouts (connect and every
+read or write), keep-alive connections pooled per peer, TLS with certificate and host-name checks
+(`https://` URLs; httpx's trust store unless a context is given), TCP_NODELAY, a bounded answer
+size, and one exception type (`PeerHttpError`) for every failure to get an answer. What we write is
+checked (no control characters in the target or a header value, header names are tokens); what we
+read is framed by the parser alone: Content-Length, chunked, or the end of the connection, interim
+1xx answers skipped, and an answer cut short is an error, never a shorter body. Like the httpx
+client it replaced (whose custom transport ignored the proxy environment), it connects to peers
+directly.
 
 `PeerHttpClient` is what `manager.peer_http_client()` returns: an `httpx.Client` (the management
 API's occasional calls keep httpx's convenience) that carries a `PeerHttp` for the manager's
@@ -19,7 +23,7 @@ deliveries; both share the timeout and are closed together.
 from __future__ import annotations
 
 import functools
-import http.client
+import re
 import select
 import socket
 import ssl
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import httptools
 import httpx
 
 __all__ = ["MAX_ANSWER_BYTES", "PeerHttp", "PeerHttpClient", "PeerHttpError", "PeerResponse"]
@@ -55,33 +60,106 @@ class PeerResponse:
         return self.content.decode("utf-8", "replace")
 
 
-def _connected(sock: Any, read_timeout: float | None) -> None:
-    # http.client writes a request's head and body in two `send` calls: under Nagle's algorithm the
-    # body would wait ~40 ms for the peer's delayed ACK. (Joining them into one write was measured
-    # against uvicorn on loopback: no difference in wall time or server CPU.)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if read_timeout is not None:
-        sock.settimeout(read_timeout)
-
-
-class _Connection(http.client.HTTPConnection):
-    read_timeout: float | None = None
-    """The timeout of every read and write once connected (`timeout` bounds only the connect)."""
-
-    def connect(self) -> None:
-        super().connect()
-        _connected(self.sock, self.read_timeout)
-
-
-class _TlsConnection(http.client.HTTPSConnection):
-    read_timeout: float | None = None
-
-    def connect(self) -> None:
-        super().connect()  # the TLS handshake, under the connect timeout
-        _connected(self.sock, self.read_timeout)
-
-
 _Key = tuple[str, str, int]  # scheme, host, port
+
+
+class _Wire:
+    """One keep-alive connection to a peer: a socket, TLS-wrapped for https."""
+
+    __slots__ = ("sock",)
+
+    def __init__(
+        self, key: _Key, connect_timeout: float, read_timeout: float, tls: ssl.SSLContext | None
+    ) -> None:
+        scheme, host, port = key
+        sock: socket.socket = socket.create_connection((host, port), timeout=connect_timeout)
+        try:
+            # Head and body leave in one write, but an answer must not wait for a delayed ACK either.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                sock = (tls or _default_tls()).wrap_socket(sock, server_hostname=host)  # connect timeout
+            sock.settimeout(read_timeout)  # every read and write from now on
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Answer:
+    """The response parser's callbacks (httptools, i.e. llhttp: framing by Content-Length or chunked
+    transfer coding, keep-alive), collecting the status and a body of at most `limit` bytes."""
+
+    __slots__ = (
+        "body",
+        "complete",
+        "delimited",
+        "headers_done",
+        "keep_alive",
+        "limit",
+        "parser",
+        "size",
+        "status",
+        "stray",
+    )
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.body: list[bytes] = []
+        self.size = 0
+        self.headers_done = False
+        self.delimited = False  # Content-Length or Transfer-Encoding: else the body ends at close
+        self.complete = False
+        self.stray = False  # bytes after the answer: the connection is out of step
+        self.keep_alive = False  # read when the answer completes (the parser forgets it after)
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.stray = True
+
+    def on_header(self, name: bytes, _value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.delimited = True
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+
+    def on_body(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size <= self.limit:
+            self.body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            self.headers_done = self.delimited = False
+            return
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
+        self.complete = True
+
+
+def _head(method: str, target: str, key: _Key, headers: dict[str, str], body: bytes | None) -> bytes:
+    scheme, host, port = key
+    name = f"[{host}]" if ":" in host else host
+    host = name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name) or _CONTROL.search(value):
+            raise ValueError("invalid header")  # no header injection through a name or a value
+        lines.append(f"{name}: {value}")
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field-name
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF and other controls (tab is allowed)
+_BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 
 
 class PeerHttp:
@@ -106,7 +184,7 @@ class PeerHttp:
         self.connections = connections
         self.max_answer_bytes = max_answer_bytes
         self._ssl_context = ssl_context
-        self._idle: dict[_Key, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._idle: dict[_Key, list[tuple[float, _Wire]]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -126,32 +204,53 @@ class PeerHttp:
         headers: dict[str, str],
         timeout: float | None = None,
     ) -> PeerResponse:
+        if method == "HEAD":
+            raise ValueError("HEAD answers carry no body: not supported")
         key, target = _split(url)
         timeout = self.timeout_s if timeout is None else timeout
-        conn = self._checkout(key, timeout)
+        wire: _Wire | None = None
         try:
-            conn.request(method, target, body=body, headers=headers)
-            answer = conn.getresponse()
-            content = answer.read(self.max_answer_bytes + 1)
-            if len(content) > self.max_answer_bytes:
-                raise PeerHttpError(f"answer from {key[1]}:{key[2]} exceeds {self.max_answer_bytes} bytes")
-            if not answer.isclosed():
-                answer.read()  # nothing left by now; keeps the connection usable
-            reusable = not answer.will_close
+            request = _head(method, target, key, headers, body) + (body or b"")  # before connecting
+            wire = self._checkout(key, timeout)
+            wire.sock.sendall(request)
+            answer = self._read(wire.sock, key)
         except PeerHttpError:
-            conn.close()
+            if wire is not None:
+                wire.close()
             raise
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            conn.close()
+        except (OSError, httptools.HttpParserError, ValueError) as exc:
+            if wire is not None:
+                wire.close()
             raise PeerHttpError(f"{type(exc).__name__}") from exc
         except BaseException:
-            conn.close()
+            if wire is not None:
+                wire.close()
             raise
-        if reusable:
-            self._checkin(key, conn)
+        if answer.delimited and answer.keep_alive and not answer.stray:
+            self._checkin(key, wire)
         else:
-            conn.close()
-        return PeerResponse(answer.status, content)
+            wire.close()
+        return PeerResponse(answer.status, b"".join(answer.body))
+
+    def _read(self, sock: socket.socket, key: _Key) -> _Answer:
+        answer = _Answer(self.max_answer_bytes)
+        while not answer.complete:
+            data = sock.recv(65536)
+            if not data:
+                if answer.headers_done and not answer.delimited:  # the body ends where the peer closes
+                    answer.status = answer.parser.get_status_code()
+                    answer.complete = True
+                    break
+                raise PeerHttpError("RemoteDisconnected: the peer closed the connection before answering")
+            try:
+                answer.parser.feed_data(data)
+            except httptools.HttpParserError:
+                if not answer.complete:
+                    raise
+                answer.stray = True  # garbage after a complete answer
+            if answer.size > self.max_answer_bytes:
+                raise PeerHttpError(f"answer from {key[1]}:{key[2]} exceeds {self.max_answer_bytes} bytes")
+        return answer
 
     def close(self) -> None:
         with self._lock:
@@ -161,7 +260,7 @@ class PeerHttp:
             for _, conn in conns:
                 conn.close()
 
-    def _checkout(self, key: _Key, timeout: float) -> http.client.HTTPConnection:
+    def _checkout(self, key: _Key, timeout: float) -> _Wire:
         now = time.monotonic()
         while True:
             with self._lock:
@@ -170,24 +269,15 @@ class PeerHttp:
                 stack = self._idle.get(key)
                 if not stack:
                     break
-                since, conn = stack.pop()  # the most recently used: least likely to be closing
-            if now - since < _KEEPALIVE_S and _still_open(conn):
-                conn.timeout = timeout
-                if conn.sock is not None:
-                    conn.sock.settimeout(timeout)
-                return conn
-            conn.close()
-        scheme, host, port = key
+                since, wire = stack.pop()  # the most recently used: least likely to be closing
+            if now - since < _KEEPALIVE_S and _still_open(wire):
+                wire.sock.settimeout(timeout)
+                return wire
+            wire.close()
         connect = timeout if self.connect_timeout_s is None else min(timeout, self.connect_timeout_s)
-        fresh: _Connection | _TlsConnection
-        if scheme == "https":
-            fresh = _TlsConnection(host, port, timeout=connect, context=self._ssl_context or _default_tls())
-        else:
-            fresh = _Connection(host, port, timeout=connect)
-        fresh.read_timeout = timeout
-        return fresh
+        return _Wire(key, connect, timeout, self._ssl_context)
 
-    def _checkin(self, key: _Key, conn: http.client.HTTPConnection) -> None:
+    def _checkin(self, key: _Key, conn: _Wire) -> None:
         with self._lock:
             stack = self._idle.setdefault(key, [])
             if not self._closed and len(stack) < self.connections:
@@ -215,14 +305,16 @@ def _split(url: str) -> tuple[_Key, str]:
     target = parts.path or "/"
     if parts.query:
         target += f"?{parts.query}"
+    if _BAD_TARGET.search(target):
+        raise PeerHttpError("invalid peer URL")
     return (scheme, parts.hostname, port or (443 if scheme == "https" else 80)), target
 
 
-def _still_open(conn: http.client.HTTPConnection) -> bool:
+def _still_open(conn: _Wire) -> bool:
     """An idle keep-alive connection is usable when nothing is waiting to be read on it: end of file
     means the server closed it, stray bytes that it is out of step. Either way it is dropped."""
-    sock: Any = conn.sock
-    if sock is None or sock.fileno() < 0:
+    sock = conn.sock
+    if sock.fileno() < 0:
         return False
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return False
