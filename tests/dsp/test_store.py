@@ -15,6 +15,7 @@ from healthspace.connector.dsp.tables import DatasetRow, NegotiationRow, OutboxR
 from healthspace.core.db import Database
 from healthspace.core.errors import ConflictError, InvalidTransitionError, NotFoundError
 from healthspace.protocol.states import NegotiationState, TransferState
+from tests.support.db import in_transaction_after_each
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
@@ -284,37 +285,14 @@ def test_a_dataset_read_in_the_transaction_that_inserts_it_is_not_kept(store: Ds
         store.dataset(s, "urn:dataset:gone")
 
 
-def _in_transaction(db: Database, run: Callable[[], object]) -> list[bool]:
-    """For each statement `run` executes: whether the driver had a transaction open after it."""
-    seen: list[bool] = []
-
-    def after(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
-        dbapi = conn.connection.dbapi_connection
-        if db.dialect == "sqlite":
-            seen.append(bool(dbapi.in_transaction))
-        else:
-            seen.append(dbapi.info.transaction_status.name != "IDLE")
-
-    event.listen(db.engine, "after_cursor_execute", after)
-    try:
-        run()
-    finally:
-        event.remove(db.engine, "after_cursor_execute", after)
-    with db.session() as s:  # the pooled connection is back in transaction mode
-        dbapi = s.connection().connection.dbapi_connection
-        assert db.engine.dialect.get_isolation_level(dbapi) != "AUTOCOMMIT"
-    return seen
-
-
 def test_a_process_is_read_without_a_transaction_around_the_statement(store: DspStore) -> None:
     # Waiters read a process's state over and over: on PostgreSQL a transaction around that one
     # SELECT costs a BEGIN and a ROLLBACK round trip each time. The read must see no open transaction.
     with store.db.session() as s:
         store.create_negotiation(s, _negotiation())
     read: list[dict[str, object]] = []
-    assert _in_transaction(store.db, lambda: read.append(store.process_values("negotiation", "urn:n:1"))) == [
-        False
-    ]
+    fetch = lambda: read.append(store.process_values("negotiation", "urn:n:1"))  # noqa: E731
+    assert in_transaction_after_each(store.db, fetch) == [False]
     assert read[0]["state"] == "REQUESTED"
 
 
@@ -325,15 +303,15 @@ def test_the_outbox_s_one_statement_writes_commit_by_themselves(store: DspStore)
     lease = timedelta(seconds=30)
     claimed: list[Outgoing | None] = []
     claim = lambda: claimed.append(store.claim_next("urn:n:1", T0, lease))  # noqa: E731
-    assert _in_transaction(store.db, claim) == [False]
+    assert in_transaction_after_each(store.db, claim) == [False]
     first = claimed[0]
     assert first is not None
     assert first.attempts == 1
     seq = first.seq
-    assert _in_transaction(store.db, lambda: store.release_lease(seq)) == [False]
+    assert in_transaction_after_each(store.db, lambda: store.release_lease(seq)) == [False]
     assert store.claim_next("urn:n:1", T0, lease) is not None  # released, so claimable again
     settle = lambda: store.settle_outbox(seq, sent=True, error=None, retry_at=None)  # noqa: E731
-    assert _in_transaction(store.db, settle) == [False]
+    assert in_transaction_after_each(store.db, settle) == [False]
     with store.db.session() as s:  # committed, and seen by another connection
         assert s.get(OutboxRow, seq).status == "sent"  # type: ignore[union-attr]
     with pytest.raises(NotFoundError):

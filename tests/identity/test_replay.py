@@ -7,13 +7,14 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from healthspace.core.db import Database
 from healthspace.identity.errors import Reason, TokenRejectedError
 from healthspace.identity.replay import MemoryReplayGuard, ReplayGuard, SqlReplayGuard
 from healthspace.identity.tables import SeenTokenRow
 from healthspace.identity.tokens import TokenUse, mint_request_token
+from tests.support.db import in_transaction_after_each
 
 from .kit import HOSPITAL_ID, START, UNIVERSITY_ID, Space
 
@@ -248,19 +249,11 @@ def test_sql_guard_records_a_use_in_one_statement_outside_a_transaction(db: Data
     # token here: one INSERT that commits by itself (no BEGIN and COMMIT round trips on PostgreSQL).
     guard = SqlReplayGuard(db)
     guard.prune_if_due(NOW)  # pruning is a statement of its own, once per interval
-    open_after: list[bool] = []
+    outcomes: list[bool] = []
 
-    def after(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
-        dbapi = conn.connection.dbapi_connection
-        if db.dialect == "sqlite":
-            open_after.append(bool(dbapi.in_transaction))
-        else:
-            open_after.append(dbapi.info.transaction_status.name != "IDLE")
+    def twice() -> None:
+        outcomes.append(guard.first_use(HOSPITAL_ID, "one", LATER, NOW))
+        outcomes.append(guard.first_use(HOSPITAL_ID, "one", LATER, NOW))
 
-    event.listen(db.engine, "after_cursor_execute", after)
-    try:
-        first = guard.first_use(HOSPITAL_ID, "one", LATER, NOW)
-        again = guard.first_use(HOSPITAL_ID, "one", LATER, NOW)
-    finally:
-        event.remove(db.engine, "after_cursor_execute", after)
-    assert (first, again, open_after) == (True, False, [False, False])
+    assert in_transaction_after_each(db, twice) == [False, False]
+    assert outcomes == [True, False]

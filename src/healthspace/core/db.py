@@ -224,9 +224,8 @@ class Database:
             finally:
                 try:
                     set_autocommit(dbapi, False, sqlite=sqlite)
-                except Exception:  # a broken connection must not go back to the pool in autocommit
+                except Exception:  # a broken connection: discarded, never pooled in autocommit
                     conn.invalidate()
-                    raise
 
     @contextmanager
     def writing_statement(self) -> Iterator[Connection]:

@@ -522,7 +522,6 @@ class DspStore:
         """A process's columns by name, read on a plain autocommit connection (the read waiters
         repeat; one statement, so no transaction around it)."""
         t = _PROCESS_TABLES[kind]
-        # One statement needs no transaction: on PostgreSQL no BEGIN and ROLLBACK round trips.
         with self.db.autocommit() as conn:
             r = conn.execute(_FETCH[t, False], {"pid": pid}).mappings().first()
         if r is None:
