@@ -316,3 +316,31 @@ def test_the_outbox_s_one_statement_writes_commit_by_themselves(store: DspStore)
         assert s.get(OutboxRow, seq).status == "sent"  # type: ignore[union-attr]
     with pytest.raises(NotFoundError):
         store.settle_outbox(10_000, sent=True, error=None, retry_at=None)
+
+
+def test_an_acknowledgement_is_settled_in_two_statements_that_each_commit(store: DspStore) -> None:
+    # The process's pids from the ACK, then the message marked sent: both idempotent, so no
+    # transaction is needed around them (a crash between leaves the message leased: it is delivered
+    # again and settled again); on PostgreSQL that spares a BEGIN and a COMMIT round trip.
+    ours = _negotiation("urn:c:9", cpid="urn:c:9")
+    ours.role, ours.provider_pid = "consumer", None
+    with store.db.session() as s:
+        store.create_negotiation(s, ours)
+    _enqueue(store, "urn:c:9", 1)
+    claimed = store.claim_next("urn:c:9", T0, timedelta(seconds=30))
+    assert claimed is not None
+    states: list[str] = []
+    settle = lambda: states.append(  # noqa: E731
+        store.settle_delivered(claimed.seq, "negotiation", "urn:c:9", "urn:p:9", "urn:c:9")
+    )
+    assert in_transaction_after_each(store.db, settle) == [False, False]
+    assert states == ["REQUESTED"]
+    with store.db.session() as s:
+        assert store.negotiation(s, "urn:c:9").provider_pid == "urn:p:9"
+        assert s.get(OutboxRow, claimed.seq).status == "sent"  # type: ignore[union-attr]
+    with pytest.raises(NotFoundError):  # an unknown message: the pids stand, nothing else changes
+        store.settle_delivered(10_000, "negotiation", "urn:c:9", "urn:p:other", "urn:c:9")
+    with pytest.raises(NotFoundError):
+        store.settle_delivered(claimed.seq, "negotiation", "urn:c:unknown", "urn:p:9", "urn:c:9")
+    with store.db.session() as s:
+        assert store.negotiation(s, "urn:c:9").provider_pid == "urn:p:9"  # a known pid is kept

@@ -489,13 +489,17 @@ class DspStore:
     def settle_delivered(
         self, seq: int, kind: str, process_id: str, provider_pid: str | None, consumer_pid: str | None
     ) -> str:
-        """In one transaction: mark a leased message sent and fill in the process's missing pids from
-        the peer's acknowledgement (a pid already known is kept). Returns the process's state as
-        this transaction leaves it (waiters need not read the row to learn it)."""
+        """Mark a leased message sent and fill in the process's missing pids from the peer's
+        acknowledgement (a pid already known is kept). Returns the process's state as this leaves it
+        (waiters need not read the row to learn it).
+
+        Two statements, each committed by itself (no BEGIN and COMMIT round trips): both are
+        idempotent, so a crash between them only leaves the message leased; when the lease runs out
+        it is delivered again, the peer answers the repeat with the same process, and this runs
+        again. The process row first, then the outbox row, as in a handler's transaction
+        (`settle_answered`); here no statement waits for a lock while holding another."""
         t = _PROCESS_TABLES[kind]
-        # The process row first, then the outbox row: the order of a handler's transaction
-        # (`settle_answered`), so the two never wait on each other's locks.
-        with self.db.writing_core() as conn:
+        with self.db.write_lock, self.db.autocommit() as conn:
             state = conn.execute(
                 update(t)
                 .where(t.c.id == process_id)
@@ -507,7 +511,7 @@ class DspStore:
             ).scalar_one_or_none()
             if state is None:
                 what = "contract negotiation" if kind == "negotiation" else "transfer process"
-                raise NotFoundError(f"no {what} {process_id!r}")  # rolls the transaction back
+                raise NotFoundError(f"no {what} {process_id!r}")  # the message stays leased
             settled = cast(
                 CursorResult[Any],
                 conn.execute(
