@@ -353,6 +353,7 @@ def test_a_long_poll_for_a_later_state_does_not_re_read_after_the_acknowledgemen
     knows without reading that it is not there yet."""
     service = _service(db, [], [], cls=_CountedReads)
     assert isinstance(service, _CountedReads)
+    service.wait_poll_s = 60.0  # only notifications make it read here
     started = service.start_negotiation(
         "researcher:t", PEER, "http://127.0.0.1:8", {**OFFER, "target": "urn:d:1"}
     )
@@ -376,6 +377,37 @@ def test_a_long_poll_for_a_later_state_does_not_re_read_after_the_acknowledgemen
         waiter.join(10)
     assert [f.state for f in found] == ["TERMINATED"]
     assert service.reads == 2
+
+
+def test_a_waiter_sees_a_change_committed_by_another_process(make_db: Callable[..., Database]) -> None:
+    """A second service on the same database (as a second worker process would be) notifies nobody
+    here: the waiter reads the row again after `wait_poll_s` without a notification."""
+    db = make_db("dsp")
+    here = _service(db, [], [])
+    here.wait_poll_s = 0.1
+    started = here.start_negotiation(
+        "researcher:t", PEER, "http://127.0.0.1:8", {**OFFER, "target": "urn:d:1"}
+    )
+    elsewhere = DspService(  # its own Database and service: no notifications shared
+        make_db("dsp"),
+        participant_id=ME,
+        public_url="http://127.0.0.1:9",
+        key=SigningKey.generate(),
+        clock=SystemClock(),
+        record=lambda *_: None,
+    )
+    ended = ContractNegotiationTerminationMessage(provider_pid="urn:p:1", consumer_pid=started.id)
+    found: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: found.append(here.wait_negotiation(started.id, {NegotiationState.FINALIZED}, 20.0))
+    )
+    t0 = time.monotonic()
+    waiter.start()
+    time.sleep(0.2)
+    elsewhere.on_negotiation_message(PEER, started.id, ended)
+    waiter.join(20)
+    assert [f.state for f in found] == ["TERMINATED"]
+    assert time.monotonic() - t0 < 10  # seen within a poll, not at the 20 s timeout
 
 
 def test_a_request_decided_in_its_transaction_writes_its_process_once(db: Database) -> None:

@@ -437,6 +437,9 @@ class DspService:
         # only the waiters of what it touched (one shared condition woke every waiter on every
         # commit, which under concurrent negotiations is most of the wake-ups).
         self._waiting: dict[str, tuple[threading.Condition, int]] = {}
+        # Commits of another process on the same database (a second worker, a restarted one) notify
+        # nobody here: a waiter reads the row again after this long without a notification.
+        self.wait_poll_s = 1.0
         self._wake: Callable[[Sequence[Work]], None] = lambda _: None
         self._handoff: tuple[Callable[[list[Outgoing]], None], timedelta] | None = None
 
@@ -1236,7 +1239,8 @@ class DspService:
         # the lock; only `pid`'s waiters are woken), not on every commit of every process; and not
         # when exactly one commit touched it since the last read and left it in a state that
         # `not_yet` says cannot be done (with two or more, the order their notes arrived in need not
-        # be the order they committed in, so the row is read).
+        # be the order they committed in, so the row is read). And every `wait_poll_s` without a
+        # notification: a commit made by another process is seen that late at most.
         deadline = time.monotonic() + max(0.0, min(timeout_s, 60.0))
         while True:
             with self._changed:
@@ -1255,8 +1259,10 @@ class DspService:
                             seen = version  # e.g. AGREED while waiting for FINALIZED: nothing to read
                         elif version != seen:
                             break
-                        cond.wait(left)
+                        notified = cond.wait(min(left, self.wait_poll_s))
                         left = deadline - time.monotonic()
+                        if not notified:
+                            break  # read again: the row may have changed in another process
                 finally:
                     n = self._waiting[pid][1]
                     if n == 1:
