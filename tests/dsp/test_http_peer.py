@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from fastapi import FastAPI, Request, Response
 
 from healthspace.connector.dsp.manager import DspManager, _NoAnswerError, peer_http_client
-from healthspace.core.peer_http import PeerHttp, PeerHttpClient, PeerHttpError
+from healthspace.core.peer_http import PeerHttp, PeerHttpClient, PeerHttpError, _head, _split
 from tests.support.servers import bind_loopback, serve
 
 LOOPBACK = "127.0.0.1"
@@ -499,3 +499,23 @@ def test_nothing_is_sent_with_a_header_or_target_that_would_inject(
             pool.get(f"http://127.0.0.1:{port}{target}", headers)
         pool.close()
     assert b"X-Injected" not in b"".join(received)
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("http://127.0.0.1:8080/x", "127.0.0.1:8080"),
+        ("http://gz.example/x", "gz.example"),
+        ("https://gz.example:443/x", "gz.example"),
+        ("http://[::1]:9/x", "[::1]:9"),
+    ],
+)
+def test_the_host_header_names_the_peer_as_its_url_does(url: str, host: str) -> None:
+    key, target = _split(url)
+    head = _head("POST", target, key, {"Content-Type": "application/json"}, b"{}").decode()
+    assert head.split("\r\n")[:4] == [
+        "POST /x HTTP/1.1",
+        f"Host: {host}",
+        "Content-Type: application/json",
+        "Content-Length: 2",
+    ]

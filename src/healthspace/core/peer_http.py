@@ -145,9 +145,9 @@ class _Answer:
 
 def _head(method: str, target: str, key: _Key, headers: dict[str, str], body: bytes | None) -> bytes:
     scheme, host, port = key
-    name = f"[{host}]" if ":" in host else host
-    host = name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    literal = f"[{host}]" if ":" in host else host  # an IPv6 address in brackets
+    authority = literal if port == (443 if scheme == "https" else 80) else f"{literal}:{port}"
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {authority}"]
     for name, value in headers.items():
         if not _TOKEN.fullmatch(name) or _CONTROL.search(value):
             raise ValueError("invalid header")  # no header injection through a name or a value
