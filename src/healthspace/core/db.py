@@ -209,7 +209,7 @@ class Database:
         """A pooled connection in autocommit: each statement is a transaction of its own. For reads
         and writes of ONE statement, which is atomic by itself: on PostgreSQL that spares the BEGIN
         and COMMIT (or ROLLBACK) round trips around it. Several statements that must stand or fall
-        together take `writing_core()`; a write here takes `writing_statement()` (the write lock).
+        together take `writing_core()`; writes here take `writing_statement()` (the write lock).
 
         The driver's own switch, set and reset around the use (psycopg and sqlite3 switch on the
         client, without a statement), not SQLAlchemy's isolation level: on SQLite that one resets
@@ -217,7 +217,7 @@ class Database:
         (each is parsed again at its next use)."""
         with self.engine.connect() as conn:
             dbapi = conn.connection.dbapi_connection
-            sqlite = self.engine.dialect.name == "sqlite"
+            sqlite = self.dialect == "sqlite"
             set_autocommit(dbapi, True, sqlite=sqlite)
             try:
                 yield conn
@@ -229,7 +229,8 @@ class Database:
 
     @contextmanager
     def writing_statement(self) -> Iterator[Connection]:
-        """`autocommit()` for one write statement, queued like `writing()`."""
+        """`autocommit()` for writes that each stand alone (one statement, or several that need not
+        stand or fall together), queued like `writing()`."""
         with self.write_lock, self.autocommit() as conn:
             yield conn
 

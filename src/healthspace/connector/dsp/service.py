@@ -518,7 +518,7 @@ class DspService:
             if owed is None:
                 continue
             kept = snapshot(row)
-            marks = len(tx.audits), len(tx.work), len(tx.leased)
+            marks = len(tx.audits), len(tx.work)  # `leased` grows only by held inserts
             tx.deferred = []
             try:
                 row.pending = None
@@ -526,7 +526,7 @@ class DspService:
             except Exception:  # any failure: the step is left to a worker, as before
                 for key, value in kept.items():
                     setattr(row, key, value)
-                del tx.audits[marks[0] :], tx.work[marks[1] :], tx.leased[marks[2] :]
+                del tx.audits[marks[0] :], tx.work[marks[1] :]
                 continue
             finally:
                 inserts, tx.deferred = tx.deferred, None

@@ -499,7 +499,7 @@ class DspStore:
         again. The process row first, then the outbox row, as in a handler's transaction
         (`settle_answered`); here no statement waits for a lock while holding another."""
         t = _PROCESS_TABLES[kind]
-        with self.db.write_lock, self.db.autocommit() as conn:
+        with self.db.writing_statement() as conn:
             state = conn.execute(
                 update(t)
                 .where(t.c.id == process_id)
