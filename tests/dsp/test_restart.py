@@ -134,14 +134,16 @@ def _agreed(c: _Connector, tck: TckPeer) -> tuple[str, str]:
     return started.id, theirs
 
 
-def test_a_repeat_refused_by_a_peer_already_in_our_state_counts_as_delivered(
-    db_file: str, space: Space, fresh_tck: TckPeer
+# VERIFIED: it got the message before we could record that; FINALIZED: it also finalized meanwhile.
+@pytest.mark.parametrize("where", ["VERIFIED", "FINALIZED"])
+def test_a_repeat_refused_by_a_peer_in_or_past_our_state_counts_as_delivered(
+    db_file: str, space: Space, fresh_tck: TckPeer, where: str
 ) -> None:
     c = _Connector(db_file, space)
     try:
         ours, theirs = _agreed(c, fresh_tck)
         fresh_tck.refuse.add("/agreement/verification")
-        fresh_tck.states[theirs] = "VERIFIED"  # it got the message before we could record that
+        fresh_tck.states[theirs] = where
         c.service.negotiation_action("researcher:t", None, ours, "verify")
         c.manager.run_once()
         fresh_tck.expect("ContractAgreementVerificationMessage")
@@ -150,14 +152,16 @@ def test_a_repeat_refused_by_a_peer_already_in_our_state_counts_as_delivered(
         c.close()
 
 
+# TERMINATED: it walked away; AGREED: it is behind us, so it refused our message for another reason.
+@pytest.mark.parametrize("where", ["TERMINATED", "AGREED"])
 def test_a_refusal_by_a_peer_elsewhere_ends_our_process(
-    db_file: str, space: Space, fresh_tck: TckPeer
+    db_file: str, space: Space, fresh_tck: TckPeer, where: str
 ) -> None:
     c = _Connector(db_file, space)
     try:
         ours, theirs = _agreed(c, fresh_tck)
         fresh_tck.refuse.add("/agreement/verification")
-        fresh_tck.states[theirs] = "TERMINATED"
+        fresh_tck.states[theirs] = where
         c.service.negotiation_action("researcher:t", None, ours, "verify")
         c.manager.run_once()
         fresh_tck.expect("ContractAgreementVerificationMessage")

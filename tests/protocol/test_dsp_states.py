@@ -20,6 +20,7 @@ from healthspace.protocol.states import (
     TransferState,
     allowed_messages,
     can_send,
+    has_moved_past,
     negotiation_next_state,
     transfer_next_state,
 )
@@ -250,3 +251,38 @@ def test_allowed_messages_in_a_final_state_is_empty() -> None:
     for receiver in Role:
         assert allowed_messages(receiver, NegotiationState.FINALIZED) == []
         assert allowed_messages(receiver, TransferState.COMPLETED) == []
+
+
+# --- a refused repeat: has the peer already taken our message? -------------------------------------
+
+_N, _T = NegotiationState, TransferState
+
+# Written out by hand from the spec's diagram, not derived from the state machine under test: the
+# pairs (ours, theirs) where the peer cannot stand unless it took our last message.
+_NEG_TAKEN = {
+    (_N.ACCEPTED, _N.AGREED), (_N.ACCEPTED, _N.VERIFIED), (_N.ACCEPTED, _N.FINALIZED),
+    (_N.AGREED, _N.VERIFIED), (_N.AGREED, _N.FINALIZED), (_N.VERIFIED, _N.FINALIZED),
+}  # fmt: skip
+_TRANSFER_TAKEN = {(_T.REQUESTED, _T.STARTED), (_T.REQUESTED, _T.SUSPENDED), (_T.REQUESTED, _T.COMPLETED)}
+
+
+@pytest.mark.parametrize("ours", list(_N))
+@pytest.mark.parametrize("theirs", list(_N))
+def test_a_negotiation_peer_has_moved_past_us_only_where_it_cannot_have_missed_our_message(
+    ours: NegotiationState, theirs: NegotiationState
+) -> None:
+    expected = theirs == ours or (ours, theirs) in _NEG_TAKEN
+    assert has_moved_past(ours, theirs) is expected
+
+
+@pytest.mark.parametrize("ours", list(_T))
+@pytest.mark.parametrize("theirs", list(_T))
+def test_a_transfer_peer_has_moved_past_us_only_where_it_cannot_have_missed_our_message(
+    ours: TransferState, theirs: TransferState
+) -> None:
+    expected = theirs == ours or (ours, theirs) in _TRANSFER_TAKEN
+    assert has_moved_past(ours, theirs) is expected
+
+
+def test_states_of_the_other_lifecycle_never_count_as_moved_past() -> None:
+    assert not has_moved_past(_N.REQUESTED, _T.REQUESTED)  # equal strings, different lifecycles

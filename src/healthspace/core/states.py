@@ -39,6 +39,17 @@ class StateMachine(Generic[S]):
     def is_final(self, state: S) -> bool:
         return not self.targets(state)
 
+    def reachable(self, current: S) -> frozenset[S]:
+        """States reachable from `current` in one step or more (`current` itself only on a cycle)."""
+        seen: set[S] = set()
+        todo = list(self.targets(current))
+        while todo:
+            s = todo.pop()
+            if s not in seen:
+                seen.add(s)
+                todo.extend(self.targets(s))
+        return frozenset(seen)
+
     def transition(self, current: S, target: S) -> S:
         """Return `target` if the move is allowed, else raise `InvalidTransitionError`."""
         if target not in self.targets(current):

@@ -16,6 +16,7 @@ Message keys are the wire `@type`, except that `ContractNegotiationEventMessage`
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 from enum import StrEnum
 
 from healthspace.core.states import StateMachine
@@ -33,6 +34,7 @@ __all__ = [
     "TransferState",
     "allowed_messages",
     "can_send",
+    "has_moved_past",
     "negotiation_next_state",
     "transfer_next_state",
 ]
@@ -193,3 +195,22 @@ def _refusal(
         message=key,
         role=str(receiver),
     )
+
+
+def has_moved_past(ours: NegotiationState | TransferState, theirs: NegotiationState | TransferState) -> bool:
+    """Whether a peer whose copy of a process stands in `theirs` must already have processed the message
+    that moved ours to `ours` (we send it again after a crash between delivering and recording it).
+
+    True when the copies agree, or when `ours` is on the one-way part of the lifecycle (no cycle
+    leads back to it) and `theirs` lies ahead of it: the peer verified our agreement and finalized
+    while we were down. From a state on a cycle (REQUESTED and OFFERED; STARTED and SUSPENDED) a
+    peer may move ahead without our message, and TERMINATED is where a peer goes for any reason:
+    neither counts.
+    """
+    if type(ours) is not type(theirs):
+        return False
+    if theirs == ours:
+        return True
+    machine: StateMachine[Any] = NEGOTIATION if isinstance(ours, NegotiationState) else TRANSFER
+    ahead = machine.reachable(ours)
+    return ours not in ahead and theirs in ahead and theirs not in (_N.TERMINATED, _T.TERMINATED)

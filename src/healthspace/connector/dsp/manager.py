@@ -33,6 +33,7 @@ from healthspace.connector.dsp.store import Outgoing
 from healthspace.core.errors import HealthspaceError
 from healthspace.core.peer_http import PeerHttp, PeerHttpClient, PeerHttpError, PeerResponse
 from healthspace.protocol.messages import ContractNegotiation, DspMessage, TransferProcess, parse_as
+from healthspace.protocol.states import NegotiationState, TransferState, has_moved_past
 
 __all__ = ["DspManager", "peer_http_client"]
 
@@ -278,10 +279,12 @@ class DspManager:
             self._retry(seq, kind, pid, mtype, f"HTTP {r.status_code}", attempts)
 
     def _peer_already_there(self, kind: str, pid: str, peer: str, url: str, mtype: str) -> bool:
-        """After a refusal: does the peer's copy of the process already stand where ours does?
+        """After a refusal: has the peer's copy of the process already taken this message?
 
         That is the case when we crashed after delivering a message but before settling it, so the
-        repeat is refused as "not allowed in this state". Then the message counts as delivered.
+        repeat is refused as "not allowed in this state": the peer stands where ours does, or has
+        moved on from there (`has_moved_past`: it verified our agreement and finalized while we were
+        down). Then the message counts as delivered.
         """
         if _ack_type(mtype, url) is not None:
             return False  # initial requests are idempotent at the receiver; a refusal is a refusal
@@ -294,19 +297,17 @@ class DspManager:
             r = self._call("GET", f"{base}{marker}{their_pid}", peer)
             if r.status_code != 200:
                 return False
-            theirs: str = (
-                parse_as(r.content, ContractNegotiation).state
-                if kind == "negotiation"
-                else parse_as(r.content, TransferProcess).state
-            )
-            ours = (
-                self.service.negotiation(pid).state
-                if kind == "negotiation"
-                else self.service.transfer(pid).state
-            )
-        except (_NoAnswerError, HealthspaceError):
+            ours: NegotiationState | TransferState
+            if kind == "negotiation":
+                theirs: NegotiationState | TransferState
+                theirs = parse_as(r.content, ContractNegotiation).state
+                ours = NegotiationState(self.service.negotiation(pid).state)
+            else:
+                theirs = parse_as(r.content, TransferProcess).state
+                ours = TransferState(self.service.transfer(pid).state)
+        except (_NoAnswerError, HealthspaceError, ValueError):
             return False
-        return bool(theirs == ours)
+        return has_moved_past(ours, theirs)
 
     def _call(self, method: str, url: str, peer: str, body: bytes | None = None) -> PeerResponse:
         """One signed call to `peer` (a fresh request token), answered or raising `_NoAnswerError`."""
