@@ -16,8 +16,8 @@ Message keys are the wire `@type`, except that `ContractNegotiationEventMessage`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 from enum import StrEnum
+from typing import Any
 
 from healthspace.core.states import StateMachine
 from healthspace.protocol.errors import MessageNotAllowedError
