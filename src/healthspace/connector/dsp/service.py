@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from healthspace.audit.models import Outcome
 from healthspace.connector.dsp.dataplane import mint_access_token
-from healthspace.connector.dsp.store import DspStore, Outgoing, snapshot
+from healthspace.connector.dsp.store import DspStore, Outgoing, restore, snapshot
 from healthspace.connector.dsp.tables import (
     AgreementRow,
     DatasetRow,
@@ -524,8 +524,7 @@ class DspService:
                 row.pending = None
                 self._take_owed(tx, row, owed, actor)
             except Exception:  # any failure: the step is left to a worker, as before
-                for key, value in kept.items():
-                    setattr(row, key, value)
+                restore(row, kept)
                 del tx.audits[marks[0] :], tx.work[marks[1] :]
                 continue
             finally:
