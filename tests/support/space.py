@@ -7,6 +7,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastapi import FastAPI
+
 from healthspace.authority.app import create_app as create_authority
 from healthspace.authority.app import init_authority
 from healthspace.client import AuthorityClient
@@ -27,6 +29,7 @@ class Node:
     url: str
     data_dir: Path
     keys: dict[Role, str] = field(default_factory=dict)
+    app: FastAPI | None = None  # a connector's app as served (to inspect its routes)
 
 
 @dataclass
@@ -101,6 +104,7 @@ def running_space(
                 }
             )
             install_credential(settings, result["credential"])
-            url = stack.enter_context(serve(create_connector(settings, clock), sock))
-            nodes[pid] = Node(pid, url, settings.data_dir, {r: k.secret for r, k in keys.items()})
+            app = create_connector(settings, clock)
+            url = stack.enter_context(serve(app, sock))
+            nodes[pid] = Node(pid, url, settings.data_dir, {r: k.secret for r, k in keys.items()}, app)
         yield Space(authority, nodes)

@@ -36,7 +36,7 @@ from healthspace.connector.dataplane import (
     make_dataplane_router,
     make_review_router,
 )
-from healthspace.connector.dsp.api import DspComponents, make_dsp_routers
+from healthspace.connector.dsp.api import DspComponents, install_message_lane, make_dsp_routers
 from healthspace.connector.dsp.manager import DspManager, peer_http_client
 from healthspace.connector.gate import Directory, GatedDspService, PolicyGate, WithdrawalRetirer
 from healthspace.consent.api import make_patient_router, make_staff_router
@@ -528,8 +528,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.include_router(public)
     app.include_router(peer)
     app.include_router(management)
-    for router in make_dsp_routers(_dsp, _authenticate_peer, _staff):
+    dsp_routers = make_dsp_routers(_dsp, _authenticate_peer, _staff)
+    for router in dsp_routers:
         app.include_router(router)
+    install_message_lane(app, dsp_routers)
     if rt.consent is not None:
         consent = rt.consent
         app.include_router(make_patient_router(lambda: consent, _ScenarioDirectory(rt)))

@@ -25,6 +25,7 @@ __all__ = [
     "NotFoundError",
     "ValidationError",
     "install_problem_handlers",
+    "problem_for",
     "problem_response",
 ]
 
@@ -115,19 +116,24 @@ def problem_response(status: int, title: str, detail: str, code: str, **extra: A
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+def problem_for(exc: HealthspaceError) -> JSONResponse:
+    """The problem document a `HealthspaceError` leaves a service as."""
+    p = exc.to_problem()
+    return problem_response(
+        p.pop("status"),
+        p.pop("title"),
+        p.pop("detail"),
+        p.pop("code"),
+        **{k: v for k, v in p.items() if k != "type"},
+    )
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Make every error leave `app` as a problem document."""
 
     async def on_healthspace_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HealthspaceError)
-        p = exc.to_problem()
-        return problem_response(
-            p.pop("status"),
-            p.pop("title"),
-            p.pop("detail"),
-            p.pop("code"),
-            **{k: v for k, v in p.items() if k != "type"},
-        )
+        return problem_for(exc)
 
     async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 from healthspace.audit.log import AuditLog
 from healthspace.audit.models import Outcome
 from healthspace.bench.harness import Figure, loopback_socket, serve
-from healthspace.connector.dsp.api import DspComponents, make_dsp_routers
+from healthspace.connector.dsp.api import DspComponents, install_message_lane, make_dsp_routers
 from healthspace.connector.dsp.manager import DspManager, peer_http_client
 from healthspace.connector.dsp.service import DatasetCreate, DspService
 from healthspace.core.clock import SystemClock
@@ -135,6 +135,7 @@ def _node(db_url: str, pid: str, authority: SigningKey) -> Iterator[_Node]:
     public, dsp, _ = make_dsp_routers(lambda _: components, peer_dependency(verifier), no_staff)
     app.include_router(public)
     app.include_router(dsp)
+    install_message_lane(app, [dsp])
 
     @app.get("/health")
     def health() -> dict[str, str]:

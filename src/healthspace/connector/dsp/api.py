@@ -7,14 +7,14 @@ back. Errors on DSP routes answer a DSP error body (`CatalogError`, `ContractNeg
 
 # No `from __future__ import annotations`: FastAPI must see the local Annotated aliases of the factory.
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import httpx
 import orjson
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import AnyHttpUrl, BaseModel, Field
 
@@ -31,6 +31,7 @@ from healthspace.connector.dsp.service import (
 from healthspace.core.apikeys import Role as StaffRole
 from healthspace.core.apikeys import StoredKey
 from healthspace.core.errors import HealthspaceError, NotFoundError, ValidationError
+from healthspace.core.fastlane import FastLane, lane_eligible
 from healthspace.identity.errors import TokenRejectedError
 from healthspace.identity.fastapi import PeerDependency
 from healthspace.identity.tokens import Caller, TokenUse
@@ -59,7 +60,7 @@ from healthspace.protocol.messages import (
 )
 from healthspace.protocol.states import NegotiationState, TransferState
 
-__all__ = ["DspComponents", "make_dsp_routers"]
+__all__ = ["DspComponents", "install_message_lane", "make_dsp_routers"]
 
 JSON = "application/json"
 
@@ -109,6 +110,12 @@ def _error(kind: str, exc: HealthspaceError, pid: str | None = None, body: bytes
     model = ContractNegotiationError if kind == "negotiation" else TransferError
     err = model(provider_pid=provider_pid, consumer_pid=consumer_pid, code=code, reason=reason)
     return _json(err, exc.status)
+
+
+def install_message_lane(app: FastAPI, routers: Sequence[APIRouter]) -> None:
+    """Serve the DSP routes of `routers` that read the request themselves (every message POST)
+    through `core.fastlane.FastLane`, ahead of FastAPI's routing. Call before the app serves."""
+    app.add_middleware(FastLane, routes=[r for router in routers for r in router.routes if lane_eligible(r)])
 
 
 def make_dsp_routers(

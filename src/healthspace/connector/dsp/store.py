@@ -26,7 +26,6 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import orjson
-
 from sqlalchemy import (
     CursorResult,
     Insert,
