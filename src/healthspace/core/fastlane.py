@@ -5,14 +5,16 @@ request itself (`request: Request` plus path parameters as strings) and returns 
 such an endpoint FastAPI's exception middleware, router, route matching across every router of the
 app and dependency solving do nothing but cost: ≈ 250 µs of CPU per request on this project's bench
 machine, against ≈ 200 µs for all the rest of uvicorn and Starlette (measured with an empty endpoint;
-docs/dsp.md, session 7). `FastLane` is an ASGI middleware that matches those routes itself (a dict
+ADR 0009). `FastLane` is an ASGI middleware that matches those routes itself (a dict
 look-up on method and number of segments, then the segments) and awaits the endpoint directly.
 
 What stays the same: the routes remain registered with FastAPI (OpenAPI, and any request the lane
 does not take, such as a trailing slash or a mounted root path, goes the usual way); the middlewares
 outside the lane (the body-size limit, the 500 handler) still apply; a `HealthspaceError` the
 endpoint raises leaves as the same problem document `install_problem_handlers` renders; any other
-exception propagates to the server-error middleware as it would from the router.
+exception propagates to the server-error middleware as it would from the router. Middleware added
+to the app before the lane ends up inside it and does not see the lane's requests; middleware added
+after it wraps it (Starlette puts each new middleware outermost; ADR 0009).
 """
 
 from __future__ import annotations
