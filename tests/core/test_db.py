@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import inspect, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from healthspace.core.db import Database, needs_ping
@@ -59,6 +60,46 @@ def test_autocommit_statements_stand_alone_and_the_connection_goes_back_as_it_wa
         with db.session() as s:  # the same pooled connection, back in transaction mode
             assert not _autocommit_on(db, s.connection().connection.dbapi_connection)
             assert s.execute(text("SELECT count(*) FROM t")).scalar_one() == 1
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_non_durable_statement_stands_alone_and_only_skips_the_wait_for_the_wal_flush(
+    db_url: str, durable: bool
+) -> None:
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            s.execute(text("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
+
+        def insert_two_the_second_failing() -> None:
+            with db.writing_statement(durable=durable) as conn:
+                assert _autocommit_on(db, conn.connection.dbapi_connection)
+                if db.dialect == "postgresql":
+                    wait = conn.execute(text("SHOW synchronous_commit")).scalar_one()
+                    assert wait == ("on" if durable else "off")
+                conn.execute(text("INSERT INTO t VALUES (1)"))
+                conn.execute(text("INSERT INTO t VALUES (1)"))  # a clash: the first stays committed
+
+        with pytest.raises(DBAPIError):
+            insert_two_the_second_failing()
+        with db.session() as s:  # durable or not, what committed is there for everyone
+            assert s.execute(text("SELECT count(*) FROM t")).scalar_one() == 1
+            if db.dialect == "postgresql":  # and the pool's own connections still wait for the flush
+                assert s.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
+    finally:
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_non_durable_connections_keep_the_options_the_url_gives(postgres_url: str) -> None:
+    url = make_url(postgres_url).update_query_dict({"options": "-c statement_timeout=12345"})
+    db = Database(url.render_as_string(hide_password=False))
+    try:
+        with db.writing_statement(durable=False) as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "12345ms"
+            assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "off"
     finally:
         db.dispose()
 

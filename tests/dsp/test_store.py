@@ -15,7 +15,7 @@ from healthspace.connector.dsp.tables import DatasetRow, NegotiationRow, OutboxR
 from healthspace.core.db import Database
 from healthspace.core.errors import ConflictError, InvalidTransitionError, NotFoundError
 from healthspace.protocol.states import NegotiationState, TransferState
-from tests.support.db import in_transaction_after_each
+from tests.support.db import in_transaction_after_each, waits_for_wal_flush_after_each
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
@@ -344,3 +344,24 @@ def test_an_acknowledgement_is_settled_in_two_statements_that_each_commit(store:
         store.settle_delivered(claimed.seq, "negotiation", "urn:c:unknown", "urn:p:9", "urn:c:9")
     with store.db.session() as s:
         assert store.negotiation(s, "urn:c:9").provider_pid == "urn:p:9"  # a known pid is kept
+
+
+def test_outbox_bookkeeping_does_not_wait_for_the_wal_flush_on_postgresql(store: DspStore) -> None:
+    # A lease, a settlement or a released lease lost with a crash of PostgreSQL itself is recovered
+    # from (the message is sent again and a repeat is recognised), so those commits do not wait for
+    # the disk; what the handlers commit does (docs/dsp.md, session 7).
+    with store.db.writing() as s:
+        store.create_negotiation(s, _negotiation())
+    _enqueue(store, "urn:n:1", 1)
+    postgres = store.db.dialect == "postgresql"
+    lease = timedelta(seconds=30)
+    taken: list[Outgoing | None] = []
+    claim = lambda: taken.append(store.claim_next("urn:n:1", T0, lease))  # noqa: E731
+    assert waits_for_wal_flush_after_each(store.db, claim) == [not postgres]
+    seq = taken[0].seq if taken[0] is not None else -1
+    release = lambda: store.release_lease(seq)  # noqa: E731
+    assert waits_for_wal_flush_after_each(store.db, release) == [not postgres]
+    settle = lambda: store.settle_delivered(seq, "negotiation", "urn:n:1", "urn:p:1", None)  # noqa: E731
+    assert waits_for_wal_flush_after_each(store.db, settle) == [not postgres] * 2
+    with store.db.writing() as s:  # a handler's transaction waits, whatever the backend
+        assert waits_for_wal_flush_after_each(store.db, lambda: store.fetch(s, NegotiationRow, "urn:n:1"))

@@ -19,7 +19,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, DateTime, Dialect, Engine, MetaData, TypeDecorator, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -132,9 +132,31 @@ def create(url: str, ping_after_idle_s: float = PING_AFTER_IDLE_S) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    engine = create_engine(_postgres_url(u), pool_size=10, max_overflow=20)
+    _ping_when_idle(engine, ping_after_idle_s)
+    return engine
+
+
+def _postgres_url(u: URL) -> str:
     if u.get_backend_name() == "postgresql" and u.get_driver_name() in ("", "psycopg2"):
-        url = u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    engine = create_engine(url, pool_size=10, max_overflow=20)
+        u = u.set(drivername="postgresql+psycopg")
+    return u.render_as_string(hide_password=False)
+
+
+def _create_relaxed(url: str, ping_after_idle_s: float) -> Engine:
+    """PostgreSQL connections in autocommit whose commits do not wait for their WAL record to reach
+    disk (`synchronous_commit = off`, set when each connects: no statement per use). See
+    `Database.writing_statement(durable=False)`."""
+    u = make_url(url)
+    # Options the URL already carries (psycopg's `options` connection parameter) are kept.
+    options = " ".join(filter(None, [str(u.query.get("options", "")), "-c synchronous_commit=off"]))
+    engine = create_engine(
+        _postgres_url(u),
+        pool_size=4,
+        max_overflow=8,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"options": options},
+    )
     _ping_when_idle(engine, ping_after_idle_s)
     return engine
 
@@ -165,6 +187,9 @@ class Database:
     ) -> None:
         self.url = url
         self.engine = create(url, ping_after_idle_s)
+        self._ping_after_idle_s = ping_after_idle_s
+        self._relaxed: Engine | None = None  # `writing_statement(durable=False)`, made on first use
+        self._relaxed_lock = threading.Lock()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer per file and makes the others retry with sleeps of 1, 2, 5, 10 ... ms.
         # Writers of this process that share the file (DSP state, audit log, replay guard) queue on
@@ -228,11 +253,28 @@ class Database:
                     conn.invalidate()
 
     @contextmanager
-    def writing_statement(self) -> Iterator[Connection]:
+    def writing_statement(self, *, durable: bool = True) -> Iterator[Connection]:
         """`autocommit()` for writes that each stand alone (one statement, or several that need not
-        stand or fall together), queued like `writing()`."""
-        with self.write_lock, self.autocommit() as conn:
+        stand or fall together), queued like `writing()`.
+
+        `durable=False` is for bookkeeping that the caller recovers from if a crash of PostgreSQL
+        itself loses it (a message marked sent is sent again, a lease runs out): on PostgreSQL the
+        statements commit without waiting for the WAL flush (`synchronous_commit = off`, on a small
+        pool of connections of their own). What a later durable commit of any connection follows is
+        flushed with it, since the WAL is written in order; an application crash loses nothing. On
+        SQLite nothing changes (its DSP writes already use `synchronous=NORMAL`)."""
+        if durable or self.dialect == "sqlite":
+            with self.write_lock, self.autocommit() as conn:
+                yield conn
+            return
+        if self._relaxed is None:
+            with self._relaxed_lock:
+                if self._relaxed is None:
+                    self._relaxed = _create_relaxed(self.url, self._ping_after_idle_s)
+        with self._relaxed.connect() as conn:
             yield conn
 
     def dispose(self) -> None:
+        if self._relaxed is not None:
+            self._relaxed.dispose()
         self.engine.dispose()

@@ -12,7 +12,12 @@ Contract (what MUST fail; `tests/dsp/test_store.py` checks each on SQLite and Po
 * an outbox row is handed to one worker at a time: `claim_outbox` leases rows, and a leased row is not
   claimed again until its lease runs out.
 
-The store never commits: the service's `Database.session()` is the transaction.
+The store never commits: the service's `Database.session()` is the transaction. The exceptions are
+the outbox's one-statement writes (lease, release, settle), which commit by themselves and, on
+PostgreSQL, without waiting for the WAL flush (`Database.writing_statement(durable=False)`): a crash
+of PostgreSQL that loses one leaves a message to be sent again, and the manager counts a repeat the
+peer already took as delivered (`DspManager._peer_already_there`). The next handler commit on the
+database flushes them anyway.
 """
 
 from __future__ import annotations
@@ -427,7 +432,7 @@ class DspStore:
         and SQLite has one writer), without a scan of the whole outbox. SQL expression language on a
         plain connection: it runs once per message, and an ORM session costs more than the statement.
         """
-        with self.db.writing_statement() as conn:
+        with self.db.writing_statement(durable=False) as conn:
             r = conn.execute(_CLAIM_NEXT, {"pid": process_id, "now": now, "until": now + lease}).first()
         return None if r is None else Outgoing(*r)
 
@@ -453,7 +458,7 @@ class DspStore:
             values["next_at"] = retry_at
         else:
             values["status"] = "dead"
-        with self.db.writing_statement() as conn:
+        with self.db.writing_statement(durable=False) as conn:
             result = cast(CursorResult[Any], conn.execute(_SETTLE, {**values, "b_seq": seq}))
             if result.rowcount != 1:
                 raise NotFoundError(f"no outbox message {seq}")
@@ -480,7 +485,7 @@ class DspStore:
 
     def release_lease(self, seq: int) -> None:
         """Give back the lease of a pending message nobody will deliver (a manager stopping)."""
-        with self.db.writing_statement() as conn:
+        with self.db.writing_statement(durable=False) as conn:
             conn.execute(
                 update(_OUTBOX)
                 .where(_OUTBOX.c.seq == seq, _OUTBOX.c.status == "pending")
@@ -500,7 +505,7 @@ class DspStore:
         again. The process row first, then the outbox row, as in a handler's transaction
         (`settle_answered`); here no statement waits for a lock while holding another."""
         t = _PROCESS_TABLES[kind]
-        with self.db.writing_statement() as conn:
+        with self.db.writing_statement(durable=False) as conn:
             state = conn.execute(
                 update(t)
                 .where(t.c.id == process_id)
