@@ -195,7 +195,7 @@ def test_the_dsp_context_must_be_listed(registry: SchemaRegistry, dsp_dir: Path)
     assert caught.value.problems[0].pointer == "/@context"
 
 
-# --- the compiled fast check must give jsonschema's verdict -------------------------------------------------
+# --- the fast check (jsonschema-rs) must give jsonschema's verdict -----------------------------------------
 
 
 def _mutations(document: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[str, Any]]:
@@ -227,14 +227,12 @@ def _replace(document: Any, path: tuple[Any, ...], value: Any) -> Any:
     return out
 
 
-def test_compiled_check_covers_every_schema(registry: SchemaRegistry) -> None:
+def test_fast_check_covers_every_schema(registry: SchemaRegistry) -> None:
     assert registry.compiled == registry.schema_names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_rel)
-def test_compiled_check_agrees_with_jsonschema_on_mutated_examples(
-    registry: SchemaRegistry, path: Path
-) -> None:
+def test_fast_check_agrees_with_jsonschema_on_mutated_examples(registry: SchemaRegistry, path: Path) -> None:
     document = _load(path)
     type_name = _type_of_example(path, document)
     stems = {
@@ -253,9 +251,7 @@ def test_compiled_check_agrees_with_jsonschema_on_mutated_examples(
 
 
 @pytest.mark.parametrize("path", INVALID, ids=_rel)
-def test_compiled_check_agrees_with_jsonschema_on_invalid_messages(
-    registry: SchemaRegistry, path: Path
-) -> None:
+def test_fast_check_agrees_with_jsonschema_on_invalid_messages(registry: SchemaRegistry, path: Path) -> None:
     assert registry.compiled_agrees(_load(path), path.parent.name)
 
 

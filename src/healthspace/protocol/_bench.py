@@ -1,7 +1,7 @@
 """Benchmark of the DSP wire layer: parse + schema-check + model a ContractRequestMessage, and emit it back.
 
 Exposed as `run(quick) -> list[Figure]` for the bench suite registry. The baseline is the same schema
-check done by `jsonschema` alone (the interpreter the compiled check replaces on the hot path).
+check done by `jsonschema` alone (the reference implementation; jsonschema-rs checks on the hot path).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def run(quick: bool, registry: SchemaRegistry | None = None) -> list[Figure]:
             baseline_name="jsonschema validation alone",
             baseline_samples=baseline,
             target=TARGET_MESSAGES_PER_SECOND,
-            note="orjson + compiled schema check + pydantic model",
+            note="orjson + jsonschema-rs check + pydantic model",
         ),
         Figure(
             name="dsp.emit.contract_request",
@@ -76,6 +76,6 @@ def run(quick: bool, registry: SchemaRegistry | None = None) -> list[Figure]:
             baseline_name="jsonschema validation alone",
             baseline_samples=baseline,
             target=TARGET_MESSAGES_PER_SECOND,
-            note="model dump + compiled schema check + orjson",
+            note="model dump + jsonschema-rs check + orjson",
         ),
     ]
