@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -152,6 +154,123 @@ def test_concurrent_appends_produce_a_gap_free_sequence(log: AuditLog) -> None:
         th.join()
     assert sorted(receipts) == list(range(320))
     assert log.verify().ok
+
+
+# --- several writers on one database (several processes of one service) -------------------------------
+
+
+def _stored_entries(db: Database) -> list[AuditEntry]:
+    rows = _sql(db, "SELECT data FROM audit_entries ORDER BY seq")
+    return [AuditEntry.from_bytes(r[0].encode()) for r in rows]
+
+
+def test_two_logs_on_one_database_append_concurrently_without_gaps_or_clashes(
+    db: Database, signer: KeySigner, clock: FixedClock
+) -> None:
+    logs = [AuditLog(db, signer, clock), AuditLog(db, signer, clock)]
+    try:
+        receipts: list[int] = []
+        lock = threading.Lock()
+
+        def work(t: int) -> None:
+            for i in range(30):
+                batch = [make_entry(t * 1000 + i * 2), make_entry(t * 1000 + i * 2 + 1)]
+                got = logs[t % 2].append_many(batch)
+                assert got[1].index == got[0].index + 1  # a batch stays one contiguous run
+                with lock:
+                    receipts.extend(r.index for r in got)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert sorted(receipts) == list(range(360))
+        # Each log reads back the other's entries before it signs: one head, over what is stored.
+        head = logs[0].tree_head()
+        assert (head.tree_size, head.root) == (360, _expected_root(_stored_entries(db)))
+        assert logs[1].tree_head() == head  # the same size: the stored head, not a second one
+        assert logs[0].verify().ok
+        assert logs[1].verify().ok
+    finally:
+        for log in logs:
+            log.close()
+
+
+def test_a_log_proves_entries_another_log_appended(
+    db: Database, signer: KeySigner, clock: FixedClock
+) -> None:
+    a, b = AuditLog(db, signer, clock), AuditLog(db, signer, clock)
+    try:
+        a.append_many([make_entry(i) for i in range(3)])
+        first = a.tree_head()
+        b.append_many([make_entry(i) for i in range(3, 300)])  # past a cached 256-leaf subtree
+        assert a.size == 3  # not yet read back
+        proof = a.inclusion_proof(299)
+        assert a.size == 300
+        head = b.tree_head()
+        leaf = merkle.leaf_hash(make_entry(299).canonical_bytes())
+        assert merkle.verify_inclusion(leaf, 299, 300, [bytes.fromhex(h) for h in proof.path], head.root)
+        later = a.consistency_proof(first.tree_size)
+        assert merkle.verify_consistency(
+            3, 300, first.root, head.root, [bytes.fromhex(h) for h in later.path]
+        )
+        assert [e.entry for e in a.entries(297, 300)] == [make_entry(i) for i in range(297, 300)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_heads_signed_by_two_logs_never_go_back_in_time(db: Database, signer: KeySigner) -> None:
+    late, early = FixedClock(T0 + timedelta(hours=1)), FixedClock(T0)
+    a, b = AuditLog(db, signer, late), AuditLog(db, signer, early)
+    try:
+        a.append(make_entry(0))
+        first = a.tree_head()
+        b.append(make_entry(1))
+        second = b.tree_head()  # b's clock is behind: its head takes the newest head's time
+        assert second.timestamp == first.timestamp
+        assert b.verify().ok
+    finally:
+        a.close()
+        b.close()
+
+
+def _append_in_a_process(url: str, start: int, count: int) -> None:
+    db = Database(url)
+    log = AuditLog(db, KeySigner("other-process"))
+    try:
+        for i in range(start, start + count):
+            log.append(make_entry(i))
+    finally:
+        log.close()
+        db.dispose()
+
+
+def test_two_processes_appending_to_one_database_leave_one_verifiable_log(
+    db: Database, signer: KeySigner, clock: FixedClock
+) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_in_a_process, args=(db.url, 1000 * k, 40)) for k in (1, 2)]
+    log = AuditLog(db, signer, clock)
+    try:
+        for p in procs:
+            p.start()
+        for i in range(40):
+            log.append(make_entry(i))
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0
+        head = log.tree_head()
+        stored = _stored_entries(db)
+        assert head.tree_size == len(stored) == 120
+        assert sorted(e.details["n"] for e in stored) == sorted(
+            [*range(40), *range(1000, 1040), *range(2000, 2040)]
+        )
+        assert head.root == _expected_root(stored)
+        assert log.verify().ok
+    finally:
+        log.close()
 
 
 # --- tampering, done directly with SQL ------------------------------------------------------------------
@@ -305,6 +424,39 @@ def test_reopening_a_tampered_log_refuses_to_start(
     _sql(db, "DELETE FROM audit_entries WHERE seq = 4")
     with pytest.raises(AuditIntegrityError, match="index 4"):
         AuditLog(db, signer, clock)
+
+
+# Before the counter these two went unseen until a head covered them (a limit ADR 0003 stated).
+def test_an_unsigned_entry_forged_at_the_end_while_the_log_was_closed_is_refused_at_open(
+    db: Database, signer: KeySigner, clock: FixedClock
+) -> None:
+    first = AuditLog(db, signer, clock)
+    first.append_many([make_entry(i) for i in range(5)])
+    first.close()
+    _forge(db, 5)
+    with pytest.raises(AuditIntegrityError, match="never numbered by the log's counter"):
+        AuditLog(db, signer, clock)
+
+
+def test_an_unsigned_entry_deleted_at_the_end_while_the_log_was_closed_is_refused_at_open(
+    db: Database, signer: KeySigner, clock: FixedClock
+) -> None:
+    first = AuditLog(db, signer, clock)
+    first.append_many([make_entry(i) for i in range(5)])
+    first.close()
+    _sql(db, "DELETE FROM audit_entries WHERE seq = 4")
+    with pytest.raises(AuditIntegrityError, match="entries from 4 on were deleted"):
+        AuditLog(db, signer, clock)
+
+
+def test_a_counter_set_back_makes_the_next_append_fail_and_append_nothing(
+    log: AuditLog, db: Database
+) -> None:
+    _filled(log, 6)
+    _sql(db, "UPDATE audit_counter SET next_seq = 3")
+    with pytest.raises(AuditIntegrityError, match="forged row"):
+        log.append(make_entry(6))
+    assert _count(db) == 6
 
 
 def test_reopening_with_a_different_key_needs_the_old_key_as_trusted(

@@ -1,11 +1,17 @@
 """The audit log service: durable group-committed appends, signed tree heads, proofs, verification, export.
 
-One `AuditLog` per database is the only writer of the audit tables. It keeps the tree's frontier (and
-the hashes of every complete subtree of 256 leaves or more) in memory, rebuilt from stored content on
-open, so an append costs O(log n) hashes and a proof reads at most two 256-leaf blocks of leaf hashes.
-Concurrent `append` calls are serialised into batches: whichever caller finds no write in progress
-commits everything queued so far in one transaction (group commit), and every caller returns only
-after the transaction holding its entry has committed.
+Each `AuditLog` keeps the tree's frontier (and the hashes of every complete subtree of 256 leaves or
+more) in memory, rebuilt from stored content on open, so an append costs O(log n) hashes and a proof
+reads at most two 256-leaf blocks of leaf hashes. Concurrent `append` calls are serialised into
+batches: whichever caller finds no write in progress commits everything queued so far in one
+transaction (group commit), and every caller returns only after the transaction holding its entry
+has committed.
+
+Several `AuditLog`s (several processes) may append to one database: the next index lives in the
+database (`audit_counter`), advanced in the transaction that inserts the entries it numbers, so
+indexes follow commit order and stay gap-free whoever writes. A log learns of entries others
+appended by reading them back (their leaves recomputed from content) before it extends its tree past
+them, and signs a head only while holding the counter, so every head covers a committed prefix.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, Protocol, cast
 
 import orjson
 from sqlalchemy import Connection, Table, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import PoolProxiedConnection
 
 from healthspace.audit import merkle
@@ -36,7 +43,7 @@ from healthspace.audit.models import (
     format_time,
     parse_time,
 )
-from healthspace.audit.tables import AuditEntryRow, AuditKeyRow, AuditTreeHeadRow
+from healthspace.audit.tables import AuditCounterRow, AuditEntryRow, AuditKeyRow, AuditTreeHeadRow
 from healthspace.core.clock import Clock, SystemClock
 from healthspace.core.db import Database, set_autocommit
 from healthspace.core.errors import HealthspaceError, ValidationError
@@ -57,6 +64,7 @@ __all__ = [
 _ENTRIES = cast(Table, AuditEntryRow.__table__)
 _HEADS = cast(Table, AuditTreeHeadRow.__table__)
 _KEYS = cast(Table, AuditKeyRow.__table__)
+_COUNTER = cast(Table, AuditCounterRow.__table__)
 _CACHE_LEVEL = 8  # keep subtree hashes from 256 leaves up: ~n/128 hashes in memory
 _BLOCK = 1 << _CACHE_LEVEL
 _PAGE = 20_000
@@ -72,7 +80,7 @@ class AuditUnavailableError(HealthspaceError):
 
 
 class AuditIntegrityError(HealthspaceError):
-    """The stored audit log is not what was appended (tampering, a second writer, or lost rows)."""
+    """The stored audit log is not what was appended (tampering, or lost rows)."""
 
     status = 500
     code = "audit-integrity"
@@ -111,7 +119,18 @@ class ConsistencyProof:
 
 
 def _read_heads(conn: Connection) -> list[SignedTreeHead]:
-    rows = conn.execute(select(_HEADS).order_by(_HEADS.c.tree_size)).all()
+    return _read_heads_rows(conn.execute(select(_HEADS).order_by(_HEADS.c.tree_size)).all())
+
+
+def _next_index(conn: Connection) -> int:
+    """The index the next entry will get (`audit_counter`)."""
+    value = conn.execute(select(_COUNTER.c.next_seq).where(_COUNTER.c.id == 1)).scalar_one_or_none()
+    if value is None:
+        raise AuditIntegrityError("the audit log's counter row is missing", first_bad_index=None)
+    return int(value)
+
+
+def _read_heads_rows(rows: Sequence[Any]) -> list[SignedTreeHead]:
     heads = []
     for r in rows:
         try:
@@ -463,10 +482,11 @@ class AuditLog:
     """The append-only audit log of one service, over the `audit` tables of `db`.
 
     Contract: `append` returns only after its entry is committed (on SQLite with synchronous=FULL);
-    indexes are gap-free and in commit order; a failed commit appends nothing and raises; nothing
-    updates or deletes a stored row. Opening verifies the stored log (content against every stored
-    head, the newest head's signature) and raises `AuditIntegrityError` when it does not verify, so a
-    service never signs on top of a tampered history. Heads signed by earlier keys verify only if
+    indexes are gap-free and in commit order, whichever log (process) appends; a failed commit
+    appends nothing and raises; nothing updates or deletes a stored row. Opening verifies the stored
+    log (content against every stored head, the newest head's signature, and that the stored entries
+    are exactly those the counter numbered) and raises `AuditIntegrityError` when it does not verify,
+    so a service never signs on top of a tampered history. Heads signed by earlier keys verify only if
     their keys are in `trusted_keys`.
     """
 
@@ -492,8 +512,10 @@ class AuditLog:
         dbapi_module = db.engine.dialect.loaded_dbapi
         self._driver_errors: tuple[type[BaseException], ...] = (dbapi_module.Error,)
         self._lock = threading.Lock()
-        self._reserved = 0  # frontier size plus the rows of the batch being written
         self._head_lock = threading.Lock()
+        # Extends the frontier: with this log's own batches, or with entries read back from the
+        # database (`_catch_up`), whichever comes first; never both for one index.
+        self._grow_lock = threading.Lock()
         self._queue: list[_Pending] = []
         self._writing = False
         self._closed = False
@@ -506,18 +528,33 @@ class AuditLog:
                     f"the stored audit log does not verify: {report.summary()}",
                     first_bad_index=report.first_bad_index,
                 )
-            self._latest_head = report.latest_head
-            self._reserved = self._frontier.size
-            if conn.execute(select(_KEYS.c.key_id).where(_KEYS.c.key_id == signer.key_id)).first() is None:
-                conn.execute(_KEYS.insert().values(key_id=signer.key_id, public_key=signer.public_key_b64))
-            conn.commit()
+            counter = _next_index(conn)
+            if counter < report.entries:
+                raise AuditIntegrityError(
+                    f"the stored audit log does not verify: entry {counter} is in the database but "
+                    f"was never numbered by the log's counter (a forged row)",
+                    first_bad_index=counter,
+                )
+            known = conn.execute(select(_KEYS.c.key_id).where(_KEYS.c.key_id == signer.key_id)).first()
+        if known is None:
+            try:
+                with db.engine.begin() as conn:
+                    conn.execute(
+                        _KEYS.insert().values(key_id=signer.key_id, public_key=signer.public_key_b64)
+                    )
+            except IntegrityError:
+                pass  # another writer with the same key, opening at the same moment, stored it
         self._wconn: PoolProxiedConnection | None = None
+        # Entries numbered but not seen by the scan were appended meanwhile by another writer, or
+        # deleted: reading them back tells which.
+        self._catch_up(counter)
 
     # -- writing --
 
     @property
     def size(self) -> int:
-        """Number of committed entries."""
+        """Number of committed entries this log has seen: its own, and those of other writers up to
+        the last time it read them back (`tree_head`, the proofs and `verify` read first)."""
         return self._frontier.size
 
     @property
@@ -579,32 +616,25 @@ class AuditLog:
         return [Receipt(pending.start + i, h.hex()) for i, h in enumerate(pending.hashes)]
 
     def _write_queued(self) -> None:
-        """Commit everything queued in one transaction, as the one writer (group commit).
+        """Commit everything queued in one transaction, as this log's one writer (group commit).
 
         Waiters are woken one by one (no broadcast), and the writer's role passes to the first entry
         queued meanwhile, so batches grow with the number of concurrent callers.
         """
         with self._lock:
             batch, self._queue = self._queue, []
-            start = self._frontier.size
-            rows: list[tuple[int, str, bytes]] = []
-            for p in batch:
-                p.start = start + len(rows)
-                rows.extend(
-                    (p.start + i, d.decode(), h)
-                    for i, (d, h) in enumerate(zip(p.datas, p.hashes, strict=True))
-                )
-            self._reserved = start + len(rows)
+        rows = [(d.decode(), h) for p in batch for d, h in zip(p.datas, p.hashes, strict=True)]
         error: BaseException | None = None
         try:
-            self._write(rows)
+            start = self._write(rows)
+            offset = 0
+            for p in batch:
+                p.start = start + offset
+                offset += len(p.hashes)
+            self._grow(start, [h for _, h in rows])
         except BaseException as exc:  # every waiter must learn the outcome, whatever it was
             error = exc
         with self._lock:
-            if error is None:
-                for p in batch:
-                    self._frontier.extend(p.hashes)
-            self._reserved = self._frontier.size
             for p in batch:
                 p.error = error
                 p.done = True
@@ -616,6 +646,55 @@ class AuditLog:
             p.wake.release()
         if successor is not None:
             successor.wake.release()
+
+    def _grow(self, start: int, hashes: list[bytes]) -> None:
+        """Extend the tree with committed leaves `start ..`: first with what other writers committed
+        before them (read back), unless a read-back (`_catch_up`) already took these too."""
+        with self._grow_lock:
+            if self._frontier.size < start:
+                self._read_back(start)
+            have = self._frontier.size
+            if have < start + len(hashes):
+                self._frontier.extend(hashes[have - start :])
+
+    def _catch_up(self, upto: int | None = None) -> None:
+        """Read back every entry committed before `upto` (default: the counter now) that this log has
+        not seen, checking each stored leaf hash against its recomputed content."""
+        with self._grow_lock:
+            if upto is None:
+                with self._db.engine.connect() as conn:
+                    upto = _next_index(conn)
+            if self._frontier.size < upto:
+                self._read_back(upto)
+
+    def _read_back(self, upto: int) -> None:
+        start = self._frontier.size
+        with self._db.engine.connect() as conn:
+            rows = conn.execute(
+                select(_ENTRIES.c.seq, _ENTRIES.c.data, _ENTRIES.c.leaf_hash)
+                .where(_ENTRIES.c.seq >= start, _ENTRIES.c.seq < upto)
+                .order_by(_ENTRIES.c.seq)
+            ).all()
+        leaves: list[bytes] = []
+        for i, (seq, data, cached) in enumerate(rows):
+            if seq != start + i:
+                break
+            leaf = merkle.leaf_hash(data.encode())
+            if leaf != bytes(cached):
+                raise AuditIntegrityError(
+                    f"entry {seq} does not hash to its stored leaf hash: the entry or its leaf_hash "
+                    f"was changed after it was appended",
+                    first_bad_index=seq,
+                )
+            leaves.append(leaf)
+        if len(leaves) != upto - start:
+            missing = start + len(leaves)
+            raise AuditIntegrityError(
+                f"entry {missing} was numbered by the log's counter but is not in the database "
+                f"(entries from {missing} on were deleted)",
+                first_bad_index=missing,
+            )
+        self._frontier.extend(leaves)
 
     def _writer(self) -> PoolProxiedConnection:
         if self._wconn is None:
@@ -647,85 +726,163 @@ class AuditLog:
             conn.close()
 
     def _values(self, n: int) -> str:
+        """PostgreSQL: one statement that takes `n` indexes from the counter and inserts the rows
+        there; SQLite: the multi-row INSERT of `n` rows at given indexes (see `_write`)."""
         sql = self._values_sql.get(n)
         if sql is None:
             ph = self._ph
-            rows = ", ".join([f"({ph}, {ph}, {ph})"] * n)
-            sql = f"INSERT INTO audit_entries (seq, data, leaf_hash) VALUES {rows}"  # noqa: S608
+            if self._sqlite:
+                rows = ", ".join([f"({ph}, {ph}, {ph})"] * n)
+                sql = f"INSERT INTO audit_entries (seq, data, leaf_hash) VALUES {rows}"  # noqa: S608
+            else:
+                rows = ", ".join(f"({i}, %s::text, %s::bytea)" for i in range(n))
+                sql = (
+                    f"WITH c AS (UPDATE audit_counter SET next_seq = next_seq + {n} WHERE id = 1 "  # noqa: S608
+                    f"RETURNING next_seq - {n} AS base) "
+                    f"INSERT INTO audit_entries (seq, data, leaf_hash) "
+                    f"SELECT c.base + v.i, v.d, v.h FROM c CROSS JOIN (VALUES {rows}) AS v (i, d, h) "
+                    f"RETURNING seq"
+                )
             if len(self._values_sql) < 64:  # group-commit batches are small: keep the usual sizes
                 self._values_sql[n] = sql
         return sql
 
-    def _write(self, rows: list[tuple[int, str, bytes]]) -> None:
-        # The driver directly, on a connection kept for writing: at one row per transaction,
-        # SQLAlchemy's statement and transaction layers cost as much as the insert itself.
-        #
-        # The connection is in autocommit mode, and a batch that fits one statement is ONE
-        # multi-row INSERT: a single statement is a transaction of its own on PostgreSQL and
-        # SQLite alike (all rows or none), committed when it returns (on SQLite with
-        # synchronous=FULL: durable), so an append costs one round trip instead of three (BEGIN,
-        # INSERT, COMMIT). A batch beyond the driver's parameter limit is NOT split into several
-        # statements (a failure between them would leave part of the batch): it is inserted in an
-        # explicit transaction, as every batch was before.
+    def _write(self, rows: list[tuple[str, bytes]]) -> int:
+        """Commit `rows` (data, leaf hash) at the next indexes of the counter; returns the first.
+
+        The driver directly, on a connection kept for writing: at one row per transaction,
+        SQLAlchemy's statement and transaction layers cost as much as the insert itself.
+
+        The counter row is what orders writers (several processes may append): it is advanced in
+        the transaction that inserts the rows, and its row lock (PostgreSQL) or the database's write
+        lock (SQLite, `BEGIN IMMEDIATE`) is held until that commits, so indexes follow commit order
+        and a failed commit takes nothing. On PostgreSQL a batch that fits one statement is ONE
+        statement on an autocommit connection (a data-modifying CTE: advance the counter, insert
+        the rows numbered from it): a transaction of its own, all rows or none, one round trip.
+        A batch beyond the driver's parameter limit, and every batch on SQLite, is an explicit
+        transaction (on SQLite, with synchronous=FULL: durable at commit).
+        """
         conn = self._writer()
+        n = len(rows)
+        failures: tuple[type[BaseException], ...] = (*self._driver_errors, AuditUnavailableError)
         try:
             with self._db.write_lock:
                 cur = conn.cursor()
                 try:
-                    if len(rows) <= self.max_rows_per_statement:
-                        cur.execute(self._values(len(rows)), [v for row in rows for v in row])
+                    if not self._sqlite and n <= self.max_rows_per_statement:
+                        cur.execute(self._values(n), [v for row in rows for v in row])
+                        seqs = [r[0] for r in cur.fetchall()]
+                        if len(seqs) != n:
+                            raise AuditUnavailableError("the audit log's counter row is missing")
+                        return int(min(seqs))
+                    cur.execute("BEGIN IMMEDIATE" if self._sqlite else "BEGIN")
+                    ph = self._ph
+                    if self._sqlite:
+                        # The write lock is held from BEGIN IMMEDIATE: nobody moves the counter
+                        # between this read and the update below.
+                        cur.execute("SELECT next_seq FROM audit_counter WHERE id = 1")
+                        found = cur.fetchone()
+                        if found is None:
+                            raise AuditUnavailableError("the audit log's counter row is missing")
+                        start = int(found[0])
+                        cur.execute(f"UPDATE audit_counter SET next_seq = {ph} WHERE id = 1", (start + n,))  # noqa: S608
                     else:
-                        cur.execute("BEGIN")
-                        cur.executemany(self._insert_sql, rows)
-                        cur.execute("COMMIT")
+                        cur.execute(
+                            f"UPDATE audit_counter SET next_seq = next_seq + {ph} WHERE id = 1 "  # noqa: S608
+                            f"RETURNING next_seq - {ph}",
+                            (n, n),
+                        )
+                        found = cur.fetchone()
+                        if found is None:
+                            raise AuditUnavailableError("the audit log's counter row is missing")
+                        start = int(found[0])
+                    numbered = [(start + i, d, h) for i, (d, h) in enumerate(rows)]
+                    if n <= self.max_rows_per_statement:
+                        cur.execute(self._values(n), [v for row in numbered for v in row])
+                    else:
+                        cur.executemany(self._insert_sql, numbered)
+                    cur.execute("COMMIT")
+                    return start
                 finally:
                     cur.close()
-        except self._driver_errors as exc:
+        except failures as exc:
             try:
-                conn.rollback()  # a failed explicit transaction; nothing to undo after one statement
+                conn.rollback()  # an explicit transaction left open; nothing to undo after one statement
             finally:
                 conn.invalidate()
                 self._wconn = None
-            # A clash on the primary key means a row this log never wrote sits at the next index.
+            # A clash on the primary key means a row sits at an index the counter had not reached.
             with self._db.engine.connect() as c:
                 taken = c.execute(
-                    text("SELECT count(*) FROM audit_entries WHERE seq >= :s"), {"s": rows[0][0]}
+                    text(
+                        "SELECT count(*) FROM audit_entries WHERE seq >= (SELECT next_seq FROM audit_counter)"
+                    )
                 ).scalar_one()
             if taken:
                 raise AuditIntegrityError(
-                    f"entry {rows[0][0]} already exists in the database but was "
-                    f"never appended by this log (a forged row or a second "
-                    f"writer); appends are refused"
+                    "an entry already exists in the database at an index the log's counter had "
+                    "not reached, so it was never appended by this log or any other (a forged "
+                    "row); appends are refused"
                 ) from exc
+            if isinstance(exc, AuditUnavailableError):
+                raise
             raise
 
     # -- tree heads --
 
     def tree_head(self) -> SignedTreeHead:
         """The signed head of the current tree. A new head is signed and stored only when the tree
-        has grown since the newest stored head; otherwise that head is returned."""
-        with self._head_lock:
-            with self._lock:
-                size, root = self._frontier.size, self._frontier.root()
-            latest = self._latest_head
-            if latest is not None and latest.tree_size == size:
-                return latest  # one head per size; after a key change the new key signs on growth
-            now = self._clock.now()
-            if latest is not None and now < latest.timestamp:
-                now = latest.timestamp  # heads must never go back in time
-            head = SignedTreeHead.sign(self._signer, size, root, now)
-            with self._db.engine.begin() as conn:
-                conn.execute(
-                    _HEADS.insert().values(
-                        tree_size=head.tree_size,
-                        root_hash=head.root_hash,
-                        timestamp=format_time(head.timestamp),
-                        key_id=head.key_id,
-                        signature=head.signature,
-                    )
-                )
-            self._latest_head = head
-            return head
+        has grown since the newest stored head (whoever stored it); otherwise that head is returned.
+
+        Signed while holding the counter (its row lock, or SQLite's write lock), so the head covers
+        exactly the entries committed so far, by any writer, and is dated no earlier than the newest
+        stored head: heads of several writers never go back in time."""
+        with self._head_lock, self._db.write_lock, self._db.engine.connect() as conn:
+            if self._sqlite:
+                set_autocommit(conn.connection.dbapi_connection, True, sqlite=True)
+                try:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    try:
+                        head = self._sign_head(conn)
+                        conn.exec_driver_sql("COMMIT")
+                    except BaseException:
+                        conn.exec_driver_sql("ROLLBACK")
+                        raise
+                finally:
+                    set_autocommit(conn.connection.dbapi_connection, False, sqlite=True)
+                return head
+            with conn.begin():
+                return self._sign_head(conn, lock=True)
+
+    def _sign_head(self, conn: Connection, *, lock: bool = False) -> SignedTreeHead:
+        query = select(_COUNTER.c.next_seq).where(_COUNTER.c.id == 1)
+        size = conn.execute(query.with_for_update() if lock else query).scalar_one_or_none()
+        if size is None:
+            raise AuditUnavailableError("the audit log's counter row is missing")
+        self._catch_up(size)
+        with self._grow_lock:
+            if self._frontier.size != size:  # cannot be: nothing commits past the counter we hold
+                raise AuditIntegrityError(f"the log holds {self._frontier.size} entries, the counter {size}")
+            root = self._frontier.root()
+        latest = conn.execute(select(_HEADS).order_by(_HEADS.c.tree_size.desc()).limit(1)).first()
+        if latest is not None and latest.tree_size == size:
+            return _read_heads_rows([latest])[
+                0
+            ]  # one head per size; after a key change the new key signs on growth
+        now = self._clock.now()
+        if latest is not None:
+            now = max(now, parse_time(latest.timestamp))  # heads must never go back in time
+        head = SignedTreeHead.sign(self._signer, size, root, now)
+        conn.execute(
+            _HEADS.insert().values(
+                tree_size=head.tree_size,
+                root_hash=head.root_hash,
+                timestamp=format_time(head.timestamp),
+                key_id=head.key_id,
+                signature=head.signature,
+            )
+        )
+        return head
 
     def tree_heads(self) -> list[SignedTreeHead]:
         """Every stored signed head, smallest tree first."""
@@ -738,6 +895,7 @@ class AuditLog:
         """Entries with start <= index < stop (stop is clipped to the log size)."""
         if start < 0 or stop < start:
             raise ValidationError("entries need 0 <= start <= stop")
+        self._catch_up()
         stop = min(stop, self.size)
         if start >= stop:
             return []
@@ -806,6 +964,7 @@ class AuditLog:
 
     def inclusion_proof(self, index: int, tree_size: int | None = None) -> InclusionProof:
         """Audit path of entry `index` in the tree of `tree_size` entries (default: the current tree)."""
+        self._catch_up()
         size = self.size if tree_size is None else tree_size
         if size > self.size:
             raise ValidationError(f"tree_size {size} exceeds the log size {self.size}")
@@ -821,6 +980,7 @@ class AuditLog:
 
     def consistency_proof(self, first: int, second: int | None = None) -> ConsistencyProof:
         """Proof that the tree of `first` entries is a prefix of the tree of `second` (default: current)."""
+        self._catch_up()
         second = self.size if second is None else second
         if second > self.size:
             raise ValidationError(f"second {second} exceeds the log size {self.size}")
@@ -832,6 +992,7 @@ class AuditLog:
 
     def root_at(self, tree_size: int) -> bytes:
         """MTH of the first `tree_size` entries (from cached hashes; for tests and tools)."""
+        self._catch_up()
         if not 0 <= tree_size <= self.size:
             raise ValidationError(f"tree_size {tree_size} is outside 0..{self.size}")
         if tree_size == 0:
@@ -843,23 +1004,21 @@ class AuditLog:
 
     def verify(self) -> VerifyReport:
         """Recompute every leaf from stored content, rebuild the tree, check every stored head (root,
-        order, signature) and that the database holds exactly the entries this log appended."""
-        with self._lock:
-            before = self._frontier.size
+        order, signature) and that the database holds exactly the entries the counter numbered."""
         with self._db.engine.connect() as conn:
+            # Entries numbered before the scan must all be there; a stored entry at or beyond
+            # every index numbered by the end of the scan was never appended through the counter.
+            before = max(_next_index(conn), self.size)
             report, _ = _scan(conn, self._keys, all_signatures=True)
+            after = _next_index(conn)
         if not report.ok:
             return report
-        # Rows committed before the scan must all be there; a row at or beyond every index this log
-        # had committed or was committing by the end of the scan was written by someone else.
-        with self._lock:
-            after = self._reserved
         if report.entries < before:
             return replace(
                 report,
                 ok=False,
                 first_bad_index=report.entries,
-                reason=f"this log appended {before} entries but only {report.entries} are "
+                reason=f"{before} entries were appended but only {report.entries} are "
                 f"stored: entries from {report.entries} on were deleted",
             )
         if report.entries > after:
@@ -868,7 +1027,7 @@ class AuditLog:
                 ok=False,
                 first_bad_index=after,
                 reason=f"entry {after} is in the database but was never appended by this log "
-                f"(a forged row or a second writer)",
+                f"or any other (a forged row: the log's counter never numbered it)",
             )
         return report
 

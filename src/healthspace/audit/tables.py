@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, LargeBinary, String, Text
+from sqlalchemy import BigInteger, CheckConstraint, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from healthspace.core.db import Base
 
-__all__ = ["AuditEntryRow", "AuditKeyRow", "AuditTreeHeadRow"]
+__all__ = ["AuditCounterRow", "AuditEntryRow", "AuditKeyRow", "AuditTreeHeadRow"]
 
 
 class AuditEntryRow(Base):
@@ -40,3 +40,14 @@ class AuditKeyRow(Base):
 
     key_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     public_key: Mapped[str] = mapped_column(String(100))
+
+
+class AuditCounterRow(Base):
+    """The index the next entry gets: one row, advanced in the same transaction as the entries it
+    numbers, so every writer (several processes may append) takes the next indexes in commit order."""
+
+    __tablename__ = "audit_counter"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    next_seq: Mapped[int] = mapped_column(BigInteger)

@@ -280,8 +280,9 @@ ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (kept in the audit
 def _service(
     data_dir: Path, root: Path | None, keys: Path, organisation: str, signing_key: Path | None
 ) -> Iterator[DataService]:
-    """The data service over the connector's database. Run it while the connector is stopped: the audit
-    log has one writer per database."""
+    """The data service over the connector's database. Run it while the connector is stopped. (The
+    audit log itself takes a second writer since ADR 0003's addendum; the data service's stores were
+    not reviewed for sharing with a running connector.)"""
     settings = Settings(data_dir=data_dir)
     key = SigningKey.load(signing_key or data_dir / "participant.key", settings.key_encryption_key())
     db = Database(settings.database_url_for("connector"), branches=["audit", "data"])
