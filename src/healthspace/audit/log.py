@@ -797,7 +797,7 @@ class AuditLog:
                             raise AuditUnavailableError("the audit log's counter row is missing")
                         start = int(found[0])
                     numbered = [(start + i, d, h) for i, (d, h) in enumerate(rows)]
-                    if n <= self.max_rows_per_statement:
+                    if self._sqlite and n <= self.max_rows_per_statement:
                         cur.execute(self._values(n), [v for row in numbered for v in row])
                     else:
                         cur.executemany(self._insert_sql, numbered)
@@ -824,8 +824,6 @@ class AuditLog:
                     "not reached, so it was never appended by this log or any other (a forged "
                     "row); appends are refused"
                 ) from exc
-            if isinstance(exc, AuditUnavailableError):
-                raise
             raise
 
     # -- tree heads --
