@@ -11,12 +11,15 @@ from healthspace.core.db import Database
 
 
 def _each_statement(db: Database, run: Callable[[], object], note: Callable[[Any], object]) -> list[Any]:
-    """`note(connection)` for each statement `run` executes, on any engine (`db` keeps a second pool
-    for statements that need not wait for the WAL flush). Only for tests that run nothing else."""
+    """`note(connection)` for each statement `run` executes on `db`'s database through any of its
+    engines (`db` keeps a second pool for statements that need not wait for the WAL flush). Engines
+    of other databases are ignored: threads other tests left running may execute statements meanwhile."""
     seen: list[Any] = []
+    database = db.engine.url.database
 
     def after(conn: Any, *_: Any) -> None:
-        seen.append(note(conn))
+        if conn.engine.url.database == database:
+            seen.append(note(conn))
 
     event.listen(Engine, "after_cursor_execute", after)
     try:
