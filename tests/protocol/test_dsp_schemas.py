@@ -15,6 +15,7 @@ import pytest
 from healthspace.core.errors import ConfigurationError
 from healthspace.protocol.errors import DspValidationError
 from healthspace.protocol.schemas import (
+    MESSAGE_SCHEMAS,
     SCHEMA_DIR_ENV,
     SchemaRegistry,
     find_schema_dir,
@@ -227,8 +228,20 @@ def _replace(document: Any, path: tuple[Any, ...], value: Any) -> Any:
     return out
 
 
-def test_fast_check_covers_every_schema(registry: SchemaRegistry) -> None:
-    assert registry.compiled == registry.schema_names
+def test_a_message_the_fast_check_cannot_take_is_refused_not_a_500(
+    registry: SchemaRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # jsonschema-rs took every value tried (numbers beyond 64 bits, NaN, 5,000 levels deep); should a
+    # release ever raise instead, the message is refused with a DSP error body, never let through.
+    document = _load(next(p for p in EXAMPLES if p.name == "contract-agreement-verification-message.json"))
+    rel = MESSAGE_SCHEMAS["ContractAgreementVerificationMessage"]
+
+    def cannot(_: object) -> bool:
+        raise ValueError("value out of range")
+
+    monkeypatch.setitem(registry._fast, rel, cannot)
+    with pytest.raises(DspValidationError, match="rejected by the fast schema check"):
+        registry.validate_as(document, "ContractAgreementVerificationMessage")
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_rel)
@@ -239,8 +252,6 @@ def test_fast_check_agrees_with_jsonschema_on_mutated_examples(registry: SchemaR
         "VersionResponse": "protocol-version-schema",
         "DidService": "did-service-schema",
     }
-    from healthspace.protocol.schemas import MESSAGE_SCHEMAS
-
     stem = stems.get(type_name) or Path(MESSAGE_SCHEMAS[type_name]).stem
     cases = [document] + [_replace(document, p, v) for _, (p, v) in _mutations(document)]
     rejected = 0

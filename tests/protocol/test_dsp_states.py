@@ -266,21 +266,13 @@ _NEG_TAKEN = {
 _TRANSFER_TAKEN = {(_T.REQUESTED, _T.STARTED), (_T.REQUESTED, _T.SUSPENDED), (_T.REQUESTED, _T.COMPLETED)}
 
 
-@pytest.mark.parametrize("ours", list(_N))
-@pytest.mark.parametrize("theirs", list(_N))
-def test_a_negotiation_peer_has_moved_past_us_only_where_it_cannot_have_missed_our_message(
-    ours: NegotiationState, theirs: NegotiationState
+@pytest.mark.parametrize(
+    ("ours", "theirs"), [*product(list(_N), repeat=2), *product(list(_T), repeat=2)], ids=str
+)
+def test_a_peer_has_moved_past_us_only_where_it_cannot_have_missed_our_message(
+    ours: NegotiationState | TransferState, theirs: NegotiationState | TransferState
 ) -> None:
-    expected = theirs == ours or (ours, theirs) in _NEG_TAKEN
-    assert has_moved_past(ours, theirs) is expected
-
-
-@pytest.mark.parametrize("ours", list(_T))
-@pytest.mark.parametrize("theirs", list(_T))
-def test_a_transfer_peer_has_moved_past_us_only_where_it_cannot_have_missed_our_message(
-    ours: TransferState, theirs: TransferState
-) -> None:
-    expected = theirs == ours or (ours, theirs) in _TRANSFER_TAKEN
+    expected = theirs == ours or (ours, theirs) in _NEG_TAKEN | _TRANSFER_TAKEN
     assert has_moved_past(ours, theirs) is expected
 
 

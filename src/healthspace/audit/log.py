@@ -1006,7 +1006,7 @@ class AuditLog:
         with self._db.engine.connect() as conn:
             # Entries numbered before the scan must all be there; a stored entry at or beyond
             # every index numbered by the end of the scan was never appended through the counter.
-            before = max(_next_index(conn), self.size)
+            before = _next_index(conn)
             report, _ = _scan(conn, self._keys, all_signatures=True)
             after = _next_index(conn)
         if not report.ok:

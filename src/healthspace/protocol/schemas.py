@@ -366,11 +366,6 @@ class SchemaRegistry:
         rel = self._stems[schema_name]
         return self._fast_verdict(rel, document) == bool(self._by_file[rel].is_valid(document))
 
-    @property
-    def compiled(self) -> frozenset[str]:
-        """Stems of the schemas that have a fast check (all of them)."""
-        return frozenset(stem for stem, rel in self._stems.items() if rel in self._fast)
-
 
 def _invalid(what: str, problems: list[Problem]) -> DspValidationError:
     shown = "; ".join(str(p) for p in problems[:5])

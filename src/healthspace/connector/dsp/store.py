@@ -568,8 +568,7 @@ class _Frozen:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Frozen) and other.data == self.data
 
-    def __hash__(self) -> int:
-        return hash(self.data)
+    __hash__ = None  # type: ignore[assignment]  # compared, never hashed
 
     def thaw(self) -> Any:
         return orjson.loads(self.data)
