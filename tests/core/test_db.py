@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from typing import Any
+
 import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from healthspace.connector.app import BRANCHES as CONNECTOR_BRANCHES
 from healthspace.core.db import Database, needs_ping
 
 
@@ -171,5 +175,39 @@ def test_a_dead_connection_used_within_the_window_fails_one_transaction_then_the
         assert failed.value.connection_invalidated
         with db.session() as s:
             assert s.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        db.dispose()
+
+
+def _migrate_in_child(url: str, start: Any, done: Any) -> None:
+    start.wait(30)
+    try:
+        Database(url, branches=CONNECTOR_BRANCHES).dispose()
+        done.put("ok")
+    except Exception as exc:  # reported to the test, which shows it
+        done.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_starting_together_on_a_new_database_migrate_it_once(db_url: str) -> None:
+    """Workers of one connector start at the same moment on one database: each brings the schema to
+    its head, none fails on another's half-made migration, and every table is there once."""
+    ctx = multiprocessing.get_context("spawn")
+    start, done = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_migrate_in_child, args=(db_url, start, done)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    try:
+        outcomes = [done.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.terminate()
+    assert outcomes == ["ok"] * 4
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            heads = sorted(s.scalars(text("SELECT version_num FROM alembic_version")))
+        assert len(heads) == len(CONNECTOR_BRANCHES)
     finally:
         db.dispose()

@@ -7,6 +7,8 @@ tables and a new context never edits another's history.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -18,7 +20,17 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, DateTime, Dialect, Engine, MetaData, TypeDecorator, create_engine, event
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Dialect,
+    Engine,
+    MetaData,
+    TypeDecorator,
+    create_engine,
+    event,
+    text,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -171,10 +183,45 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
-def migrate(engine: Engine, branches: Iterable[str]) -> None:
-    """Bring the named migration branches (context names) to their heads. Idempotent."""
-    cfg = alembic_config(engine)
+# Key of the PostgreSQL advisory lock that migrations hold (the first 8 bytes of
+# sha256(b"healthspace.migrate"), signed): any fixed number unlikely to be another program's.
+_MIGRATE_LOCK_KEY = int.from_bytes(hashlib.sha256(b"healthspace.migrate").digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def _migrating_alone(engine: Engine) -> Iterator[None]:
+    """Hold the database's migration lock: the workers of one connector start together on one
+    database, and two that both find a table missing would both create it. PostgreSQL: a session
+    advisory lock (released by the server if the process dies). SQLite: an exclusive `flock` on a
+    file beside the database (released by the kernel likewise)."""
     with _migrate_lock:
+        if engine.dialect.name == "postgresql":
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATE_LOCK_KEY})
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATE_LOCK_KEY})
+                    conn.commit()
+            return
+        path = engine.url.database
+        if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+            yield  # nothing another process could share
+            return
+        with open(f"{path}.migrate-lock", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def migrate(engine: Engine, branches: Iterable[str]) -> None:
+    """Bring the named migration branches (context names) to their heads. Idempotent, and safe for
+    several processes starting at once (`_migrating_alone`)."""
+    cfg = alembic_config(engine)
+    with _migrating_alone(engine):
         for branch in branches:
             command.upgrade(cfg, f"{branch}@head")
 
