@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
 
-from healthspace.core.clock import FixedClock
 from healthspace.data.manager import RETENTION_ACTOR, RetentionManager
 from healthspace.data.service import DataService
 from healthspace.data.states import DatasetState
@@ -31,27 +29,3 @@ def test_an_archive_past_its_retention_date_is_destroyed(service: DataService, l
 def test_live_datasets_are_never_destroyed_by_retention(service: DataService, loaded: str) -> None:
     assert RetentionManager(service).run_due(T0 + timedelta(days=100_000)) == []
     assert service.status(loaded).state is DatasetState.ACQUIRED
-
-
-def test_the_thread_runs_rounds_on_its_clock(
-    service: DataService, loaded: str, fixed_clock: FixedClock
-) -> None:
-    service.archive(loaded, actor=STEWARD, retain_until=UNTIL)
-    fixed_clock.advance(timedelta(days=31))
-    done = threading.Event()
-    manager = RetentionManager(service, fixed_clock, interval_s=0.01)
-    original = manager.run_due
-
-    def observed() -> list:  # type: ignore[type-arg]
-        out = original()
-        if out:
-            done.set()
-        return out
-
-    manager.run_due = observed  # type: ignore[method-assign]
-    manager.start()
-    try:
-        assert done.wait(10)
-    finally:
-        manager.stop()
-    assert service.status(loaded).state is DatasetState.DESTROYED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -383,8 +384,10 @@ def test_a_job_interrupted_mid_run_is_left_running_never_succeeded(
     assert states == [JobState.RUNNING.value]
     assert not [e for e in entries(hk, "dataplane.job.run") if e.agreement_id == "agr-crash"]
 
-    # The restarted data plane ends it as FAILED, with an audit entry saying it was cut off.
+    # The restarted data plane (a new process: another runner id) ends it as FAILED, with an audit
+    # entry saying it was cut off.
     monkeypatch.undo()
+    monkeypatch.setattr(hk.service, "runner", "restarted")
     (job_id,) = hk.service.fail_interrupted()
     with hk.db.session() as s:
         row = s.get(JobRow, job_id)
@@ -395,6 +398,61 @@ def test_a_job_interrupted_mid_run_is_left_running_never_succeeded(
     (entry,) = [e for e in entries(hk, "dataplane.job.run") if e.agreement_id == "agr-crash"]
     assert (entry.outcome, entry.details["job_id"]) == (Outcome.FAILURE, job_id)
     assert hk.service.fail_interrupted() == []  # once
+
+
+def test_a_job_is_ended_as_interrupted_only_once_the_process_running_it_is_gone(
+    providers: dict[str, Provider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several processes serve one database: a job another live process runs is its own business;
+    the sweep ends it only when that process's instance lease has run out."""
+    hk = providers["hk"]
+    hk.add_agreement("agr-two-processes")
+    held, go_on = threading.Event(), threading.Event()
+    connect = hk.service._connect
+
+    def slow() -> Any:  # the job is RUNNING (committed) while the engine is held here
+        held.set()
+        assert go_on.wait(30)
+        return connect()
+
+    monkeypatch.setattr(hk.service, "_connect", slow)
+    monkeypatch.setattr(hk.service, "runner", "p1")
+    token = hk.token("agr-two-processes")
+    ended: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            hk.service.submit(
+                hk.service.authenticate(f"Bearer {token}"), JobCreate(scenario=SCENARIO, spec=COUNT_SPEC)
+            )
+        except BaseException as exc:
+            ended.append(exc)
+
+    job = threading.Thread(target=submit)
+    job.start()
+    try:
+        assert held.wait(30)
+        with hk.db.session() as s:
+            (running,) = s.execute(
+                select(JobRow.id, JobRow.runner).where(JobRow.agreement_id == "agr-two-processes")
+            )
+        assert running.runner == "p1"
+        # p2 sweeps: while p1 is alive, nothing of p1's is touched; p1's own sweep skips it too.
+        monkeypatch.setattr(hk.service, "runner", "p2")
+        monkeypatch.setattr(hk.service, "_live_runners", lambda: frozenset({"p1", "p2"}))
+        assert hk.service.fail_interrupted() == []
+        monkeypatch.setattr(hk.service, "_live_runners", lambda: frozenset({"p2", "p3"}))
+        assert hk.service.fail_interrupted() == [running.id]
+    finally:
+        go_on.set()
+        job.join(30)
+    with hk.db.session() as s:
+        row = s.get(JobRow, running.id)
+        assert row is not None
+        # The job's own end found it no longer RUNNING: it could not succeed after being failed.
+        assert (row.state, row.result) == (JobState.FAILED.value, None)
+    assert len(ended) == 1
+    assert isinstance(ended[0], ConflictError)  # a 409 for the consumer whose job was cut off
 
 
 def test_a_jobs_person_sets_are_stored_with_it_and_guard_the_next_job(gz: Provider) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +55,15 @@ def running_space(
     patient_prefixes: dict[str, str] | None = None,
     database_url: Callable[[str], str] | None = None,
     clock: Clock | None = None,
+    not_served: Collection[str] = (),
 ) -> Iterator[Space]:
     """Start an authority, onboard `participants` through its admin API and start their connectors.
 
     A participant named in `patient_prefixes` is a hospital with a consent registry. `database_url`, given a
     participant id (or AUTHORITY_ID), names that service's control-plane database; default SQLite files.
-    `clock` (default: the system clock) is given to the authority and every connector.
+    `clock` (default: the system clock) is given to the authority and every connector. Connectors named
+    in `not_served` are set up and onboarded but left for the test to serve, at their node's `url`
+    (a loopback port that was free a moment ago).
     """
     with ExitStack() as stack:
         db_for = database_url or (lambda _: None)
@@ -104,6 +107,11 @@ def running_space(
                 }
             )
             install_credential(settings, result["credential"])
+            if pid in not_served:
+                url = url_of(sock)
+                sock.close()
+                nodes[pid] = Node(pid, url, settings.data_dir, {r: k.secret for r, k in keys.items()})
+                continue
             app = create_connector(settings, clock)
             url = stack.enter_context(serve(app, sock))
             nodes[pid] = Node(pid, url, settings.data_dir, {r: k.secret for r, k in keys.items()}, app)

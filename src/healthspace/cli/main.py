@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -251,12 +252,59 @@ def connector_init(
 
 @connector_app.command("serve")
 def connector_serve(
-    data_dir: DataDir, host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="TCP port.")] = 8710
+    data_dir: DataDir,
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8710,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Processes serving the port, each a full connector on the one control-plane database "
+            "(PostgreSQL only: set HEALTHSPACE_DATABASE_URL). One process runs one Python thread at a "
+            "time; more processes use more cores.",
+        ),
+    ] = 1,
 ) -> None:
     """Run a connector service (HTTP)."""
     from healthspace.connector.app import create_app
 
-    _serve(create_app, data_dir, host, port)
+    if workers == 1:
+        _serve(create_app, data_dir, host, port)
+        return
+    _serve_workers(data_dir, host, port, workers)
+
+
+def _serve_workers(data_dir: Path, host: str, port: int, workers: int) -> None:
+    """`connector serve --workers N`: uvicorn's supervisor shares one listening socket among N worker
+    processes (and starts a new one when one dies); each worker builds its connector from the
+    environment (`app_from_environment`)."""
+    import uvicorn
+    from sqlalchemy.engine import make_url
+
+    from healthspace.connector.app import check_startup
+
+    settings = _settings(data_dir)
+    if make_url(settings.database_url_for("connector")).get_backend_name() != "postgresql":
+        raise _fail(
+            "--workers above 1 needs a PostgreSQL control plane (set HEALTHSPACE_DATABASE_URL): a SQLite "
+            "file has one writer at a time, and the connector's processes share their database"
+        )
+    try:
+        # Here once, so a connector that cannot start says why once instead of from every worker;
+        # the database is migrated before the workers open it.
+        check_startup(settings)
+    except HealthspaceError as exc:
+        raise _fail(exc.detail) from None
+    os.environ["HEALTHSPACE_DATA_DIR"] = str(data_dir.resolve())  # what the workers read
+    uvicorn.run(
+        "healthspace.connector.app:app_from_environment",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level="warning",
+    )
 
 
 # --- demo and benchmarks --------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from healthspace.core.errors import (
     ValidationError,
     install_problem_handlers,
 )
+from healthspace.core.leases import Duty, Housekeeper, Leases, new_instance_id
 from healthspace.core.settings import Settings
 from healthspace.data.api import make_data_router
 from healthspace.data.keys import LocalKeyStore
@@ -67,11 +68,21 @@ from healthspace.identity.tokens import Caller, RequestVerifier, mint_request_to
 from healthspace.policy.registry import CrossBorderCache, CrossBorderSet, verify_approvals, verify_rules
 from healthspace.protocol.schemas import find_schema_dir
 
-__all__ = ["ConnectorRuntime", "create_app", "init_connector", "open_runtime"]
+__all__ = [
+    "ConnectorRuntime",
+    "app_from_environment",
+    "check_startup",
+    "create_app",
+    "init_connector",
+    "open_runtime",
+]
 
 log = logging.getLogger(__name__)
 
-BRANCHES = ("apikeys", "audit", "identity", "dsp", "consent", "data", "compute", "jobs")
+BRANCHES = ("apikeys", "audit", "identity", "dsp", "consent", "data", "compute", "jobs", "leases")
+# Housekeeping done by one of the connector's processes for all (see `core.leases`), in seconds.
+RETENTION_EVERY_S = 60.0
+INTERRUPTED_JOBS_EVERY_S = 30.0
 STAFF_ROLES = (Role.ADMIN, Role.STEWARD, Role.RESEARCHER, Role.REVIEWER, Role.REGULATOR)
 
 
@@ -87,11 +98,24 @@ class ConnectorRuntime:
     verifier: RequestVerifier
     clock: Clock
     http: httpx.Client
+    leases: Leases
+    instance: str  # this process among the connector's processes (`core.leases.new_instance_id`)
     dsp: DspComponents | None = None
     consent: ConsentService | None = None
     gate: PolicyGate | None = None
     data: DataService | None = None
     jobs: JobService | None = None
+
+    def housekeeper(self) -> Housekeeper:
+        """What one of the connector's processes does for all, and this process's heartbeat."""
+        duties = []
+        if self.data is not None:
+            duties.append(
+                Duty("data.retention", RETENTION_EVERY_S, RetentionManager(self.data, self.clock).run_due)
+            )
+        if self.jobs is not None:
+            duties.append(Duty("jobs.interrupted", INTERRUPTED_JOBS_EVERY_S, self.jobs.fail_interrupted))
+        return Housekeeper(self.leases, self.instance, duties, clock=self.clock)
 
     def close(self) -> None:
         if self.dsp is not None:
@@ -180,6 +204,8 @@ def open_runtime(settings: Settings, clock: Clock | None = None) -> ConnectorRun
         verifier,
         clock,
         http,
+        Leases(db, clock),
+        new_instance_id(),
     )
     if config.patient_id_prefix:
         rt.consent = ConsentService(
@@ -248,6 +274,8 @@ def _make_jobs(
         consumer=consumer,
         approvals=lambda: gate.cross_border.current().approvals,
         gate=gate,
+        runner=rt.instance,
+        live_runners=rt.leases.live_instances,
     )
 
 
@@ -496,23 +524,34 @@ def _staff(*roles: Role) -> Any:
     return role_guard(lambda r: _rt(r).api_keys, *roles)
 
 
-def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+def check_startup(settings: Settings) -> None:
+    """What `create_app` checks before serving (schemas, key, credential, database and its migrations),
+    without serving: a runtime opened and closed again."""
     # Every DSP message in and out is checked against the schemas, loaded on first use: without them a
     # peer's first message would meet a 500. Refuse to start instead, naming where we looked.
     find_schema_dir()
+    open_runtime(settings).close()
+
+
+def app_from_environment() -> FastAPI:
+    """The app factory of each worker process of `connector serve --workers N`: settings from the
+    `HEALTHSPACE_*` variables the supervisor passed on."""
+    return create_app(Settings())
+
+
+def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+    find_schema_dir()  # see `check_startup`
     rt = open_runtime(settings or Settings(), clock)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         signer = asyncio.create_task(sign_heads_periodically(rt.audit, rt.settings.audit_head_interval_s))
-        retention = RetentionManager(rt.data, rt.clock) if rt.data is not None else None
+        housekeeper = rt.housekeeper()
+        housekeeper.start()
         if rt.dsp is not None:
             rt.dsp.manager.start()
-        if retention is not None:
-            retention.start()
         yield
-        if retention is not None:
-            retention.stop()
+        housekeeper.stop()
         signer.cancel()
         rt.audit.tree_head()  # the last entries leave covered by a signed head
         rt.close()

@@ -1,9 +1,11 @@
-"""Retention timers: destroy archived datasets past their retention date, on demand or in a thread."""
+"""Retention timers: destroy archived datasets past their retention date.
+
+A connector runs `run_due` as a housekeeping duty (`core.leases.Duty`): every minute, in the one of its
+processes that holds the duty's lease."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -25,16 +27,9 @@ class RetentionResult:
 
 
 class RetentionManager:
-    """Runs `run_due` every `interval_s` seconds in a daemon thread (`start`/`stop`) or on demand."""
-
-    def __init__(self, service: DataService, clock: Clock | None = None, interval_s: float = 60.0) -> None:
-        if interval_s <= 0:
-            raise ValueError("interval_s must be positive")
+    def __init__(self, service: DataService, clock: Clock | None = None) -> None:
         self._service = service
         self._clock: Clock = clock or SystemClock()
-        self._interval = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def run_due(self, now: datetime | None = None) -> list[RetentionResult]:
         """Destroy every archived dataset whose `retain_until` <= `now`; a failure does not stop the rest."""
@@ -53,24 +48,3 @@ class RetentionManager:
                 log.warning("retention: %s not destroyed: %s", dataset_id, exc.detail)
                 results.append(RetentionResult(dataset_id, False, exc.detail))
         return results
-
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("retention manager already started")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="data-retention", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_due()
-            except Exception:  # the loop must outlive a database hiccup; the next round retries
-                log.exception("retention round failed")
-            self._stop.wait(self._interval)

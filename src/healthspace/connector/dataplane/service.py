@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
@@ -398,8 +398,14 @@ class JobService:
         refresh_grace: timedelta = DEFAULT_REFRESH_GRACE,
         reviewers_required: int = 2,
         engine: Callable[[duckdb.DuckDBPyConnection], DuckDBEngine] | None = None,
+        runner: str = "",
+        live_runners: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.db = db
+        # Which process this is, stored with every job it runs; and which processes are alive (see
+        # `fail_interrupted`). Without `live_runners` this process is the only one.
+        self.runner = runner
+        self._live_runners = live_runners or frozenset
         self.provider_id = provider_id
         self.provider_jurisdiction = provider_jurisdiction
         self.key = key
@@ -704,8 +710,8 @@ class JobService:
                 job_id, payload, result.epsilon_spent, review=review, audit=audit, history=history
             )
 
-    @staticmethod
     def _job_row(
+        self,
         job_id: str,
         grant: AccessGrant,
         agreement: AgreementView,
@@ -732,6 +738,7 @@ class JobService:
             "epsilon": 0.0,
             "created_at": now,
             "updated_at": now,
+            "runner": self.runner,
         }
 
     def _cohort(
@@ -1047,26 +1054,38 @@ class JobService:
         return out
 
     def fail_interrupted(self) -> list[str]:
-        """End as FAILED (audited) the jobs a stopped data plane left RUNNING; returns their ids.
+        """End as FAILED (audited) the jobs a stopped process left RUNNING; returns their ids.
 
         A query job runs inside its request, and a GLM job is RUNNING without a recorded session only
-        until `_open_glm` stores one: either one still RUNNING when the data plane starts was cut off
-        by a crash or a kill. Its result never left, and the entries it would have appended when it
-        ended (decision, cohort, outcome) were never written; this entry is the evidence that it ran.
-        GLM jobs with a recorded session are left alone: they resume. Called once at start-up, which
-        assumes one connector process per control-plane database (as deployed).
+        until `_open_glm` stores one: either one still RUNNING whose process is gone was cut off by a
+        crash or a kill. Its result never left, and the entries it would have appended when it ended
+        (decision, cohort, outcome) were never written; this entry is the evidence that it ran. GLM
+        jobs with a recorded session are left alone: they resume.
+
+        A job's process is gone when it is neither this one nor among `live_runners()` (the
+        connector's processes whose instance lease is live). Called at start-up, and by the one
+        process that holds the sweep duty while the connector runs (a worker that dies while others
+        serve leaves its jobs to them).
         """
         with self.db.session() as s:
-            cut_off = list(
+            running = list(
                 s.execute(
-                    select(JobRow.id, JobRow.agreement_id, JobRow.scenario_id, JobRow.consumer_id)
+                    select(
+                        JobRow.id, JobRow.agreement_id, JobRow.scenario_id, JobRow.consumer_id, JobRow.runner
+                    )
                     .outerjoin(GlmSessionRow, GlmSessionRow.job_id == JobRow.id)
                     .where(JobRow.state == JobState.RUNNING.value, GlmSessionRow.job_id.is_(None))
                 )
             )
+        if not running:
+            return []
+        # Read after the jobs: a process that started a job after that read is alive in this one.
+        alive = {self.runner, *self._live_runners()}
         why = "interrupted: the data plane stopped while the job ran; nothing was released"
         failed: list[str] = []
-        for job_id, agreement_id, scenario, consumer in cut_off:
+        for job_id, agreement_id, scenario, consumer, runner in running:
+            if runner in alive:
+                continue
             with self.db.session() as s:
                 try:
                     self._finish(s, job_id, JobState.FAILED, reason=why)

@@ -33,6 +33,8 @@ class JobRow(Base):
     epsilon: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), nullable=False)
+    # The connector process that ran it (`core.leases` instance id); NULL before several could.
+    runner: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class TokenRefreshRow(Base):
