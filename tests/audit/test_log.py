@@ -9,8 +9,9 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, event, text
 
+from healthspace.audit import log as log_module
 from healthspace.audit import merkle
 from healthspace.audit.log import AuditIntegrityError, AuditLog
 from healthspace.audit.models import AuditEntry, Outcome, SignedTreeHead
@@ -217,6 +218,64 @@ def test_a_log_proves_entries_another_log_appended(
             3, 300, first.root, head.root, [bytes.fromhex(h) for h in later.path]
         )
         assert [e.entry for e in a.entries(297, 300)] == [make_entry(i) for i in range(297, 300)]
+    finally:
+        a.close()
+        b.close()
+
+
+def _entry_reads(db: Database, run: Callable[[], object]) -> int:
+    """How many statements `run` sends to `db` that read the audit entries."""
+    seen: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        reads = statement.lstrip().upper().startswith("SELECT") and "audit_entries" in statement
+        if reads and conn.engine.url == db.engine.url:
+            seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", note)
+    try:
+        run()
+    finally:
+        event.remove(Engine, "before_cursor_execute", note)
+    return len(seen)
+
+
+def test_writers_taking_turns_do_not_read_each_other_back_until_a_head_is_signed(
+    db: Database, signer: KeySigner, clock: FixedClock
+) -> None:
+    a, b = AuditLog(db, signer, clock), AuditLog(db, signer, clock)
+    try:
+
+        def take_turns() -> None:
+            for i in range(0, 60, 2):
+                a.append(make_entry(i))
+                b.append(make_entry(i + 1))
+
+        assert _entry_reads(db, take_turns) == 0
+        heads: list[SignedTreeHead] = []
+        assert _entry_reads(db, lambda: heads.append(a.tree_head())) == 1  # one read-back, then signed
+        expected = _expected_root(_stored_entries(db))
+        assert (heads[0].tree_size, heads[0].root) == (60, expected)
+        assert b.tree_head() == heads[0]
+        assert a.verify().ok
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_writer_reads_back_once_it_holds_too_many_leaves_past_a_gap(
+    db: Database, signer: KeySigner, clock: FixedClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(log_module, "_MAX_AHEAD", 4)
+    a, b = AuditLog(db, signer, clock), AuditLog(db, signer, clock)
+    try:
+        b.append(make_entry(0))  # a gap in a's tree
+        assert _entry_reads(db, lambda: [a.append(make_entry(i)) for i in range(1, 5)]) == 0
+        assert a.size == 0
+        assert _entry_reads(db, lambda: a.append(make_entry(5))) == 1  # the fifth waiting leaf
+        assert a.size == 6
+        head = a.tree_head()
+        assert (head.tree_size, head.root) == (6, _expected_root(_stored_entries(db)))
     finally:
         a.close()
         b.close()

@@ -68,6 +68,7 @@ _COUNTER = cast(Table, AuditCounterRow.__table__)
 _CACHE_LEVEL = 8  # keep subtree hashes from 256 leaves up: ~n/128 hashes in memory
 _BLOCK = 1 << _CACHE_LEVEL
 _PAGE = 20_000
+_MAX_AHEAD = 4096  # own leaves kept past a gap before an append reads back (`AuditLog._grow`)
 _PG_MAX_PARAMS = 65_535  # parameters per statement: the protocol counts them in 16 bits
 
 
@@ -516,6 +517,9 @@ class AuditLog:
         # Extends the frontier: with this log's own batches, or with entries read back from the
         # database (`_catch_up`), whichever comes first; never both for one index.
         self._grow_lock = threading.Lock()
+        # This log's own leaves committed past a gap other writers' entries leave in the frontier,
+        # by index, until a read-back fills the gap (`_grow`).
+        self._ahead: dict[int, bytes] = {}
         self._queue: list[_Pending] = []
         self._writing = False
         self._closed = False
@@ -553,8 +557,9 @@ class AuditLog:
 
     @property
     def size(self) -> int:
-        """Number of committed entries this log has seen: its own, and those of other writers up to
-        the last time it read them back (`tree_head`, the proofs and `verify` read first)."""
+        """Size of this log's tree: the committed entries up to the last time it read back other
+        writers' entries (`tree_head`, the proofs and `entries` read back first), and its own that
+        followed on without a gap."""
         return self._frontier.size
 
     @property
@@ -648,12 +653,19 @@ class AuditLog:
             successor.wake.release()
 
     def _grow(self, start: int, hashes: list[bytes]) -> None:
-        """Extend the tree with committed leaves `start ..`: first with what other writers committed
-        before them (read back), unless a read-back (`_catch_up`) already took these too."""
+        """Extend the tree with committed leaves `start ..`, unless a read-back (`_catch_up`) already
+        took them. Where other writers' entries come first, the leaves wait in `_ahead` for the
+        next read-back: the tree is read only to sign a head or to prove, so reading back at every
+        append would cost a query per append whenever several processes write (about as much CPU
+        as the append itself). At most `_MAX_AHEAD` wait; then this append reads back."""
         with self._grow_lock:
-            if self._frontier.size < start:
-                self._read_back(start)
             have = self._frontier.size
+            if have < start:
+                for i, h in enumerate(hashes):
+                    self._ahead[start + i] = h
+                if len(self._ahead) > _MAX_AHEAD:
+                    self._read_back(start)
+                return
             if have < start + len(hashes):
                 self._frontier.extend(hashes[have - start :])
 
@@ -679,7 +691,8 @@ class AuditLog:
         for i, (seq, data, cached) in enumerate(rows):
             if seq != start + i:
                 break
-            leaf = merkle.leaf_hash(data.encode())
+            # This log's own leaves were hashed when appended; the stored one must still match.
+            leaf = self._ahead.pop(seq, None) or merkle.leaf_hash(data.encode())
             if leaf != bytes(cached):
                 raise AuditIntegrityError(
                     f"entry {seq} does not hash to its stored leaf hash: the entry or its leaf_hash "
@@ -695,6 +708,10 @@ class AuditLog:
                 first_bad_index=missing,
             )
         self._frontier.extend(leaves)
+        follow = []  # own leaves right after what was read back
+        while (upto + len(follow)) in self._ahead:
+            follow.append(self._ahead.pop(upto + len(follow)))
+        self._frontier.extend(follow)
 
     def _writer(self) -> PoolProxiedConnection:
         if self._wconn is None:

@@ -1148,7 +1148,8 @@ class JobService:
         return None if rec is None else _glm_public(orjson.loads(rec.analyses))
 
     def _session(self, checked: _Checked, row: JobRow, rec: GlmSessionRow) -> _GlmSession:
-        """The session's designs: in memory, or rebuilt after a restart and checked to be the same."""
+        """The session's designs: in memory, or rebuilt (after a restart, or in another worker process
+        than the one that opened it) and checked to be the same."""
         with self._resume_lock:
             held = self._sessions.get(row.id)
             if held is not None:
@@ -1189,7 +1190,8 @@ class JobService:
                 "dataplane.glm.resume",
                 f"job:{row.id}",
                 Outcome.SUCCESS,
-                "session rebuilt after a restart; same designs",
+                "session rebuilt in this process (after a restart, or opened by another worker); "
+                "same designs",
                 scenario_id=row.scenario_id,
                 agreement_id=row.agreement_id,
                 details={"job_id": row.id, "iterations": rec.iterations},
