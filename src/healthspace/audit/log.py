@@ -708,7 +708,7 @@ class AuditLog:
                 first_bad_index=missing,
             )
         self._frontier.extend(leaves)
-        follow = []  # own leaves right after what was read back
+        follow: list[bytes] = []  # own leaves right after what was read back
         while (upto + len(follow)) in self._ahead:
             follow.append(self._ahead.pop(upto + len(follow)))
         self._frontier.extend(follow)
