@@ -454,3 +454,26 @@ def test_a_verification_settles_our_agreement_still_in_flight_and_the_finalizati
     assert [o.seq for o in handed[-1]] == [event_row.seq]
     assert ("send", "negotiation", ack.provider_pid) not in hints
     assert service.negotiation(ack.provider_pid).state == "FINALIZED"
+
+
+def test_idle_workers_make_one_pass_per_idle_period_between_them(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker waking idle used to sweep: four workers, four passes a second, each a few queries,
+    in every process of every connector doing nothing."""
+    service = _service(db, [], [])
+    with httpx.Client() as http:
+        manager = DspManager(service, http, lambda _: httpx.BasicAuth("u", "p"), workers=4, idle_s=0.1)
+        passes: list[float] = []
+        run_once = manager.run_once
+
+        def counted() -> int:
+            passes.append(time.monotonic())
+            return run_once()
+
+        monkeypatch.setattr(manager, "run_once", counted)
+        manager.start()
+        time.sleep(1.5)
+        manager.stop()
+    # One at start, then about one per 0.1 s: at most 17 in 1.5 s (four workers each sweeping: ~60).
+    assert 5 <= len(passes) <= 17

@@ -172,6 +172,8 @@ class DspManager:
             try:
                 work = self._work.get(timeout=self.idle_s)
             except queue.Empty:
+                if time.monotonic() - self._last_sweep < self.idle_s:
+                    continue  # another idle worker swept meanwhile: one pass per idle_s will do
                 work = _SWEEP  # the safety net: retries due, hints lost, rows changed elsewhere
             if work is None:
                 return
