@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from healthspace.audit.log import verify_database
@@ -75,6 +76,19 @@ def _served_by_workers(data_dir: Path, url: str, database_url: str, workers: int
             proc.stderr.close()
 
 
+def _listening(db: Database) -> int:
+    with db.session() as s:
+        return int(
+            s.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND query LIKE 'LISTEN healthspace_changes%'"
+                )
+            )
+            or 0
+        )
+
+
 def _negotiate(consumer: httpx.Client, provider_url: str) -> str:
     r = consumer.post(
         "/management/negotiations",
@@ -105,6 +119,8 @@ def test_a_connector_served_by_two_workers_negotiates_and_keeps_one_housekeeper(
                 first = leases.live_instances()
                 _until(lambda: leases.holder("data.retention") is not None, "a retention runner")
                 assert leases.holder("data.retention") in first  # one of them, for both
+                # Each worker listens for the others' change notices (long polls see their commits).
+                _until(lambda: _listening(db) == 2, "both workers listening for change notices")
 
                 steward = httpx.Client(base_url=gz.url, headers={"X-API-Key": gz.keys[Role.STEWARD]})
                 researcher = httpx.Client(

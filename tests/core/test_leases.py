@@ -213,3 +213,10 @@ def test_a_housekeeper_goes_on_after_rounds_that_fail(
         assert "housekeeping: renew failed" in caplog.text
     finally:
         keeper.stop()
+
+
+def test_the_heartbeat_tells_who_is_alive(leases: Leases) -> None:
+    seen: list[frozenset[str]] = []
+    leases.hold("instance:p2", "p2", TTL)
+    Housekeeper(leases, "p1", on_live=seen.append).renew()
+    assert seen == [{"p1", "p2"}]

@@ -25,6 +25,7 @@ from healthspace.connector.dsp.tables import AgreementRow, NegotiationRow, Outbo
 from healthspace.core.clock import SystemClock
 from healthspace.core.db import Database
 from healthspace.core.errors import ConflictError
+from healthspace.core.notices import ChangeNotices
 from healthspace.identity.keys import SigningKey
 from healthspace.protocol.messages import (
     Agreement,
@@ -477,3 +478,47 @@ def test_idle_workers_make_one_pass_per_idle_period_between_them(
         manager.stop()
     # One at start, then about one per 0.1 s: at most 17 in 1.5 s (four workers each sweeping: ~60).
     assert 5 <= len(passes) <= 17
+
+
+@pytest.mark.postgres
+def test_a_waiter_hears_at_once_of_a_change_another_process_committed(postgres_url: str) -> None:
+    """With change notices (PostgreSQL), a waiter does not wait for its next poll to see what a second
+    process of the connector committed."""
+    here_db, elsewhere_db = Database(postgres_url, branches=["dsp"]), Database(postgres_url)
+    here = _service(here_db, [], [])
+    here.wait_poll_s = 60.0  # only a notice makes it read again within this test
+    elsewhere = DspService(
+        elsewhere_db,
+        participant_id=ME,
+        public_url="http://127.0.0.1:9",
+        key=SigningKey.generate(),
+        clock=SystemClock(),
+        record=lambda *_: None,
+    )
+    notices_here = ChangeNotices(postgres_url, "here", here.changed_elsewhere)
+    notices_elsewhere = ChangeNotices(postgres_url, "elsewhere", elsewhere.changed_elsewhere)
+    elsewhere.broadcast = notices_elsewhere.publish
+    notices_elsewhere.others_alive = True
+    notices_here.start()
+    notices_elsewhere.start()
+    try:
+        started = here.start_negotiation(
+            "researcher:t", PEER, "http://127.0.0.1:8", {**OFFER, "target": "urn:d:1"}
+        )
+        found: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: found.append(here.wait_negotiation(started.id, {NegotiationState.FINALIZED}, 30.0))
+        )
+        waiter.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        ended = ContractNegotiationTerminationMessage(provider_pid="urn:p:1", consumer_pid=started.id)
+        elsewhere.on_negotiation_message(PEER, started.id, ended)
+        waiter.join(30)
+        assert [f.state for f in found] == ["TERMINATED"]
+        assert time.monotonic() - t0 < 5  # a notice, not the 60 s poll nor the 30 s timeout
+    finally:
+        notices_here.stop()
+        notices_elsewhere.stop()
+        here_db.dispose()
+        elsewhere_db.dispose()

@@ -54,6 +54,7 @@ from healthspace.core.errors import (
     install_problem_handlers,
 )
 from healthspace.core.leases import Duty, Housekeeper, Leases, new_instance_id
+from healthspace.core.notices import ChangeNotices
 from healthspace.core.settings import Settings
 from healthspace.data.api import make_data_router
 from healthspace.data.keys import LocalKeyStore
@@ -106,8 +107,9 @@ class ConnectorRuntime:
     data: DataService | None = None
     jobs: JobService | None = None
 
-    def housekeeper(self) -> Housekeeper:
-        """What one of the connector's processes does for all, and this process's heartbeat."""
+    def housekeeper(self, notices: ChangeNotices | None = None) -> Housekeeper:
+        """What one of the connector's processes does for all, and this process's heartbeat (which
+        also tells `notices` whether other processes are alive to be told of changes)."""
         duties = []
         if self.data is not None:
             duties.append(
@@ -115,7 +117,23 @@ class ConnectorRuntime:
             )
         if self.jobs is not None:
             duties.append(Duty("jobs.interrupted", INTERRUPTED_JOBS_EVERY_S, self.jobs.fail_interrupted))
-        return Housekeeper(self.leases, self.instance, duties, clock=self.clock)
+        on_live = None
+        if notices is not None:
+
+            def on_live(live: frozenset[str]) -> None:
+                notices.others_alive = bool(live - {self.instance})
+
+        return Housekeeper(self.leases, self.instance, duties, clock=self.clock, on_live=on_live)
+
+    def change_notices(self) -> ChangeNotices | None:
+        """On PostgreSQL, where several processes may serve one connector: notices of DSP changes
+        between them, so a long poll in one sees a message another received at once."""
+        if self.db.dialect != "postgresql" or self.dsp is None:
+            return None
+        service = self.dsp.service
+        notices = ChangeNotices(self.db.url, self.instance, service.changed_elsewhere)
+        service.broadcast = notices.publish
+        return notices
 
     def close(self) -> None:
         if self.dsp is not None:
@@ -546,12 +564,17 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         signer = asyncio.create_task(sign_heads_periodically(rt.audit, rt.settings.audit_head_interval_s))
-        housekeeper = rt.housekeeper()
+        notices = rt.change_notices()
+        if notices is not None:
+            notices.start()
+        housekeeper = rt.housekeeper(notices)
         housekeeper.start()
         if rt.dsp is not None:
             rt.dsp.manager.start()
         yield
         housekeeper.stop()
+        if notices is not None:
+            notices.stop()
         signer.cancel()
         rt.audit.tree_head()  # the last entries leave covered by a signed head
         rt.close()

@@ -142,6 +142,7 @@ class Housekeeper:
         *,
         beat_s: float = 10.0,
         clock: Clock | None = None,
+        on_live: Callable[[frozenset[str]], object] | None = None,
     ) -> None:
         if beat_s <= 0 or any(d.every_s <= 0 for d in duties):
             raise ValueError("beat_s and every duty's every_s must be positive")
@@ -150,6 +151,7 @@ class Housekeeper:
         self._duties = list(duties)
         self._beat = beat_s
         self._clock: Clock = clock or SystemClock()
+        self._on_live = on_live
         self._last_run: dict[str, datetime] = {}
         self._held: set[str] = set()  # duties whose lease this process has (set ops are atomic)
         self._stop = threading.Event()
@@ -164,8 +166,11 @@ class Housekeeper:
 
     def renew(self) -> None:
         """Renew this process's instance lease and the leases of the duties it holds (so a duty that
-        runs longer than its lease is not taken up by a second process meanwhile)."""
+        runs longer than its lease is not taken up by a second process meanwhile). With `on_live`,
+        then hands it the ids of the live processes, this one included."""
         self.leases.hold(INSTANCE_PREFIX + self.instance, self.instance, self.instance_ttl)
+        if self._on_live is not None:
+            self._on_live(self.leases.live_instances())
         for duty in self._duties:
             if duty.name in self._held and not self.leases.hold(
                 duty.name, self.instance, self._duty_ttl(duty)

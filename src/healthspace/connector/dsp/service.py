@@ -438,8 +438,11 @@ class DspService:
         # commit, which under concurrent negotiations is most of the wake-ups).
         self._waiting: dict[str, tuple[threading.Condition, int]] = {}
         # Commits of another process on the same database (a second worker, a restarted one) notify
-        # nobody here: a waiter reads the row again after this long without a notification.
+        # waiters here only through `changed_elsewhere` (change notices, PostgreSQL): without one, a
+        # waiter reads the row again after this long.
         self.wait_poll_s = 1.0
+        # Where this process's commits are told to the connector's other processes (`core.notices`).
+        self.broadcast: Callable[[set[str]], None] = lambda _: None
         self._wake: Callable[[Sequence[Work]], None] = lambda _: None
         self._handoff: tuple[Callable[[list[Outgoing]], None], timedelta] | None = None
 
@@ -543,7 +546,17 @@ class DspService:
             self._negotiation_step(tx, row, Role(row.role), owed, actor, None, "")
 
     def _touched(self, pids: set[str], states: Mapping[str, str] | None = None) -> None:
-        """Tell waiters that a commit changed these processes (and, where known, the state it left)."""
+        """Tell waiters that a commit changed these processes (and, where known, the state it left),
+        here and in the connector's other processes."""
+        self._wake_waiters(pids, states)
+        self.broadcast(pids)
+
+    def changed_elsewhere(self, pids: set[str]) -> None:
+        """Another process of this connector committed changes to these processes: their waiters
+        here read them again (the state they were left in is not known here)."""
+        self._wake_waiters(pids, None)
+
+    def _wake_waiters(self, pids: set[str], states: Mapping[str, str] | None) -> None:
         with self._changed:
             for pid in pids:
                 self._versions[pid] = self._versions.get(pid, 0) + 1
