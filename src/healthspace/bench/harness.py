@@ -80,11 +80,13 @@ def rate(fn: Callable[[], object], ops: int, repeat: int = 5, warmup: int = 1) -
     return [ops / s for s in seconds(fn, repeat=repeat, warmup=warmup)]
 
 
-def loopback_socket() -> socket.socket:
-    """A listening socket on 127.0.0.1 (a free port), typed TCP: asyncio turns Nagle off on accepted
-    connections only for a listener created with IPPROTO_TCP; otherwise each response waits ~40 ms."""
+def loopback_socket(*, bind: bool = True) -> socket.socket:
+    """A socket for a server on 127.0.0.1 (bound to a free port unless `bind` is false), typed TCP:
+    asyncio turns Nagle off on accepted connections only for a listener created with IPPROTO_TCP;
+    otherwise each response waits ~40 ms."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
+    if bind:
+        sock.bind(("127.0.0.1", 0))
     return sock
 
 
