@@ -306,7 +306,7 @@ def _provider(db_url: str, authority: SigningKey, pid: str, processes: int = 1) 
     key = SigningKey.generate()
     credential = _credential(authority, pid, key)
     if processes > 1:
-        # Migrate here, once: processes migrating a fresh database at the same time would race.
+        # Migrated here, once, so the processes start without queueing on the migration lock.
         Database(db_url, branches=BRANCHES).dispose()
     # Each process listens on a socket of its own bound to this port (SO_REUSEPORT): the kernel
     # spreads new connections over them evenly. One socket shared by every process gave most
