@@ -121,6 +121,13 @@ def test_a_connector_served_by_two_workers_negotiates_and_keeps_one_housekeeper(
                 assert leases.holder("data.retention") in first  # one of them, for both
                 # Each worker listens for the others' change notices (long polls see their commits).
                 _until(lambda: _listening(db) == 2, "both workers listening for change notices")
+                # What an operator sees: the live workers and who does each duty (admins only).
+                admin = {"X-API-Key": gz.keys[Role.ADMIN]}
+                seen = httpx.get(f"{gz.url}/management/processes", headers=admin).json()
+                assert (set(seen["live"]), seen["this"] in first) == (first, True)
+                assert seen["duties"] == {"data.retention": leases.holder("data.retention")}
+                steward_only = {"X-API-Key": gz.keys[Role.STEWARD]}
+                assert httpx.get(f"{gz.url}/management/processes", headers=steward_only).status_code == 403
 
                 steward = httpx.Client(base_url=gz.url, headers={"X-API-Key": gz.keys[Role.STEWARD]})
                 researcher = httpx.Client(

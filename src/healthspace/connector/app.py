@@ -107,9 +107,8 @@ class ConnectorRuntime:
     data: DataService | None = None
     jobs: JobService | None = None
 
-    def housekeeper(self, notices: ChangeNotices | None = None) -> Housekeeper:
-        """What one of the connector's processes does for all, and this process's heartbeat (which
-        also tells `notices` whether other processes are alive to be told of changes)."""
+    def duties(self) -> list[Duty]:
+        """What one of the connector's processes does for all."""
         duties = []
         if self.data is not None:
             duties.append(
@@ -117,13 +116,18 @@ class ConnectorRuntime:
             )
         if self.jobs is not None:
             duties.append(Duty("jobs.interrupted", INTERRUPTED_JOBS_EVERY_S, self.jobs.fail_interrupted))
+        return duties
+
+    def housekeeper(self, notices: ChangeNotices | None = None) -> Housekeeper:
+        """The duties, and this process's heartbeat (which also tells `notices` whether other
+        processes are alive to be told of changes)."""
         on_live = None
         if notices is not None:
 
             def on_live(live: frozenset[str]) -> None:
                 notices.others_alive = bool(live - {self.instance})
 
-        return Housekeeper(self.leases, self.instance, duties, clock=self.clock, on_live=on_live)
+        return Housekeeper(self.leases, self.instance, self.duties(), clock=self.clock, on_live=on_live)
 
     def change_notices(self) -> ChangeNotices | None:
         """On PostgreSQL, where several processes may serve one connector: notices of DSP changes
@@ -482,6 +486,23 @@ def hello(rt: Runtime, caller: Peer) -> Hello:
 @management.get("/whoami")
 def whoami(rt: Runtime, key: AnyStaff) -> dict[str, str]:
     return {"participant_id": rt.config.participant_id, "role": key.role.value, "key_id": key.key_id}
+
+
+class ProcessesPublic(BaseModel):
+    this: str  # the process that answered
+    live: list[str]  # processes whose heartbeat is current (this one included)
+    duties: dict[str, str | None]  # each housekeeping duty's process (None: not taken yet)
+
+
+@management.get("/processes")
+def processes(rt: Runtime, key: Admin) -> ProcessesPublic:
+    """The connector's live processes (`serve --workers N`) and which one does each duty: what an
+    operator checks after a worker died or a deployment changed."""
+    return ProcessesPublic(
+        this=rt.instance,
+        live=sorted(rt.leases.live_instances()),
+        duties={d.name: rt.leases.holder(d.name) for d in rt.duties()},
+    )
 
 
 @management.post("/trust-check")
