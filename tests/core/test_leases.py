@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
 from healthspace.core.clock import FixedClock
 from healthspace.core.db import Database
@@ -220,3 +221,21 @@ def test_the_heartbeat_tells_who_is_alive(leases: Leases) -> None:
     leases.hold("instance:p2", "p2", TTL)
     Housekeeper(leases, "p1", on_live=seen.append).renew()
     assert seen == [{"p1", "p2"}]
+
+
+def test_leases_long_expired_are_forgotten_at_a_heartbeat(leases: Leases, clock: FixedClock) -> None:
+    leases.hold("instance:crashed", "crashed", TTL)  # died without giving it up
+    leases.hold("data.retention", "crashed", TTL)
+    clock.advance(timedelta(days=1))
+    keeper = Housekeeper(leases, "p1", clock=clock)
+    keeper.renew()
+    with leases.db.session() as s:
+        assert sorted(s.scalars(select(LeaseRow.name))) == [
+            "data.retention",
+            "instance:crashed",
+            "instance:p1",
+        ]
+    clock.advance(TTL + timedelta(seconds=1))
+    keeper.renew()  # p1's own lease renewed first: never forgotten while it beats
+    with leases.db.session() as s:
+        assert sorted(s.scalars(select(LeaseRow.name))) == ["instance:p1"]

@@ -39,6 +39,7 @@ __all__ = ["Duty", "Housekeeper", "LeaseRow", "Leases", "new_instance_id"]
 
 log = logging.getLogger(__name__)
 INSTANCE_PREFIX = "instance:"
+FORGET_AFTER = timedelta(days=1)  # an expired lease is deleted this long after it ran out
 
 
 class LeaseRow(Base):
@@ -58,6 +59,8 @@ def new_instance_id() -> str:
 
 
 class Leases:
+    """The lease table of a control-plane database, read and written one statement at a time."""
+
     def __init__(self, db: Database, clock: Clock | None = None) -> None:
         self.db = db
         self._clock: Clock = clock or SystemClock()
@@ -95,6 +98,13 @@ class Leases:
         with self.db.writing_statement() as conn:
             r = conn.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder))
         return r.rowcount == 1
+
+    def forget_expired(self, before: datetime) -> int:
+        """Delete the leases that ran out before `before` (a process that died without giving its
+        instance lease up leaves one); returns how many."""
+        with self.db.writing_statement() as conn:
+            r = conn.execute(delete(LeaseRow).where(LeaseRow.expires_at < before))
+        return int(r.rowcount)
 
     def holder(self, name: str) -> str | None:
         """Who holds `name` now (an expired lease is held by nobody)."""
@@ -169,6 +179,7 @@ class Housekeeper:
         runs longer than its lease is not taken up by a second process meanwhile). With `on_live`,
         then hands it the ids of the live processes, this one included."""
         self.leases.hold(INSTANCE_PREFIX + self.instance, self.instance, self.instance_ttl)
+        self.leases.forget_expired(self._clock.now() - FORGET_AFTER)
         if self._on_live is not None:
             self._on_live(self.leases.live_instances())
         for duty in self._duties:
