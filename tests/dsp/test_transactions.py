@@ -380,6 +380,19 @@ def test_a_long_poll_for_a_later_state_does_not_re_read_after_the_acknowledgemen
     assert service.reads == 2
 
 
+def _second_process(db: Database) -> DspService:
+    """The same connector's service in another process: its own `Database` on the same database, so
+    no in-process notification is shared."""
+    return DspService(
+        db,
+        participant_id=ME,
+        public_url="http://127.0.0.1:9",
+        key=SigningKey.generate(),
+        clock=SystemClock(),
+        record=lambda *_: None,
+    )
+
+
 def test_a_waiter_sees_a_change_committed_by_another_process(make_db: Callable[..., Database]) -> None:
     """A second service on the same database (as a second worker process would be) notifies nobody
     here: the waiter reads the row again after `wait_poll_s` without a notification."""
@@ -389,14 +402,7 @@ def test_a_waiter_sees_a_change_committed_by_another_process(make_db: Callable[.
     started = here.start_negotiation(
         "researcher:t", PEER, "http://127.0.0.1:8", {**OFFER, "target": "urn:d:1"}
     )
-    elsewhere = DspService(  # its own Database and service: no notifications shared
-        make_db("dsp"),
-        participant_id=ME,
-        public_url="http://127.0.0.1:9",
-        key=SigningKey.generate(),
-        clock=SystemClock(),
-        record=lambda *_: None,
-    )
+    elsewhere = _second_process(make_db("dsp"))
     ended = ContractNegotiationTerminationMessage(provider_pid="urn:p:1", consumer_pid=started.id)
     found: list[Any] = []
     waiter = threading.Thread(
@@ -487,14 +493,7 @@ def test_a_waiter_hears_at_once_of_a_change_another_process_committed(postgres_u
     here_db, elsewhere_db = Database(postgres_url, branches=["dsp"]), Database(postgres_url)
     here = _service(here_db, [], [])
     here.wait_poll_s = 60.0  # only a notice makes it read again within this test
-    elsewhere = DspService(
-        elsewhere_db,
-        participant_id=ME,
-        public_url="http://127.0.0.1:9",
-        key=SigningKey.generate(),
-        clock=SystemClock(),
-        record=lambda *_: None,
-    )
+    elsewhere = _second_process(elsewhere_db)
     notices_here = ChangeNotices(postgres_url, "here", here.changed_elsewhere)
     notices_elsewhere = ChangeNotices(postgres_url, "elsewhere", elsewhere.changed_elsewhere)
     elsewhere.broadcast = notices_elsewhere.publish
