@@ -51,19 +51,25 @@ def _template(route: APIRoute) -> tuple[tuple[str | None, ...], tuple[str, ...]]
     return tuple(segments), tuple(names)
 
 
+def _lane_shape(route: object) -> tuple[tuple[str | None, ...], tuple[str, ...]] | None:
+    """`route`'s `_template` if the lane can serve it exactly as FastAPI would (see `lane_eligible`),
+    else None."""
+    if not isinstance(route, APIRoute) or not inspect.iscoroutinefunction(route.endpoint):
+        return None
+    shape = _template(route)
+    if shape is None:
+        return None
+    params = inspect.signature(route.endpoint).parameters
+    if list(params) != ["request", *shape[1]]:
+        return None
+    return shape if all(params[n].annotation in (str, "str") for n in shape[1]) else None
+
+
 def lane_eligible(route: object) -> TypeGuard[APIRoute]:
     """Whether the lane can serve `route` exactly as FastAPI would: an `APIRoute` whose coroutine
     endpoint takes `request` and its path parameters (annotated `str`) and nothing else, so there is
     nothing for FastAPI to resolve, validate or serialise."""
-    if not isinstance(route, APIRoute) or not inspect.iscoroutinefunction(route.endpoint):
-        return False
-    shape = _template(route)
-    if shape is None:
-        return False
-    params = inspect.signature(route.endpoint).parameters
-    if list(params) != ["request", *shape[1]]:
-        return False
-    return all(params[n].annotation in (str, "str") for n in shape[1])
+    return _lane_shape(route) is not None
 
 
 class FastLane:
@@ -76,10 +82,9 @@ class FastLane:
         self._table: dict[tuple[str, int], list[tuple[tuple[str | None, ...], tuple[str, ...], _Endpoint]]]
         self._table = {}
         for route in routes:
-            if not lane_eligible(route):
+            shape = _lane_shape(route)
+            if shape is None:
                 raise ValueError(f"route {route.path!r} cannot take the fast lane (see lane_eligible)")
-            shape = _template(route)
-            assert shape is not None  # lane_eligible checked it
             segments, names = shape
             for method in sorted(route.methods or ()):
                 self._table.setdefault((method, len(segments)), []).append((segments, names, route.endpoint))

@@ -361,7 +361,7 @@ class SchemaRegistry:
         rel = MESSAGE_SCHEMAS.get(type_name) or UNTYPED_SCHEMAS.get(type_name) or self._stems[type_name]
         return bool(self._by_file[rel].is_valid(document))
 
-    def compiled_agrees(self, document: Any, schema_name: str) -> bool:
+    def fast_check_agrees(self, document: Any, schema_name: str) -> bool:
         """Whether jsonschema-rs and jsonschema give the same verdict (for differential tests)."""
         rel = self._stems[schema_name]
         return self._fast_verdict(rel, document) == bool(self._by_file[rel].is_valid(document))
