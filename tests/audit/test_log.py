@@ -517,6 +517,17 @@ def test_a_counter_set_back_makes_the_next_append_fail_and_append_nothing(
     assert _count(db) == 6
 
 
+def test_a_deleted_counter_row_refuses_appends_heads_and_opening(
+    log: AuditLog, db: Database, signer: KeySigner, clock: FixedClock
+) -> None:
+    _filled(log, 4)
+    _sql(db, "DELETE FROM audit_counter")
+    for attempt in (lambda: log.append(make_entry(4)), log.tree_head, lambda: AuditLog(db, signer, clock)):
+        with pytest.raises(AuditIntegrityError, match="counter row is missing"):
+            attempt()
+    assert _count(db) == 4
+
+
 def test_reopening_with_a_different_key_needs_the_old_key_as_trusted(
     db: Database, signer: KeySigner, clock: FixedClock
 ) -> None:

@@ -123,12 +123,18 @@ def _read_heads(conn: Connection) -> list[SignedTreeHead]:
     return _read_heads_rows(conn.execute(select(_HEADS).order_by(_HEADS.c.tree_size)).all())
 
 
-def _next_index(conn: Connection) -> int:
-    """The index the next entry will get (`audit_counter`)."""
-    value = conn.execute(select(_COUNTER.c.next_seq).where(_COUNTER.c.id == 1)).scalar_one_or_none()
-    if value is None:
+def _next_index(conn: Connection, *, lock: bool = False) -> int:
+    """The index the next entry will get (`audit_counter`); with `lock`, its row stays locked until
+    the transaction ends (PostgreSQL: `FOR UPDATE`)."""
+    query = select(_COUNTER.c.next_seq).where(_COUNTER.c.id == 1)
+    return _counted(conn.execute(query.with_for_update() if lock else query).first())
+
+
+def _counted(found: Any) -> int:
+    """The counter value in a fetched row (None: no counter row, which only tampering removes)."""
+    if found is None:
         raise AuditIntegrityError("the audit log's counter row is missing", first_bad_index=None)
-    return int(value)
+    return int(found[0])
 
 
 def _read_heads_rows(rows: Sequence[Any]) -> list[SignedTreeHead]:
@@ -781,7 +787,7 @@ class AuditLog:
         """
         conn = self._writer()
         n = len(rows)
-        failures: tuple[type[BaseException], ...] = (*self._driver_errors, AuditUnavailableError)
+        failures: tuple[type[BaseException], ...] = (*self._driver_errors, AuditIntegrityError)
         try:
             with self._db.write_lock:
                 cur = conn.cursor()
@@ -789,19 +795,14 @@ class AuditLog:
                     if not self._sqlite and n <= self.max_rows_per_statement:
                         cur.execute(self._values(n), [v for row in rows for v in row])
                         seqs = [r[0] for r in cur.fetchall()]
-                        if len(seqs) != n:
-                            raise AuditUnavailableError("the audit log's counter row is missing")
-                        return int(min(seqs))
+                        return _counted(None if len(seqs) != n else (min(seqs),))
                     cur.execute("BEGIN IMMEDIATE" if self._sqlite else "BEGIN")
                     ph = self._ph
                     if self._sqlite:
                         # The write lock is held from BEGIN IMMEDIATE: nobody moves the counter
                         # between this read and the update below.
                         cur.execute("SELECT next_seq FROM audit_counter WHERE id = 1")
-                        found = cur.fetchone()
-                        if found is None:
-                            raise AuditUnavailableError("the audit log's counter row is missing")
-                        start = int(found[0])
+                        start = _counted(cur.fetchone())
                         cur.execute(f"UPDATE audit_counter SET next_seq = {ph} WHERE id = 1", (start + n,))  # noqa: S608
                     else:
                         cur.execute(
@@ -809,10 +810,7 @@ class AuditLog:
                             f"RETURNING next_seq - {ph}",
                             (n, n),
                         )
-                        found = cur.fetchone()
-                        if found is None:
-                            raise AuditUnavailableError("the audit log's counter row is missing")
-                        start = int(found[0])
+                        start = _counted(cur.fetchone())
                     numbered = [(start + i, d, h) for i, (d, h) in enumerate(rows)]
                     if self._sqlite and n <= self.max_rows_per_statement:
                         cur.execute(self._values(n), [v for row in numbered for v in row])
@@ -870,10 +868,7 @@ class AuditLog:
                 return self._sign_head(conn, lock=True)
 
     def _sign_head(self, conn: Connection, *, lock: bool = False) -> SignedTreeHead:
-        query = select(_COUNTER.c.next_seq).where(_COUNTER.c.id == 1)
-        size = conn.execute(query.with_for_update() if lock else query).scalar_one_or_none()
-        if size is None:
-            raise AuditUnavailableError("the audit log's counter row is missing")
+        size = _next_index(conn, lock=lock)
         self._catch_up(size)
         with self._grow_lock:
             if self._frontier.size != size:  # cannot be: nothing commits past the counter we hold
@@ -881,9 +876,8 @@ class AuditLog:
             root = self._frontier.root()
         latest = conn.execute(select(_HEADS).order_by(_HEADS.c.tree_size.desc()).limit(1)).first()
         if latest is not None and latest.tree_size == size:
-            return _read_heads_rows([latest])[
-                0
-            ]  # one head per size; after a key change the new key signs on growth
+            # One head per size; after a key change the new key signs on growth.
+            return _read_heads_rows([latest])[0]
         now = self._clock.now()
         if latest is not None:
             now = max(now, parse_time(latest.timestamp))  # heads must never go back in time
