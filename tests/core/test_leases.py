@@ -223,19 +223,22 @@ def test_the_heartbeat_tells_who_is_alive(leases: Leases) -> None:
     assert seen == [{"p1", "p2"}]
 
 
-def test_leases_long_expired_are_forgotten_at_a_heartbeat(leases: Leases, clock: FixedClock) -> None:
+def test_leases_long_expired_are_forgotten_when_a_process_starts(leases: Leases, clock: FixedClock) -> None:
     leases.hold("instance:crashed", "crashed", TTL)  # died without giving it up
     leases.hold("data.retention", "crashed", TTL)
-    clock.advance(timedelta(days=1))
-    keeper = Housekeeper(leases, "p1", clock=clock)
-    keeper.renew()
+    clock.advance(timedelta(days=1))  # ran out 23 h 59 min 30 s ago: kept
+    keeper = Housekeeper(leases, "p1", clock=clock, beat_s=3600)
+    keeper.start()
+    keeper.stop()
     with leases.db.session() as s:
-        assert sorted(s.scalars(select(LeaseRow.name))) == [
-            "data.retention",
-            "instance:crashed",
-            "instance:p1",
-        ]
+        names = sorted(s.scalars(select(LeaseRow.name)))
+    assert names == ["data.retention", "instance:crashed"]
     clock.advance(TTL + timedelta(seconds=1))
-    keeper.renew()  # p1's own lease renewed first: never forgotten while it beats
-    with leases.db.session() as s:
-        assert sorted(s.scalars(select(LeaseRow.name))) == ["instance:p1"]
+    keeper = Housekeeper(leases, "p2", clock=clock, beat_s=3600)
+    keeper.start()
+    try:
+        with leases.db.session() as s:
+            names = sorted(s.scalars(select(LeaseRow.name)))
+        assert names == ["instance:p2"]  # its own, taken just before
+    finally:
+        keeper.stop()

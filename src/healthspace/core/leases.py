@@ -179,7 +179,6 @@ class Housekeeper:
         runs longer than its lease is not taken up by a second process meanwhile). With `on_live`,
         then hands it the ids of the live processes, this one included."""
         self.leases.hold(INSTANCE_PREFIX + self.instance, self.instance, self.instance_ttl)
-        self.leases.forget_expired(self._clock.now() - FORGET_AFTER)
         if self._on_live is not None:
             self._on_live(self.leases.live_instances())
         for duty in self._duties:
@@ -214,6 +213,9 @@ class Housekeeper:
             raise RuntimeError("housekeeper already started")
         self._stop.clear()
         self.renew()  # before anything reads liveness: this process is alive from its start
+        # What crashed processes left (a crash is mostly followed by a start), once per start
+        # rather than at every beat of every process.
+        self.leases.forget_expired(self._clock.now() - FORGET_AFTER)
         self._threads = [
             threading.Thread(target=self._every_beat, args=(self.renew,), name="heartbeat", daemon=True),
             threading.Thread(target=self._every_beat, args=(self.run_due,), name="duties", daemon=True),
