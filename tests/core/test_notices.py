@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from healthspace.core.db import Database
 from healthspace.core.notices import ChangeNotices, parse, payloads
 
 pytestmark = pytest.mark.postgres
@@ -28,9 +29,13 @@ def test_a_key_too_long_for_any_notice_is_dropped_not_sent_broken() -> None:
     assert payloads("me", ["x" * 8000, "ok"]) == ["me\nok"]
 
 
-def test_notices_need_postgresql(tmp_path: object) -> None:
-    with pytest.raises(ValueError, match="PostgreSQL"):
-        ChangeNotices("sqlite:///x.db", "me", lambda _: None)
+def test_notices_need_postgresql(sqlite_url: str) -> None:
+    db = Database(sqlite_url)
+    try:
+        with pytest.raises(ValueError, match="PostgreSQL"):
+            ChangeNotices(db, "me", lambda _: None)
+    finally:
+        db.dispose()
 
 
 def _received(inbox: queue.SimpleQueue[set[str]], timeout_s: float) -> set[str] | None:
@@ -44,8 +49,9 @@ def _received(inbox: queue.SimpleQueue[set[str]], timeout_s: float) -> set[str] 
 def pair(postgres_url: str) -> Iterator[tuple[ChangeNotices, ChangeNotices, queue.SimpleQueue[set[str]]]]:
     inbox_a: queue.SimpleQueue[set[str]] = queue.SimpleQueue()
     inbox_b: queue.SimpleQueue[set[str]] = queue.SimpleQueue()
-    a = ChangeNotices(postgres_url, "a", inbox_a.put)
-    b = ChangeNotices(postgres_url, "b", inbox_b.put)
+    db_a, db_b = Database(postgres_url), Database(postgres_url)  # two processes: a pool each
+    a = ChangeNotices(db_a, "a", inbox_a.put)
+    b = ChangeNotices(db_b, "b", inbox_b.put)
     a.start()
     b.start()
     try:
@@ -54,6 +60,8 @@ def pair(postgres_url: str) -> Iterator[tuple[ChangeNotices, ChangeNotices, queu
     finally:
         a.stop()
         b.stop()
+        db_a.dispose()
+        db_b.dispose()
 
 
 def test_a_process_hears_what_another_changed_and_never_its_own(

@@ -494,8 +494,8 @@ def test_a_waiter_hears_at_once_of_a_change_another_process_committed(postgres_u
     here = _service(here_db, [], [])
     here.wait_poll_s = 60.0  # only a notice makes it read again within this test
     elsewhere = _second_process(elsewhere_db)
-    notices_here = ChangeNotices(postgres_url, "here", here.changed_elsewhere)
-    notices_elsewhere = ChangeNotices(postgres_url, "elsewhere", elsewhere.changed_elsewhere)
+    notices_here = ChangeNotices(here_db, "here", here.changed_elsewhere)
+    notices_elsewhere = ChangeNotices(elsewhere_db, "elsewhere", elsewhere.changed_elsewhere)
     elsewhere.broadcast = notices_elsewhere.publish
     notices_elsewhere.others_alive = True
     notices_here.start()

@@ -135,7 +135,7 @@ class ConnectorRuntime:
         if self.db.dialect != "postgresql" or self.dsp is None:
             return None
         service = self.dsp.service
-        notices = ChangeNotices(self.db.url, self.instance, service.changed_elsewhere)
+        notices = ChangeNotices(self.db, self.instance, service.changed_elsewhere)
         service.broadcast = notices.publish
         return notices
 

@@ -6,8 +6,9 @@ its next re-read, up to `DspService.wait_poll_s` (1 s) later. With one, at once.
 
 Notices are sent only while another process of the connector is alive (`others_alive`, kept by the
 housekeeper's heartbeat): a connector of one process pays nothing. Sending is off the request's path
-(a thread of its own, on a connection of its own that does not wait for the WAL flush); a lost notice
-costs a waiter its poll interval, nothing more, so failures are logged and retried, never raised.
+(a thread of its own, through `Database.writing_statement(durable=False)`: it need not wait for the
+WAL flush); a lost notice costs a waiter its poll interval, nothing more, so failures are logged and
+retried, never raised. Listening holds a connection of its own (a `LISTEN` belongs to a session).
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ import queue
 import threading
 from collections.abc import Callable, Iterable
 
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+
+from healthspace.core.db import Database
 
 __all__ = ["ChangeNotices"]
 
 log = logging.getLogger(__name__)
 _MAX_PAYLOAD = 7900  # bytes; PostgreSQL's limit is 8000
 _RETRY_S = 1.0
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
 def _conninfo(url: str) -> str:
@@ -36,17 +41,18 @@ def payloads(instance: str, keys: Iterable[str]) -> list[str]:
     per line (ids hold no newline). A key too long for a notice of its own is dropped (logged): its
     waiters see it at their next re-read."""
     head = instance + "\n"
+    empty = len(head.encode())
     out: list[str] = []
     body: list[str] = []
-    size = len(head.encode())
+    size = empty
     for key in keys:
         n = len(key.encode()) + 1
-        if len(head.encode()) + n > _MAX_PAYLOAD:
+        if empty + n > _MAX_PAYLOAD:
             log.warning("change notice for %.60s... dropped: too long for a notice", key)
             continue
         if size + n > _MAX_PAYLOAD:
             out.append(head + "\n".join(body))
-            body, size = [], len(head.encode())
+            body, size = [], empty
         body.append(key)
         size += n
     if body:
@@ -65,17 +71,18 @@ class ChangeNotices:
 
     def __init__(
         self,
-        url: str,
+        db: Database,
         instance: str,
         deliver: Callable[[set[str]], None],
         *,
         channel: str = "healthspace_changes",
     ) -> None:
-        if make_url(url).get_backend_name() != "postgresql":
+        if db.dialect != "postgresql":
             raise ValueError("change notices need PostgreSQL")
         if not channel.isidentifier():
             raise ValueError("a channel name is a plain identifier")
-        self._conninfo = _conninfo(url)
+        self._db = db
+        self._conninfo = _conninfo(db.url)
         self.instance = instance
         self._deliver = deliver
         self._channel = channel
@@ -130,36 +137,23 @@ class ChangeNotices:
                 self._stop.wait(_RETRY_S)
 
     def _send(self) -> None:
-        import psycopg
-
-        conn: psycopg.Connection[object] | None = None
-        try:
-            while True:
-                keys = self._outgoing.get()
-                if keys is None:
-                    return
-                while True:  # whatever queued meanwhile goes in the same notices
-                    try:
-                        more = self._outgoing.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        self._outgoing.put(None)
-                        break
-                    keys |= more
+        while True:
+            keys = self._outgoing.get()
+            if keys is None:
+                return
+            while True:  # whatever queued meanwhile goes in the same notices
                 try:
-                    if conn is None or conn.closed:
-                        conn = psycopg.connect(
-                            self._conninfo, autocommit=True, options="-c synchronous_commit=off"
-                        )
+                    more = self._outgoing.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._outgoing.put(None)
+                    break
+                keys |= more
+            try:
+                with self._db.writing_statement(durable=False) as conn:
                     for payload in payloads(self.instance, sorted(keys)):
-                        conn.execute("SELECT pg_notify(%s, %s)", (self._channel, payload))
-                except Exception:  # lost notices cost waiters their poll interval, nothing more
-                    log.exception("change notices: sending failed")
-                    if conn is not None:
-                        conn.close()
-                    conn = None
-                    self._stop.wait(_RETRY_S)
-        finally:
-            if conn is not None:
-                conn.close()
+                        conn.execute(_NOTIFY, {"channel": self._channel, "payload": payload})
+            except Exception:  # lost notices cost waiters their poll interval, nothing more
+                log.exception("change notices: sending failed")
+                self._stop.wait(_RETRY_S)
