@@ -48,7 +48,7 @@ def test_quick_run_reports_latency_cpu_and_throughput_on_both_backends_with_base
         assert multi_rate.unit == single_rate.unit == "negotiations/s"
         assert multi_rate.baseline_samples == single_rate.samples
         assert len(multi_rate.samples) == len(single_rate.samples) == 3
-        # The suite itself refuses a run whose requests all went to one process; the split is noted.
+        # How the requests fell on the processes is noted.
         assert "answered by each process" in multi_rate.note
         assert multi_cpu.unit == "ms"
         assert multi_cpu.better == "lower"

@@ -12,7 +12,7 @@ On PostgreSQL a second provider is measured beside the first: one connector made
 (`HEALTHSPACE_BENCH_DSP_PROCESSES`, 2 by default) that share one database, one identity (the same
 Ed25519 key and credential, handed to every process) and one port (each process listens on a
 socket of its own bound to it with SO_REUSEPORT, and serves it with its own uvicorn; the kernel
-spreads new connections evenly over the sockets).
+spreads new connections over the sockets by hash).
 The first process publishes the dataset; the database is migrated here before any process starts.
 Its throughput under concurrency is measured in rounds interleaved with those of the one-process
 provider (the baseline), with the provider CPU per negotiation summed over its processes and the
@@ -309,8 +309,8 @@ def _provider(db_url: str, authority: SigningKey, pid: str, processes: int = 1) 
         # Migrated here, once, so the processes start without queueing on the migration lock.
         Database(db_url, branches=BRANCHES).dispose()
     # Each process listens on a socket of its own bound to this port (SO_REUSEPORT): the kernel
-    # spreads new connections over them evenly. One socket shared by every process gave most
-    # connections to one process (the first to accept), and keep-alive keeps them there.
+    # spreads new connections over them by hash. One socket shared by every process let one process
+    # accept most connections in some runs (329 / 39 requests), and keep-alive keeps them there.
     sock = _shared_port_socket(0)
     procs: list[multiprocessing.process.BaseProcess] = []
     conns: list[Connection] = []
@@ -503,9 +503,9 @@ def _measure(kind: str, quick: bool) -> list[Figure]:
     backend = "SQLite" if kind == "sqlite" else "PostgreSQL"
     figures: list[Figure] = []
     if multi is not None:
+        # Reported, not required: the kernel puts each connection on a socket by its hash, so with the
+        # consumer's handful of keep-alive connections one process may now and then get them all.
         split = [after - before for after, before in zip(multi.answered, answered_before, strict=True)]
-        if sum(1 for x in split if x > 0) < 2:
-            raise RuntimeError(f"the {processes}-process provider answered from one process only: {split}")
         figures = _multi_figures(
             processes, per_round, multi_rates, rates, multi_cpu, single_cpu, consumer_cpu, split
         )
